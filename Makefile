@@ -1,0 +1,44 @@
+# megatron_patch: two commands for a newcomer, `make setup` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-complete
+# A CPU build from local disk on the dev/CI machines; an unpinned torch pulls a multi-GB CUDA build.
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup test test-unit test-functional demo bench lock clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[test]"
+	$(BIN)/python -c 'import megatron.core, transformers, megatron_patch; print("megatron-core", megatron.core.__version__, "| transformers", transformers.__version__)'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-unit: setup
+	$(BIN)/python -m pytest -q tests/unit
+
+test-functional: setup
+	$(BIN)/python -m pytest -q tests/functional
+
+demo: setup
+	$(BIN)/python -m megatron_patch.demo
+
+bench: setup
+	$(BIN)/python benchmarks/model_forward.py
+
+# Re-pin after changing dependencies in pyproject.toml.
+lock: setup
+	$(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu/torch==\1/' \
+	  | { echo "# Exact versions installed by 'make setup' (pip constraints). Regenerate with 'make lock'."; cat; } \
+	  > requirements/constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,186 @@
+"""Qwen3Arch -> Megatron-Core ``TransformerConfig``, layer spec and ``GPTModel``.
+
+Everything here is stock Megatron-Core; what this module decides is the
+Qwen3-specific settings (which TransformerConfig defaults are wrong for Qwen3)
+and one key-name fix so local-spec and Transformer-Engine-spec checkpoints are
+interchangeable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from megatron_patch.models.qwen3.arch import Qwen3Arch
+from megatron_patch.parallel import ParallelLayout
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Megatron-LM's default; the padded size depends only on the vocabulary, not on
+# TP, so a checkpoint written at one TP loads at another (151936 = 128 * 1187).
+VOCAB_PAD_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_engine_usable() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to instantiate a model (as opposed to what the model is: ``Qwen3Arch``)."""
+
+    layout: ParallelLayout = ParallelLayout()
+    precision: str = "fp32"
+    use_transformer_engine: bool | None = None  # None: when importable on CUDA
+    moe_dispatcher: str = "alltoall"
+    moe_router_dtype: str | None = "fp32"
+    recompute: str | None = None  # None, "selective" or "full"
+    recompute_num_layers: int = 1
+    cpu_initialization: bool | None = None  # None: when there is no CUDA
+    # None: keep the HF coefficient; 0 disables the aux loss (e.g. for parity checks).
+    aux_loss_coeff: float | None = None
+
+    def resolved_use_te(self) -> bool:
+        if self.use_transformer_engine is None:
+            return transformer_engine_usable()
+        return self.use_transformer_engine
+
+
+def build_transformer_config(arch: Qwen3Arch, options: BuildOptions = BuildOptions(), **overrides):
+    """The ``TransformerConfig`` that reproduces ``arch`` in Megatron-Core. ``overrides`` win."""
+    from megatron.core.transformer import TransformerConfig
+
+    if options.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {options.precision!r}")
+    dtype = PRECISIONS[options.precision]
+    layout = options.layout
+    cpu_init = not torch.cuda.is_available() if options.cpu_initialization is None else options.cpu_initialization
+    use_te = options.resolved_use_te()
+    fields = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        qk_layernorm=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=arch.initializer_range,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.virtual_pp,
+        context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+        sequence_parallel=layout.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=cpu_init,
+        # Fused kernels need Transformer-Engine or apex; the local path keeps them off.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        bias_dropout_fusion=False,
+        cross_entropy_loss_fusion=False,
+    )
+    if options.recompute:
+        fields.update(recompute_granularity=options.recompute)
+        if options.recompute == "full":
+            fields.update(recompute_method="uniform", recompute_num_layers=options.recompute_num_layers)
+    if arch.is_moe:
+        pattern = arch.moe_layer_pattern
+        aux = arch.router_aux_loss_coef if options.aux_loss_coeff is None else options.aux_loss_coeff
+        fields.update(
+            num_moe_experts=arch.num_experts,
+            moe_router_topk=arch.moe_topk,
+            moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+            # HF: softmax over all experts, top-k, renormalise if norm_topk_prob.
+            # Megatron with pre_softmax=False: top-k on logits, softmax over the k,
+            # which equals the renormalised path; pre_softmax=True is the other.
+            moe_router_score_function="softmax",
+            moe_router_pre_softmax=not arch.norm_topk_prob,
+            moe_router_load_balancing_type="aux_loss" if aux > 0 else "none",
+            moe_aux_loss_coeff=aux,
+            moe_router_dtype=options.moe_router_dtype,
+            moe_token_dispatcher_type=options.moe_dispatcher,
+            moe_grouped_gemm=use_te,
+            moe_permute_fusion=False,
+            # An int keeps homogeneous layers stacked under one checkpoint key;
+            # Megatron-Core switches to per-layer keys for a list.
+            moe_layer_freq=1 if all(pattern) else [int(p) for p in pattern],
+        )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def build_layer_spec(config, use_transformer_engine: bool, vp_stage: int | None = None):
+    """Megatron-Core's decoder block spec for this pipeline stage, with TE-compatible checkpoint keys."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    block = get_gpt_decoder_block_spec(
+        config=config, use_transformer_engine=use_transformer_engine, normalization="RMSNorm", vp_stage=vp_stage
+    )
+    if use_transformer_engine:
+        return block
+    # The local spec maps pre_mlp_layernorm onto the fused TE key of a dense MLP
+    # (mlp.linear_fc1.layer_norm_weight) for MoE layers too, but the TE MoE spec
+    # keeps a separate pre_mlp_layernorm. Drop that entry for MoE layers so a
+    # checkpoint means the same under both specs (megatron-core 0.16.1, 0.19.x).
+    fixed = []
+    for spec in block.layer_specs:
+        submodules = spec.submodules
+        if submodules.mlp.module is MoELayer and "pre_mlp_layernorm." in submodules.sharded_state_dict_keys_map:
+            keys_map = dict(submodules.sharded_state_dict_keys_map)
+            keys_map.pop("pre_mlp_layernorm.")
+            spec = dataclasses.replace(
+                spec, submodules=dataclasses.replace(submodules, sharded_state_dict_keys_map=keys_map)
+            )
+        fixed.append(spec)
+    block.layer_specs = fixed
+    return block
+
+
+def build_gpt_model(arch: Qwen3Arch, options: BuildOptions = BuildOptions(), vp_stage: int | None = None, **config_overrides):
+    """One Megatron-Core ``GPTModel`` chunk of ``arch`` for this rank's pipeline stage.
+
+    Needs ``megatron_patch.parallel.initialize_parallel`` to have run.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    config = build_transformer_config(arch, options, **config_overrides)
+    use_te = options.resolved_use_te()
+    spec = build_layer_spec(config, use_te, vp_stage=vp_stage)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=padded_vocab_size(arch.vocab_size),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=int(arch.rope_theta),
+        vp_stage=vp_stage,
+    )

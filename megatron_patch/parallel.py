@@ -1,0 +1,95 @@
+"""Process groups and seeds: the one place that starts torch.distributed and Megatron-Core's model parallelism."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How a model is split: tensor, pipeline, expert, expert-tensor and context parallel sizes."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False
+    virtual_pp: int | None = None
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp * self.cp
+
+    def data_parallel_size(self, world_size: int) -> int:
+        if world_size % self.model_parallel_size:
+            raise ValueError(
+                f"world size {world_size} is not divisible by TP*PP*CP = {self.model_parallel_size}"
+            )
+        return world_size // self.model_parallel_size
+
+    def validate(self, world_size: int) -> None:
+        dp = self.data_parallel_size(world_size)
+        # Megatron-Core lays experts over the DP*CP*TP ranks of a pipeline stage.
+        expert_ranks = dp * self.cp * self.tp
+        if expert_ranks % (self.ep * self.etp):
+            raise ValueError(
+                f"EP*ETP = {self.ep * self.etp} does not divide the {expert_ranks} ranks of a pipeline stage"
+            )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> None:
+    """Start torch.distributed from torchrun's environment, or as a world of one."""
+    if dist.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def initialize_parallel(layout: ParallelLayout, seed: int = 1234, backend: str | None = None) -> None:
+    """Start torch.distributed (if needed), build Megatron-Core's process groups and seed every RNG stream."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    init_distributed(backend)
+    layout.validate(dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.virtual_pp,
+        context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed=seed)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

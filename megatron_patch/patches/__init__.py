@@ -1,0 +1,52 @@
+"""Runtime patches of Megatron-Core, in one place, applied by every entrypoint.
+
+``apply_patches()`` applies, in this order:
+
+1. ``patch_te_general_gemm`` (always): a missing name in 0.16.1's MoE router.
+2. ``patch_cuda_on_cpu`` (no CUDA, or ``cpu=True``): CUDA placements, streams
+   and events redirected to CPU.
+3. ``patch_cuda_rng`` (same condition): the CUDA RNG tracker backed by the CPU
+   generator. After (2), since seeding runs through the redirected calls.
+4. ``patch_alltoall_splits_on_cpu`` (same condition): the MoE alltoall
+   dispatcher's split sizes become host lists on CPU as they do on a GPU.
+
+Each patch names the upstream code it works around in its module docstring.
+All are idempotent.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_patch.patches.cuda_on_cpu import cuda_on_cpu_active, patch_cuda_on_cpu
+from megatron_patch.patches.moe import patch_alltoall_splits_on_cpu, patch_te_general_gemm
+from megatron_patch.patches.rng import patch_cuda_rng
+
+CHECKED_MEGATRON_CORE_VERSIONS = ("0.16.1",)
+
+
+def apply_patches(cpu: bool | None = None) -> None:
+    """Apply every patch this process needs; ``cpu=None`` means "when CUDA is absent"."""
+    patch_te_general_gemm()
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    if cpu:
+        patch_cuda_on_cpu()
+        patch_cuda_rng()
+        patch_alltoall_splits_on_cpu()
+
+
+def running_on_cpu() -> bool:
+    """True when Megatron-Core's CUDA calls are being redirected to the CPU."""
+    return cuda_on_cpu_active()
+
+
+__all__ = [
+    "CHECKED_MEGATRON_CORE_VERSIONS",
+    "apply_patches",
+    "patch_alltoall_splits_on_cpu",
+    "patch_cuda_on_cpu",
+    "patch_cuda_rng",
+    "patch_te_general_gemm",
+    "running_on_cpu",
+]

@@ -1,0 +1,158 @@
+"""A training step on Megatron-Core's own machinery: DDP, (distributed) optimizer, pipeline schedules.
+
+This is the core that the full training loop (``megatron_patch.train``) builds
+on; it wires Megatron-Core's pieces the way Megatron-LM does: the optimizer
+scales the loss, DDP's ``no_sync`` wraps micro-batches, and
+``finalize_model_grads`` reduces gradients (and tied/embedding grads across
+pipeline stages) before the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True
+
+
+def wrap_with_ddp(model_chunks, use_distributed_optimizer: bool = True, overlap_grad_reduce: bool = False):
+    """Megatron-Core ``DistributedDataParallel`` around each chunk (fp32 gradient buffers)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=use_distributed_optimizer,
+        check_for_nan_in_grad=True,
+    )
+    return [
+        DistributedDataParallel(
+            config=chunk.config, ddp_config=ddp_config, module=chunk, disable_bucketing=index > 0
+        )
+        for index, chunk in enumerate(chunks)
+    ]
+
+
+def build_optimizer(ddp_chunks, settings: OptimizerSettings = OptimizerSettings()):
+    """Megatron-Core's optimizer (Adam, fp32 main params; distributed when asked) wired into the chunks' config."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    model_config = ddp_chunks[0].config
+    optimizer = get_megatron_optimizer(
+        config=OptimizerConfig(
+            optimizer="adam",
+            lr=settings.lr,
+            min_lr=settings.min_lr,
+            weight_decay=settings.weight_decay,
+            adam_beta1=settings.adam_beta1,
+            adam_beta2=settings.adam_beta2,
+            clip_grad=settings.clip_grad,
+            bf16=model_config.bf16,
+            fp16=model_config.fp16,
+            params_dtype=model_config.params_dtype,
+            use_distributed_optimizer=settings.use_distributed_optimizer,
+        ),
+        model_chunks=ddp_chunks,
+    )
+    model_config.grad_scale_func = optimizer.scale_loss
+    model_config.finalize_model_grads_func = finalize_model_grads
+    no_sync = [chunk.no_sync for chunk in ddp_chunks]
+    model_config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    return optimizer
+
+
+def masked_token_loss(output_tensor: torch.Tensor, loss_mask: torch.Tensor):
+    """Loss function for the schedules: (sum of masked token losses, token count, report)."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.float().view(-1)
+    total = torch.sum(losses * mask)
+    tokens = mask.sum().to(torch.int)
+    return total, tokens, {"lm loss": torch.stack([total.detach(), tokens.float()])}
+
+
+def lm_forward_step(data_iterator: Iterator, model):
+    """Forward step for batches of dicts with tokens, labels, loss_mask, position_ids."""
+    batch = next(data_iterator)
+    output = model(
+        input_ids=batch["tokens"],
+        position_ids=batch["position_ids"],
+        attention_mask=None,
+        labels=batch["labels"],
+    )
+    return output, lambda output_tensor: masked_token_loss(output_tensor, batch["loss_mask"])
+
+
+def train_step(
+    ddp_chunks,
+    optimizer,
+    data_iterator,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_step: Callable = lm_forward_step,
+) -> dict:
+    """One optimizer step over ``num_microbatches`` micro-batches; returns loss, grad norm and success."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in ddp_chunks:
+        chunk.train()
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data_iterator,
+        model=ddp_chunks if len(ddp_chunks) > 1 else ddp_chunks[0],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    update_successful, grad_norm, _ = optimizer.step()
+    loss = None
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        summed = torch.stack([r["lm loss"] for r in reports]).sum(dim=0)
+        torch.distributed.all_reduce(summed, group=parallel_state.get_data_parallel_group())
+        loss = (summed[0] / summed[1]).item()
+    return {"loss": loss, "grad_norm": grad_norm, "update_successful": update_successful}
+
+
+def lm_batch(tokens: torch.Tensor) -> dict:
+    """A next-token-prediction batch from a [batch, seq+1] token tensor, every position trained."""
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    return {
+        "tokens": inputs,
+        "labels": labels,
+        "loss_mask": torch.ones_like(labels, dtype=torch.float32),
+        "position_ids": torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs),
+    }
+
+
+def train_on_fixed_batch(model_chunks, tokens: torch.Tensor, steps: int, lr: float = 1e-3, num_microbatches: int = 2):
+    """Smoke-train on one batch split into micro-batches; returns the loss per step (last stage, else None)."""
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    ddp_chunks = wrap_with_ddp(chunks)
+    optimizer = build_optimizer(ddp_chunks, OptimizerSettings(lr=lr, weight_decay=0.0))
+    micro_batches = [lm_batch(part) for part in torch.chunk(tokens, num_microbatches)]
+    losses = []
+    for _ in range(steps):
+        iterators = iter(micro_batches)
+        data = [iter(micro_batches) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iterators
+        result = train_step(
+            ddp_chunks, optimizer, data, num_microbatches, tokens.shape[1] - 1, micro_batches[0]["tokens"].shape[0]
+        )
+        losses.append(result["loss"])
+    return losses

@@ -1,0 +1,64 @@
+"""Each runtime patch of Megatron-Core does what its docstring says, and applying twice is harmless."""
+
+import torch
+
+from megatron_patch import patches
+from megatron_patch.patches import apply_patches, patch_cuda_on_cpu, patch_cuda_rng, patch_te_general_gemm
+
+
+def test_apply_patches_is_idempotent(megatron_world):
+    apply_patches()
+    apply_patches()
+    assert patch_cuda_on_cpu() is False and patch_cuda_rng() is False and patch_te_general_gemm() is False
+    assert patches.running_on_cpu() == (not torch.cuda.is_available())
+
+
+def test_cuda_placements_land_on_cpu(megatron_world):
+    assert torch.zeros(2, device="cuda").device.type == "cpu"
+    assert torch.empty(3, device=torch.device("cuda", 0)).device.type == "cpu"
+    assert torch.ones(1, device=torch.cuda.current_device()).device.type == "cpu"
+    t = torch.ones(2)
+    assert t.cuda() is t
+    assert t.to("cuda").device.type == "cpu"
+    assert t.type() == "torch.cuda.FloatTensor"
+    assert t.bfloat16().type() == "torch.cuda.BFloat16Tensor"
+    assert t.type(torch.float64).dtype == torch.float64  # conversions still convert
+
+
+def test_streams_and_events_are_inert(megatron_world):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    event = torch.cuda.Event()
+    event.record()
+    with torch.cuda.stream(stream):
+        x = torch.ones(2) * 2
+    torch.cuda.synchronize()
+    assert x.sum().item() == 4.0
+
+
+def test_rng_tracker_forks_the_cpu_generator(megatron_world):
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
+
+    def draws():
+        model_parallel_cuda_manual_seed(seed=7)
+        torch.manual_seed(99)
+        outside_before = torch.rand(3)
+        with get_cuda_rng_tracker().fork():
+            inside = torch.rand(3)
+        outside_after = torch.rand(3)
+        return outside_before, inside, outside_after
+
+    first, second = draws(), draws()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)  # deterministic given the seeds
+    torch.manual_seed(99)
+    plain = torch.rand(6)
+    # The fork neither consumed nor disturbed the outer stream.
+    assert torch.equal(torch.cat([first[0], first[2]]), plain)
+    assert not torch.equal(first[1], plain[:3])
+
+
+def test_te_general_gemm_is_defined(megatron_world):
+    from megatron.core.transformer.moe import moe_utils
+
+    assert hasattr(moe_utils, "te_general_gemm")
