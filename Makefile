@@ -32,6 +32,7 @@ demo: setup
 	$(BIN)/python -m megatron_patch.demo
 
 bench: setup
+	$(BIN)/python benchmarks/parity.py
 	$(BIN)/python benchmarks/model_forward.py
 
 # Re-pin after changing dependencies in pyproject.toml.

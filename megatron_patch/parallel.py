@@ -34,6 +34,17 @@ class ParallelLayout:
             )
         return world_size // self.model_parallel_size
 
+    def megatron_sizes(self) -> dict[str, int | None]:
+        """The layout in the parameter names that both ``initialize_model_parallel`` and ``TransformerConfig`` use."""
+        return dict(
+            tensor_model_parallel_size=self.tp,
+            pipeline_model_parallel_size=self.pp,
+            virtual_pipeline_model_parallel_size=self.virtual_pp,
+            context_parallel_size=self.cp,
+            expert_model_parallel_size=self.ep,
+            expert_tensor_parallel_size=self.etp,
+        )
+
     def validate(self, world_size: int) -> None:
         dp = self.data_parallel_size(world_size)
         # Megatron-Core lays experts over the DP*CP*TP ranks of a pipeline stage.
@@ -74,14 +85,7 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234, backend: str |
     layout.validate(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.virtual_pp,
-        context_parallel_size=layout.cp,
-        expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp,
-    )
+    parallel_state.initialize_model_parallel(**layout.megatron_sizes())
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed=seed)
 

@@ -6,6 +6,7 @@ import torch
 from megatron_patch.models.logits import forward_logits
 from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
 from megatron_patch.models.qwen3.loading import load_hf_weights
+from megatron_patch.models.qwen3.parity import compare_with_transformers
 from megatron_patch.models.weight_mapping import MappingError
 from tests.conftest import PARITY_CONFIGS
 
@@ -40,3 +41,11 @@ def test_load_rejects_a_checkpoint_of_another_shape(megatron_world, hf_checkpoin
         load_hf_weights(model, path, arch)
     with pytest.raises(MappingError, match=r"missing tensor model.layers.0.mlp.down_proj.weight \(and 2 more\)"):
         load_hf_weights(build_gpt_model(arch), path, arch.replace(dense_layers=(0,)))
+
+
+@pytest.mark.parametrize("name", ["moe-gqa", "dense-tied"])
+def test_bf16_error_is_no_worse_than_transformers_bf16(name, megatron_world, hf_checkpoints):
+    arch, path, _ = hf_checkpoints[name]
+    result = compare_with_transformers(arch, path, sample_tokens(arch.vocab_size, seq=64), precision="bf16")
+    assert result.reference_max_abs_diff > 0  # bf16 really was used on both sides
+    assert result.passed, str(result)

@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as transformers_logging
 
 from megatron_patch.models.qwen3.arch import Qwen3Arch
+
+# Per-call progress bars of tiny checkpoints only clutter test and demo output.
+transformers_logging.disable_progress_bar()
 
 
 def hf_config(arch: Qwen3Arch):
@@ -39,3 +43,13 @@ def save_random_hf_checkpoint(arch: Qwen3Arch, path: str | Path, seed: int = 0, 
     model = random_hf_model(arch, seed, dtype)
     model.save_pretrained(str(path))
     return model
+
+
+def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """transformers' model from a local directory, eager attention, eval mode; never remote code."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, attn_implementation="eager", trust_remote_code=False, local_files_only=True
+    )
+    return model.eval()
