@@ -62,3 +62,13 @@ def test_te_general_gemm_is_defined(megatron_world):
     from megatron.core.transformer.moe import moe_utils
 
     assert hasattr(moe_utils, "te_general_gemm")
+
+
+def test_alltoall_split_sizes_become_host_arrays(megatron_world):
+    import numpy as np
+    from megatron.core.transformer.moe import token_dispatcher
+
+    splits = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([3, 5]), as_numpy=True)
+    assert isinstance(splits, np.ndarray) and splits.tolist() == [3, 5]
+    counts = torch.tensor([1, 2])
+    assert token_dispatcher.maybe_move_tensor_to_cpu(counts) is counts  # as_numpy=False: untouched
