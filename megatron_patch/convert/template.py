@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from megatron_patch.models.qwen3.arch import Qwen3Arch
-from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
+from megatron_patch.models.qwen3.builder import PRECISIONS, BuildOptions, build_gpt_model
+from megatron_patch.models.qwen3.mapping import bound_qwen3_mappings
 from megatron_patch.models.sharded_state import address_of
 from megatron_patch.models.weight_mapping import MegatronAddress
 
@@ -67,3 +68,17 @@ def balance_by_bytes(template: CheckpointTemplate, world_size: int) -> list[set[
         assignment[rank].add(address)
         loads[rank] += sizes[address]
     return assignment
+
+
+def plan_hf_tensors(
+    arch: Qwen3Arch, precision: str, template: CheckpointTemplate | None = None
+) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Name, shape and dtype of every HF tensor, in mapping order (shapes via the transforms on meta tensors)."""
+    dtype = PRECISIONS[precision]
+    template = template or checkpoint_template(arch, precision)
+    shapes = {address_of(s): tuple(s.global_shape[s.prepend_axis_num :]) for s in template.tensors}
+    planned = []
+    for b in bound_qwen3_mappings(arch):
+        meta = torch.empty(shapes[b.address], dtype=dtype, device="meta")
+        planned += [(name, tuple(t.shape), dtype) for name, t in b.to_hf(meta).items()]
+    return planned

@@ -10,11 +10,11 @@ the weight mapping and written at its planned place in the safetensors shards.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
-from megatron_patch.convert.template import checkpoint_template
+from megatron_patch.convert.template import checkpoint_template, plan_hf_tensors
 from megatron_patch.models.hf_checkpoint import StreamingSafetensorsWriter
 from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.models.qwen3.builder import PRECISIONS
@@ -27,18 +27,6 @@ GROUP_BYTES = 512 << 20
 
 class CheckpointContentError(ValueError):
     """A torch_dist checkpoint that does not hold the tensors the config describes."""
-
-
-def plan_hf_tensors(arch: Qwen3Arch, precision: str) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    """Name, shape and dtype of every HF tensor, in mapping order (shapes via the transforms on meta tensors)."""
-    dtype = PRECISIONS[precision]
-    template = checkpoint_template(arch, precision)
-    shapes = {address_of(s): tuple(s.global_shape[s.prepend_axis_num :]) for s in template.tensors}
-    planned = []
-    for b in bound_qwen3_mappings(arch):
-        meta = torch.empty(shapes[b.address], dtype=dtype, device="meta")
-        planned += [(name, tuple(t.shape), dtype) for name, t in b.to_hf(meta).items()]
-    return planned
 
 
 def group_addresses(template, max_bytes: int = GROUP_BYTES) -> list[list[MegatronAddress]]:
@@ -104,7 +92,7 @@ def write_hf_safetensors(
     output_dir: str | Path,
     precision: str,
     max_shard_bytes: int,
-    on_tensor: Callable[[torch.Tensor], None] | None = None,
+    progress=None,
 ) -> list[str]:
     """Write the HF safetensors of a torch_dist checkpoint; every rank of the default group takes part."""
     import torch.distributed as dist
@@ -121,12 +109,15 @@ def write_hf_safetensors(
         writer.create_files()
     dist.barrier()
     groups = group_addresses(template)[rank::world]
+    if progress is not None:
+        mine = {a for g in groups for a in g}
+        progress.start(sum(s.data.numel() * s.data.element_size() for s in template.tensors if address_of(s) in mine))
     for tensors in read_groups(checkpoint_dir, template, groups, dtype):
         for address, full in tensors.items():
             for name, hf_tensor in bound[address].to_hf(full).items():
                 writer.write(name, hf_tensor.to(dtype))
-                if on_tensor is not None:
-                    on_tensor(hf_tensor)
+                if progress is not None:
+                    progress.update(hf_tensor)
     dist.barrier()
     if rank == 0:
         writer.write_index()

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from megatron_patch.convert.template import balance_by_bytes, checkpoint_template
+from megatron_patch.convert.template import balance_by_bytes, checkpoint_template, plan_hf_tensors
 from megatron_patch.models.hf_checkpoint import HFCheckpoint
 from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.models.qwen3.builder import PRECISIONS
@@ -74,7 +74,7 @@ def write_torch_dist(
     checkpoint_dir: str | Path,
     precision: str,
     common_extra: dict | None = None,
-    on_chunk: Callable[[torch.Tensor], None] | None = None,
+    progress=None,
 ) -> int:
     """Write the torch_dist checkpoint of ``hf_dir`` into the existing empty ``checkpoint_dir``.
 
@@ -100,8 +100,13 @@ def write_torch_dist(
     dtype = PRECISIONS[precision]
 
     template = checkpoint_template(arch, precision)
+    for name, shape, _ in plan_hf_tensors(arch, precision, template):
+        if checkpoint.shape(name) != shape:
+            raise MappingError(f"{hf_dir}: tensor {name} has shape {checkpoint.shape(name)}, the config needs {shape}")
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = balance_by_bytes(template, world)[rank]
+    if progress is not None:
+        progress.start(sum(s.data.numel() * s.data.element_size() for s in template.tensors if address_of(s) in mine))
 
     def full_tensor(address: MegatronAddress) -> torch.Tensor:
         if address not in by_address:
@@ -109,7 +114,7 @@ def write_torch_dist(
         return by_address[address].to_megatron(checkpoint.get)
 
     cached = _FullTensorCache(full_tensor)
-    chunks: dict[tuple[str, tuple[int, ...]], tuple[MegatronAddress, tuple, tuple]] = {}
+    chunks: dict[tuple[str, tuple[int, ...]], tuple[MegatronAddress, tuple]] = {}
     my_tensors = []
     for shard in template.tensors:
         address = address_of(shard)
@@ -121,24 +126,17 @@ def write_torch_dist(
         slices = tuple(
             slice(o, o + n) for o, n in zip(shard.global_offset[shard.prepend_axis_num :], shard.local_shape)
         )
-        chunks[(shard.key, tuple(shard.global_offset))] = (address, slices, tuple(shard.data.shape))
+        chunks[(shard.key, tuple(shard.global_offset))] = (address, slices)
     my_objects = []
     for obj in template.objects if rank == 0 else []:
         obj.replica_id = 0
         my_objects.append(obj)
 
     def resolve_chunk(fqn: str, offset: tuple[int, ...]) -> torch.Tensor:
-        address, slices, local_shape = chunks[(fqn, offset)]
-        full = cached(address)
-        expected = template_shape[address]
-        if tuple(full.shape) != expected:
-            raise MappingError(f"{address}: HF tensors give shape {tuple(full.shape)}, the config needs {expected}")
-        chunk = full[slices].to(dtype).contiguous()
+        address, slices = chunks[(fqn, offset)]
+        chunk = cached(address)[slices].to(dtype).contiguous()
         return chunk.view((1,) * (len(offset) - len(slices)) + tuple(chunk.shape))
 
-    template_shape = {
-        address_of(s): tuple(s.global_shape[s.prepend_axis_num :]) for s in template.tensors
-    }
     state = {
         "model": {f"t{i}": s for i, s in enumerate(my_tensors)} | {f"o{i}": o for i, o in enumerate(my_objects)},
         "checkpoint_version": CHECKPOINT_VERSION,
@@ -153,8 +151,8 @@ def write_torch_dist(
     def count(tensor):
         nonlocal written
         written += tensor.numel() * tensor.element_size()
-        if on_chunk is not None:
-            on_chunk(tensor)
+        if progress is not None:
+            progress.update(tensor)
 
     dcp.save(
         mcore_to_pyt_state_dict(flat, is_loading=False),

@@ -87,6 +87,20 @@ class Qwen3Arch:
     def moe_layer_pattern(self) -> tuple[bool, ...]:
         return tuple(self.layer_is_moe(i) for i in range(self.num_layers))
 
+    SHAPE_FIELDS = (
+        "hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "head_dim", "ffn_hidden_size",
+        "vocab_size", "tie_word_embeddings", "num_experts", "moe_topk", "moe_ffn_hidden_size", "dense_layers",
+        "decoder_sparse_step",
+    )
+
+    def shape_differences(self, other: "Qwen3Arch") -> list[str]:
+        """Fields that change tensor shapes or layer structure and differ, as 'name: mine != other'."""
+        return [
+            f"{name}: {getattr(self, name)} != {getattr(other, name)}"
+            for name in self.SHAPE_FIELDS
+            if getattr(self, name) != getattr(other, name)
+        ]
+
     def replace(self, **changes) -> "Qwen3Arch":
         return dataclasses.replace(self, **changes)
 

@@ -1,0 +1,84 @@
+"""Convert Qwen3 / Qwen3-MoE checkpoints between HF safetensors and Megatron-Core torch_dist.
+
+HF -> torch_dist (default):
+  python -m megatron_patch.convert --load-dir Qwen3-30B-A3B --save-dir Qwen3-30B-A3B-mcore --precision bf16
+  writes SAVE_DIR/latest_checkpointed_iteration.txt ("release"), SAVE_DIR/release/ and the HF
+  config/tokenizer files; training loads it with --load SAVE_DIR and starts fine-tuning at iteration 0.
+
+torch_dist -> HF:
+  python -m megatron_patch.convert --mg2hf --load-dir RUN/checkpoint --save-dir out-hf --hf-dir Qwen3-30B-A3B
+  reads the iteration the tracker names (or --iteration), ignores optimizer state, and writes
+  sharded *.safetensors + model.safetensors.index.json; config/tokenizer come from --hf-dir
+  (default: the files saved beside the torch_dist checkpoint).
+
+Conversion runs on CPU, streams tensor by tensor and never needs a GPU. torch_dist checkpoints do
+not depend on the parallel layout: one written here loads at any TP/PP/EP/ETP. Under torchrun,
+the processes split the work. Bad input: one line on stderr and exit status 2; the output
+directory appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from megatron_patch.convert.config import PRECISIONS, ConvertConfig
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[match.group(2).upper()]
+    return int(float(match.group(1)) * scale)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_patch.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--load-dir", type=Path, required=True, help="HF model dir, or torch_dist dir with --mg2hf")
+    parser.add_argument("--save-dir", type=Path, required=True, help="output dir; must be empty or absent unless --force")
+    parser.add_argument("--mg2hf", action="store_true", help="convert torch_dist -> HF (default: HF -> torch_dist)")
+    parser.add_argument("--hf-dir", type=Path, help="with --mg2hf: HF dir whose config/tokenizer files to use")
+    parser.add_argument("--model-size", default="auto",
+                        help="'auto' (read config.json) or a preset (A3B, 8B, ...), checked against config.json")
+    parser.add_argument("--precision", choices=PRECISIONS, default="bf16", help="dtype of the written weights")
+    parser.add_argument("--max-shard-size", type=parse_size, default="5GB", dest="max_shard_bytes",
+                        help="largest HF safetensors shard (default 5GB)")
+    parser.add_argument("--iteration", help="with --mg2hf: iteration number or 'release' (default: the tracker's)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty SAVE_DIR")
+    parser.add_argument("--verify", action="store_true",
+                        help="after converting, compare logits of both sides on a short prompt (single process)")
+    parser.add_argument("--use-cuda", action="store_true", help="run --verify on the GPU (conversion itself is CPU)")
+    return parser
+
+
+def parse_config(argv=None) -> ConvertConfig:
+    args = build_parser().parse_args(argv)
+    return ConvertConfig(**vars(args))
+
+
+def main(argv=None) -> int:
+    config = parse_config(argv)
+    from megatron_patch.patches import apply_patches
+
+    apply_patches()
+    from megatron_patch.convert.run import convert
+    from megatron_patch.convert.output import ConversionError
+    from megatron_patch.convert.to_hf import CheckpointContentError
+    from megatron_patch.models.hf_checkpoint import HFCheckpointError
+    from megatron_patch.models.qwen3.arch import ConfigError
+    from megatron_patch.models.weight_mapping import MappingError
+
+    try:
+        convert(config)
+    except (ConversionError, ConfigError, MappingError, HFCheckpointError, CheckpointContentError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

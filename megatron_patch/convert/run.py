@@ -1,0 +1,160 @@
+"""The conversion job: resolve the architecture, convert into a staged directory, optionally verify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_patch import __version__
+from megatron_patch.convert.config import DTYPE_NAMES, ConvertConfig
+from megatron_patch.convert.output import (
+    TRACKER_FILE,
+    ConversionError,
+    StagedOutput,
+    copy_side_files,
+    resolve_checkpoint_dir,
+)
+from megatron_patch.models.qwen3.arch import Qwen3Arch
+from megatron_patch.models.qwen3.presets import get_preset
+
+
+class Progress:
+    """A byte/tensor progress bar on rank 0 (tqdm), silent elsewhere."""
+
+    def __init__(self, description: str):
+        self.description, self.bar, self.tensors = description, None, 0
+
+    def start(self, total_bytes: int) -> None:
+        if dist.get_rank() == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=self.description, mininterval=1.0)
+
+    def update(self, tensor: torch.Tensor) -> None:
+        self.tensors += 1
+        if self.bar is not None:
+            self.bar.update(tensor.numel() * tensor.element_size())
+            self.bar.set_postfix(tensors=self.tensors, refresh=False)
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.bar is not None:
+            self.bar.close()
+        return False
+
+
+def resolve_arch(config: ConvertConfig) -> tuple[Qwen3Arch, Path | None]:
+    """The architecture from config.json (or the preset), and the directory that config came from."""
+    if config.mg2hf:
+        candidates = [config.hf_dir] if config.hf_dir else [config.load_dir, config.load_dir.parent]
+    else:
+        candidates = [config.load_dir]
+    config_dir = next((d for d in candidates if d is not None and (d / "config.json").is_file()), None)
+    if not config.load_dir.exists():
+        raise ConversionError(f"{config.load_dir}: no such directory")
+    if config_dir is None and config.model_size == "auto":
+        raise ConversionError(f"no config.json in {candidates[0]}; pass --hf-dir or a --model-size preset")
+    arch = Qwen3Arch.from_hf_dir(config_dir) if config_dir else None
+    if config.model_size != "auto":
+        try:
+            preset = get_preset(config.model_size)
+        except KeyError as err:
+            raise ConversionError(err.args[0]) from None
+        if arch is None:
+            return preset, None
+        differences = preset.shape_differences(arch)
+        if differences:
+            raise ConversionError(
+                f"MODEL_SIZE {config.model_size} does not match {config_dir / 'config.json'}: {differences[0]}"
+            )
+    return arch, config_dir
+
+
+def hf_to_megatron(config: ConvertConfig, arch: Qwen3Arch) -> Path:
+    from megatron_patch.convert.to_megatron import write_torch_dist
+
+    with StagedOutput(config.save_dir, config.force) as staging, Progress("hf -> torch_dist") as progress:
+        release = staging / "release"
+        if dist.get_rank() == 0:
+            release.mkdir()
+        dist.barrier()
+        write_torch_dist(
+            arch, config.load_dir, release, config.precision,
+            common_extra={"source": str(config.load_dir.absolute()), "converter": f"megatron_patch {__version__}"},
+            progress=progress,
+        )
+        if dist.get_rank() == 0:
+            (staging / TRACKER_FILE).write_text("release")
+            copy_side_files(config.load_dir, staging, DTYPE_NAMES[config.precision])
+    return config.save_dir / "release"
+
+
+def megatron_to_hf(config: ConvertConfig, arch: Qwen3Arch, config_dir: Path | None) -> Path:
+    import json
+
+    from megatron_patch.convert.to_hf import write_hf_safetensors
+
+    checkpoint_dir = resolve_checkpoint_dir(config.load_dir, config.iteration)
+    with StagedOutput(config.save_dir, config.force) as staging, Progress("torch_dist -> hf") as progress:
+        write_hf_safetensors(arch, checkpoint_dir, staging, config.precision, config.max_shard_bytes, progress)
+        if dist.get_rank() == 0:
+            dtype_name = DTYPE_NAMES[config.precision]
+            copied = copy_side_files(config_dir, staging, dtype_name) if config_dir else []
+            if "config.json" not in copied:
+                hf_config = arch.to_hf_config() | {"torch_dtype": dtype_name}
+                (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    return checkpoint_dir
+
+
+def verify(config: ConvertConfig, arch: Qwen3Arch, hf_dir: Path, checkpoint_dir: Path) -> None:
+    """Load both sides and compare logits on a short prompt; raises ConversionError on a mismatch."""
+    import psutil
+    from megatron.core import dist_checkpointing
+
+    from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
+    from megatron_patch.models.qwen3.parity import compare_with_transformers
+
+    if dist.get_world_size() > 1:
+        print("verify: skipped (it runs in single-process conversions)")
+        return
+    # An fp32 Megatron model and up to two transformers models at once.
+    needed = arch.parameter_counts()["total"] * 4 * 3
+    available = psutil.virtual_memory().available
+    if needed > available:
+        print(f"verify: skipped ({needed / 2**30:.0f} GiB needed, {available / 2**30:.0f} GiB available)")
+        return
+    device = "cuda" if config.use_cuda and torch.cuda.is_available() else "cpu"
+    model = build_gpt_model(arch, BuildOptions(precision=config.precision, aux_loss_coeff=0.0))
+    state = dist_checkpointing.load(
+        sharded_state_dict={"model": model.sharded_state_dict()},
+        checkpoint_dir=str(checkpoint_dir),
+        strict="raise_unexpected",
+    )
+    model.load_state_dict(state["model"])
+    tokens = torch.randint(0, arch.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    result = compare_with_transformers(arch, hf_dir, tokens, config.precision, device=device, model_chunks=model)
+    print(f"verify: {result}")
+    if not result.passed:
+        raise ConversionError(f"verify failed: {result}")
+
+
+def convert(config: ConvertConfig) -> None:
+    from megatron_patch.parallel import ParallelLayout, initialize_parallel
+
+    # The canonical layout: every process holds the whole (meta) template; work is split by bytes.
+    initialize_parallel(ParallelLayout())
+    arch, config_dir = resolve_arch(config)
+    if config.mg2hf:
+        checkpoint_dir = megatron_to_hf(config, arch, config_dir)
+        hf_dir = config.save_dir
+    else:
+        checkpoint_dir = hf_to_megatron(config, arch)
+        hf_dir = config.load_dir
+    if dist.get_rank() == 0:
+        print(f"converted {config.load_dir} -> {config.save_dir}")
+    if config.verify:
+        verify(config, arch, hf_dir, checkpoint_dir)
