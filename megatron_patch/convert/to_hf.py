@@ -50,7 +50,11 @@ def group_addresses(template, max_bytes: int = GROUP_BYTES) -> list[list[Megatro
 def read_groups(
     checkpoint_dir: str | Path, template, groups: list[list[MegatronAddress]], dtype: torch.dtype
 ) -> Iterator[dict[MegatronAddress, torch.Tensor]]:
-    """Full Megatron tensors of each group, read from the torch_dist checkpoint."""
+    """Full Megatron tensors of each group, read from the torch_dist checkpoint.
+
+    Loading is collective (torch DCP plans across the default group): every rank
+    must pass the same number of groups; an empty group is a valid no-op load.
+    """
     from megatron.core import dist_checkpointing
 
     shards_of: dict[MegatronAddress, list] = {}
@@ -80,7 +84,8 @@ def read_groups(
         if absent:
             name = sorted(absent)[0]
             raise CheckpointContentError(f"{checkpoint_dir}: tensor {name} is missing (checkpoint of another model?)")
-        yield full
+        if group:
+            yield full
         for address in group:
             for shard in shards_of[address]:
                 shard.data = None
@@ -108,7 +113,10 @@ def write_hf_safetensors(
     if rank == 0:
         writer.create_files()
     dist.barrier()
-    groups = group_addresses(template)[rank::world]
+    every_group = group_addresses(template)
+    rounds = -(-len(every_group) // world)
+    # Same number of (collective) loads on every rank; the last round may be empty for some.
+    groups = [every_group[i] if i < len(every_group) else [] for i in range(rank, rounds * world, world)]
     if progress is not None:
         mine = {a for g in groups for a in g}
         progress.start(sum(s.data.numel() * s.data.element_size() for s in template.tensors if address_of(s) in mine))

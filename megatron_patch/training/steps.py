@@ -141,8 +141,13 @@ def lm_batch(tokens: torch.Tensor) -> dict:
     }
 
 
-def train_on_fixed_batch(model_chunks, tokens: torch.Tensor, steps: int, lr: float = 1e-3, num_microbatches: int = 2):
-    """Smoke-train on one batch split into micro-batches; returns the loss per step (last stage, else None)."""
+def train_on_fixed_batch(
+    model_chunks, tokens: torch.Tensor, steps: int, lr: float = 1e-3, num_microbatches: int = 2, return_optimizer=False
+):
+    """Smoke-train on one batch split into micro-batches.
+
+    Returns the loss per step (last stage, else None), or the optimizer with ``return_optimizer``.
+    """
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     ddp_chunks = wrap_with_ddp(chunks)
     optimizer = build_optimizer(ddp_chunks, OptimizerSettings(lr=lr, weight_decay=0.0))
@@ -155,4 +160,4 @@ def train_on_fixed_batch(model_chunks, tokens: torch.Tensor, steps: int, lr: flo
             ddp_chunks, optimizer, data, num_microbatches, tokens.shape[1] - 1, micro_batches[0]["tokens"].shape[0]
         )
         losses.append(result["loss"])
-    return losses
+    return optimizer if return_optimizer else losses

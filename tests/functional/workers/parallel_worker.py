@@ -1,7 +1,10 @@
 """One rank of a multi-process check, started by torchrun from tests/functional.
 
-  logits: load an HF checkpoint at the given layout and save the full logits (last stage, first rank).
+  logits: load the model at the given layout and save the full logits (last stage, first rank).
   train:  a few steps on a fixed batch with DDP + distributed optimizer; save the loss per step.
+  train-save: train, then save a Megatron-LM style torch_dist checkpoint (model + optimizer +
+          iteration, tracker file) under --save-dir and the trained model's logits to --out.
+The model comes from --hf-dir, or from a torch_dist checkpoint with --torch-dist.
 """
 
 import argparse
@@ -13,8 +16,10 @@ import torch.distributed as dist
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["logits", "train"])
-    parser.add_argument("--hf-dir", required=True)
+    parser.add_argument("mode", choices=["logits", "train", "train-save"])
+    parser.add_argument("--hf-dir", required=True, help="HF dir (weights, or only config.json with --torch-dist)")
+    parser.add_argument("--torch-dist", help="load the weights from this torch_dist checkpoint dir instead")
+    parser.add_argument("--save-dir", help="train-save: Megatron save dir")
     parser.add_argument("--out", required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
@@ -39,7 +44,15 @@ def main():
     initialize_parallel(layout, seed=1234)
     arch = Qwen3Arch.from_hf_dir(args.hf_dir)
     model = build_gpt_model(arch, BuildOptions(layout=layout, aux_loss_coeff=0.0, moe_dispatcher=args.dispatcher))
-    load_hf_weights(model, args.hf_dir, arch)
+    if args.torch_dist:
+        from megatron.core import dist_checkpointing
+
+        state = dist_checkpointing.load(
+            sharded_state_dict={"model": model.sharded_state_dict()}, checkpoint_dir=args.torch_dist, strict="raise_all"
+        )
+        model.load_state_dict(state["model"])
+    else:
+        load_hf_weights(model, args.hf_dir, arch)
     # Every rank sees the same batch, so every layout computes the same logits.
     tokens = torch.randint(0, arch.vocab_size, (4, 33), generator=torch.Generator().manual_seed(0))
 
@@ -49,13 +62,43 @@ def main():
         logits = forward_logits(model, tokens[:, :32], vocab_size=arch.vocab_size)
         if writer:
             torch.save(logits, args.out)
-    else:
+    elif args.mode == "train":
         losses = train_on_fixed_batch(model, tokens, steps=args.steps, lr=3e-3)
         if writer:
             with open(args.out, "w") as handle:
                 json.dump(losses, handle)
+    else:
+        optimizer = train_on_fixed_batch(model, tokens, steps=args.steps, lr=3e-3, return_optimizer=True)
+        save_training_checkpoint(model, optimizer, args.save_dir, iteration=args.steps)
+        logits = forward_logits(model, tokens[:, :32], vocab_size=arch.vocab_size)
+        if writer:
+            torch.save(logits, args.out)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def save_training_checkpoint(model, optimizer, save_dir, iteration):
+    """What Megatron-LM writes: iter_XXXXXXX/ with model, optimizer and iteration; then the tracker."""
+    import os
+
+    from megatron.core import dist_checkpointing
+
+    path = os.path.join(save_dir, f"iter_{iteration:07d}")
+    os.makedirs(path, exist_ok=True)
+    model_state = model.sharded_state_dict()
+    state = {
+        "model": model_state,
+        "optimizer": optimizer.sharded_state_dict(
+            model_state, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
+        ),
+        "iteration": iteration,
+        "checkpoint_version": 3.0,
+    }
+    dist_checkpointing.save(sharded_state_dict=state, checkpoint_dir=path)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as handle:
+            handle.write(str(iteration))
 
 
 if __name__ == "__main__":
