@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from megatron_patch.convert.config import PRECISIONS, ConvertConfig
+from megatron_patch.parallel import ParallelLayout
 
 def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text, re.IGNORECASE)
@@ -52,12 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify", action="store_true",
                         help="after converting, compare logits of both sides on a short prompt (single process)")
     parser.add_argument("--use-cuda", action="store_true", help="run --verify on the GPU (conversion itself is CPU)")
+    layout = parser.add_argument_group(
+        "layout (Pai's MODEL_PARALLEL_ARGS)",
+        "torch_dist checkpoints load at any layout; these sizes are checked against the model and recorded",
+    )
+    for flag, field in [("tensor", "tp"), ("pipeline", "pp"), ("expert", "ep"), ("expert-tensor", "etp")]:
+        layout.add_argument(f"--{flag}-model-parallel-size" if flag != "expert-tensor" else "--expert-tensor-parallel-size",
+                            type=int, default=1, dest=field, metavar="N")
     return parser
 
 
 def parse_config(argv=None) -> ConvertConfig:
-    args = build_parser().parse_args(argv)
-    return ConvertConfig(**vars(args))
+    args = vars(build_parser().parse_args(argv))
+    layout = ParallelLayout(**{k: args.pop(k) for k in ("tp", "pp", "ep", "etp")})
+    return ConvertConfig(**args, layout=layout)
 
 
 def main(argv=None) -> int:

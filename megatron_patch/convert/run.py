@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_patch import __version__
-from megatron_patch.convert.config import DTYPE_NAMES, ConvertConfig
+from megatron_patch.convert.config import DTYPE_NAMES, ConvertConfig, layout_problems
 from megatron_patch.convert.output import (
     TRACKER_FILE,
     ConversionError,
@@ -84,7 +84,11 @@ def hf_to_megatron(config: ConvertConfig, arch: Qwen3Arch) -> Path:
         dist.barrier()
         write_torch_dist(
             arch, config.load_dir, release, config.precision,
-            common_extra={"source": str(config.load_dir.absolute()), "converter": f"megatron_patch {__version__}"},
+            common_extra={
+                "source": str(config.load_dir.absolute()),
+                "converter": f"megatron_patch {__version__}",
+                "layout": config.layout.megatron_sizes(),
+            },
             progress=progress,
         )
         if dist.get_rank() == 0:
@@ -148,6 +152,9 @@ def convert(config: ConvertConfig) -> None:
     # The canonical layout: every process holds the whole (meta) template; work is split by bytes.
     initialize_parallel(ParallelLayout())
     arch, config_dir = resolve_arch(config)
+    problems = layout_problems(arch, config.layout)
+    if problems:
+        raise ConversionError(f"MODEL_PARALLEL_ARGS: {problems[0]}")
     if config.mg2hf:
         checkpoint_dir = megatron_to_hf(config, arch, config_dir)
         hf_dir = config.save_dir

@@ -44,6 +44,9 @@ def checkpoint_template(arch: Qwen3Arch, precision: str) -> CheckpointTemplate:
         model = build_gpt_model(
             arch, BuildOptions(precision=precision, cpu_initialization=True), perform_initialization=False
         )
+    # The local spec keeps norm weights in fp32; Megatron-LM's Float16Module (and TE) store
+    # every weight in the training dtype, and so does the checkpoint.
+    model.to(PRECISIONS[precision])
     sharded = model.sharded_state_dict()
     apply_factories(sharded)
     tensors, objects = [], []
