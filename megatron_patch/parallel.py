@@ -67,13 +67,16 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> N
         return
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        # A world of one on a free local port. The environment is left alone, so processes
+        # this one starts (a converter, torchrun) do not inherit a rendezvous that is in use.
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        dist.init_process_group(backend=backend, init_method=init_method, rank=0, world_size=1, timeout=timeout)
+        return
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    dist.init_process_group(backend=backend, timeout=timeout)
 
 
 def initialize_parallel(layout: ParallelLayout, seed: int = 1234, backend: str | None = None) -> None:

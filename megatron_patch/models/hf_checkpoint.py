@@ -10,6 +10,7 @@ plus ``model.safetensors.index.json``, the layout ``from_pretrained`` reads.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -177,6 +178,7 @@ class StreamingSafetensorsWriter:
             self._headers.append((file, encoded, offset))
         self.total_bytes = sum(data for _, _, data in self._headers)
         self._data_start = {file: 8 + len(encoded) for file, encoded, _ in self._headers}
+        self._handles: dict[str, object] = {}
 
     def create_files(self) -> None:
         """Write every header and size every file (once, from one process)."""
@@ -191,9 +193,18 @@ class StreamingSafetensorsWriter:
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}")
         data = tensor.contiguous().view(-1).view(torch.uint8).numpy()
-        with open(self.path / file, "r+b", buffering=0) as handle:
-            handle.seek(self._data_start[file] + offset)
-            handle.write(memoryview(data))
+        if file not in self._handles:
+            self._handles[file] = open(self.path / file, "r+b", buffering=0)
+        handle = self._handles[file]
+        handle.seek(self._data_start[file] + offset)
+        handle.write(memoryview(data))
+
+    def sync(self) -> None:
+        """Flush what this process wrote to disk (before the output is renamed into place)."""
+        for handle in self._handles.values():
+            os.fsync(handle.fileno())
+            handle.close()
+        self._handles.clear()
 
     def write_index(self) -> None:
         if len(self.files) == 1:
