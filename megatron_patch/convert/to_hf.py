@@ -92,7 +92,7 @@ def write_hf_safetensors(
         for shard in shards:
             key, offsets, sizes = _stored_region(checkpoint, shard)
             region = tuple(slice(o, o + n) for o, n in zip(shard.global_offset[shard.prepend_axis_num :], shard.local_shape))
-            full[region] = checkpoint.read(key, offsets, sizes, dtype).view(shard.local_shape)
+            checkpoint.read(key, offsets, sizes, dtype, out=full[region])
         for name, hf_tensor in bound[address].to_hf(full).items():
             writer.write(name, hf_tensor)
             if progress is not None:

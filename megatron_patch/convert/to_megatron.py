@@ -24,6 +24,7 @@ from megatron_patch.models.qwen3.builder import PRECISIONS
 from megatron_patch.models.qwen3.mapping import bound_qwen3_mappings
 from megatron_patch.models.sharded_state import address_of
 from megatron_patch.models.weight_mapping import MegatronAddress, MappingError, check_hf_names
+from megatron_patch.patches.dcp_grid_checks import grid_overlap_checks
 
 CHECKPOINT_VERSION = 3.0
 _REDUNDANT_WHEN_TIED = "lm_head.weight"
@@ -143,9 +144,6 @@ def write_torch_dist(
         "iteration": 0,
         "megatron_patch": dict(common_extra or {}),
     }
-    sharded_part, common = save_preprocess(state, validate_access_integrity=True)
-    get_default_save_common_strategy().save_common(common, checkpoint_dir)
-    flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_part, keep_only_main_replica=True)
     written = 0
 
     def count(tensor):
@@ -154,11 +152,15 @@ def write_torch_dist(
         if progress is not None:
             progress.update(tensor)
 
-    dcp.save(
-        mcore_to_pyt_state_dict(flat, is_loading=False),
-        storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1),
-        planner=_lazy_planner_class()(resolve_chunk, count),
-    )
+    with grid_overlap_checks():
+        sharded_part, common = save_preprocess(state, validate_access_integrity=True)
+        get_default_save_common_strategy().save_common(common, checkpoint_dir)
+        flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_part, keep_only_main_replica=True)
+        dcp.save(
+            mcore_to_pyt_state_dict(flat, is_loading=False),
+            storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1),
+            planner=_lazy_planner_class()(resolve_chunk, count),
+        )
     dist.barrier()
     if rank == 0:
         save_config(CheckpointingConfig("torch_dist", 1), str(checkpoint_dir))

@@ -20,6 +20,36 @@ class CheckpointContentError(ValueError):
     """A torch_dist checkpoint that does not hold the tensors the config describes."""
 
 
+class _FileView(io.RawIOBase):
+    """Bytes [offset, offset + length) of an open file, as a seekable file for ``torch.load``."""
+
+    def __init__(self, handle, offset: int, length: int):
+        self.handle, self.offset, self.length, self.position = handle, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
+        self.position = min(max(base + position, 0), self.length)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        count = min(len(buffer), self.length - self.position)
+        if count <= 0:
+            return 0
+        self.handle.seek(self.offset + self.position)
+        read = self.handle.readinto(memoryview(buffer)[:count])
+        self.position += read
+        return read
+
+
 class TorchDistCheckpoint:
     def __init__(self, path: str | Path):
         from torch.distributed.checkpoint import FileSystemReader
@@ -33,16 +63,40 @@ class TorchDistCheckpoint:
             key: entry for key, entry in self.metadata.state_dict_metadata.items()
             if isinstance(entry, TensorStorageMetadata)
         }
+        self._index: dict[str, tuple[int, dict]] = {}
+        self._handles: dict[str, object] = {}
+
+    def _chunks_for(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]):
+        """The chunks of ``key`` that may overlap the region, via an index on the leading unit axes.
+
+        Megatron stores a chunk per layer / expert: along the prepended axes every chunk has
+        size 1, so those offsets identify the chunk directly (no scan over 18k experts).
+        """
+        if key not in self._index:
+            chunks = self.tensors[key].chunks
+            axes = 0
+            while axes < len(chunks[0].sizes) - 1 and all(c.sizes[axes] == 1 for c in chunks):
+                axes += 1
+            table: dict[tuple, list] = {}
+            for chunk in chunks:
+                table.setdefault(tuple(chunk.offsets[:axes]), []).append(chunk)
+            self._index[key] = (axes, table)
+        axes, table = self._index[key]
+        if all(n == 1 for n in sizes[:axes]):
+            return table.get(tuple(offsets[:axes]), [])
+        return self.tensors[key].chunks
 
     def global_shape(self, key: str) -> tuple[int, ...] | None:
         entry = self.tensors.get(key)
         return None if entry is None else tuple(entry.size)
 
-    def read(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """The region ``[offsets, offsets + sizes)`` of tensor ``key`` (global coordinates)."""
-        out = torch.empty(sizes, dtype=dtype)
+    def read(
+        self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], dtype: torch.dtype, out=None
+    ) -> torch.Tensor:
+        """The region ``[offsets, offsets + sizes)`` of tensor ``key`` (global coordinates), into ``out`` if given."""
+        out = torch.empty(sizes, dtype=dtype) if out is None else out.view(sizes)
         covered = 0
-        for chunk in self.tensors[key].chunks:
+        for chunk in self._chunks_for(key, offsets, sizes):
             low = [max(o, c) for o, c in zip(offsets, chunk.offsets)]
             high = [min(o + s, c + n) for o, s, c, n in zip(offsets, sizes, chunk.offsets, chunk.sizes)]
             if any(lo >= hi for lo, hi in zip(low, high)):
@@ -62,9 +116,9 @@ class TorchDistCheckpoint:
         info = self.metadata.storage_data[MetadataIndex(key, chunk.offsets)]
         if getattr(info, "transform_descriptors", None):
             raise CheckpointContentError(f"{self.path}: {key} is stored with transforms {info.transform_descriptors}")
-        with open(self.path / info.relative_path, "rb") as handle:
-            handle.seek(info.offset)
-            raw = handle.read(info.length)
-        if len(raw) != info.length:
+        if info.relative_path not in self._handles:
+            self._handles[info.relative_path] = open(self.path / info.relative_path, "rb", buffering=0)
+        handle = self._handles[info.relative_path]
+        if handle.seek(0, io.SEEK_END) < info.offset + info.length:
             raise CheckpointContentError(f"{self.path / info.relative_path}: truncated (reading {key})")
-        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        return torch.load(_FileView(handle, info.offset, info.length), map_location="cpu", weights_only=True)
