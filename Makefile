@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-complete
 # A CPU build from local disk on the dev/CI machines; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup test test-unit test-functional demo bench lock clean
+.PHONY: setup test test-unit test-functional demo bench bench-convert lock clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ demo: setup
 bench: setup
 	$(BIN)/python benchmarks/parity.py
 	$(BIN)/python benchmarks/model_forward.py
+
+# About 8 minutes and 35 GB of scratch disk (A3B-shaped checkpoints with 4 and 8 layers).
+bench-convert: setup
+	$(BIN)/python benchmarks/convert.py --layers 4 8 --nproc 2
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock: setup

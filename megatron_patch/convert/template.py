@@ -16,7 +16,7 @@ import torch
 from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.models.qwen3.builder import PRECISIONS, BuildOptions, build_gpt_model
 from megatron_patch.models.qwen3.mapping import bound_qwen3_mappings
-from megatron_patch.models.sharded_state import address_of
+from megatron_patch.models.sharded_state import address_of, shard_bytes
 from megatron_patch.models.weight_mapping import MegatronAddress
 
 
@@ -32,7 +32,7 @@ class CheckpointTemplate:
         return list(seen)
 
     def tensor_bytes(self) -> int:
-        return sum(shard.data.numel() * shard.data.element_size() for shard in self.tensors)
+        return sum(shard_bytes(shard) for shard in self.tensors)
 
 
 def checkpoint_template(arch: Qwen3Arch, precision: str) -> CheckpointTemplate:
@@ -63,7 +63,7 @@ def balance_by_bytes(template: CheckpointTemplate, world_size: int) -> list[set[
     sizes: dict[MegatronAddress, int] = {}
     for shard in template.tensors:
         address = address_of(shard)
-        sizes[address] = sizes.get(address, 0) + shard.data.numel() * shard.data.element_size()
+        sizes[address] = sizes.get(address, 0) + shard_bytes(shard)
     loads = [0] * world_size
     assignment: list[set[MegatronAddress]] = [set() for _ in range(world_size)]
     for address in sorted(sizes, key=lambda a: (-sizes[a], a)):

@@ -21,7 +21,7 @@ from megatron_patch.models.hf_checkpoint import StreamingSafetensorsWriter
 from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.models.qwen3.builder import PRECISIONS
 from megatron_patch.models.qwen3.mapping import bound_qwen3_mappings
-from megatron_patch.models.sharded_state import address_of
+from megatron_patch.models.sharded_state import address_of, local_slice, shard_bytes
 
 __all__ = ["CheckpointContentError", "write_hf_safetensors"]
 
@@ -86,13 +86,12 @@ def write_hf_safetensors(
         if address_of(shard) in mine:
             shards_of.setdefault(address_of(shard), []).append(shard)
     if progress is not None:
-        progress.start(sum(s.data.numel() * s.data.element_size() for group in shards_of.values() for s in group))
+        progress.start(sum(shard_bytes(s) for group in shards_of.values() for s in group))
     for address, shards in shards_of.items():
         full = torch.empty(shards[0].global_shape[shards[0].prepend_axis_num :], dtype=dtype)
         for shard in shards:
             key, offsets, sizes = _stored_region(checkpoint, shard)
-            region = tuple(slice(o, o + n) for o, n in zip(shard.global_offset[shard.prepend_axis_num :], shard.local_shape))
-            checkpoint.read(key, offsets, sizes, dtype, out=full[region])
+            checkpoint.read(key, offsets, sizes, dtype, out=full[local_slice(shard)])
         for name, hf_tensor in bound[address].to_hf(full).items():
             writer.write(name, hf_tensor)
             if progress is not None:

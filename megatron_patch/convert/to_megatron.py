@@ -22,7 +22,7 @@ from megatron_patch.models.hf_checkpoint import HFCheckpoint
 from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.models.qwen3.builder import PRECISIONS
 from megatron_patch.models.qwen3.mapping import bound_qwen3_mappings
-from megatron_patch.models.sharded_state import address_of
+from megatron_patch.models.sharded_state import address_of, local_slice, shard_bytes
 from megatron_patch.models.weight_mapping import MegatronAddress, MappingError, check_hf_names
 from megatron_patch.patches.dcp_grid_checks import grid_overlap_checks
 
@@ -76,11 +76,11 @@ def write_torch_dist(
     precision: str,
     common_extra: dict | None = None,
     progress=None,
-) -> int:
+) -> None:
     """Write the torch_dist checkpoint of ``hf_dir`` into the existing empty ``checkpoint_dir``.
 
-    Every rank of the default process group takes part. Returns the bytes of
-    tensor data this rank wrote. Raises ``MappingError`` / ``ValueError`` naming
+    Every rank of the default process group takes part; ``progress`` (``start(bytes)``,
+    ``update(tensor)``) follows this rank's share. Raises ``MappingError`` / ``ValueError`` naming
     the tensor for a checkpoint that does not fit ``arch``.
     """
     import torch.distributed as dist
@@ -107,7 +107,7 @@ def write_torch_dist(
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = balance_by_bytes(template, world)[rank]
     if progress is not None:
-        progress.start(sum(s.data.numel() * s.data.element_size() for s in template.tensors if address_of(s) in mine))
+        progress.start(sum(shard_bytes(s) for s in template.tensors if address_of(s) in mine))
 
     def full_tensor(address: MegatronAddress) -> torch.Tensor:
         if address not in by_address:
@@ -124,10 +124,7 @@ def write_torch_dist(
         # This rank writes the chunk, whatever replica Megatron would have named.
         shard.replica_id = 0
         my_tensors.append(shard)
-        slices = tuple(
-            slice(o, o + n) for o, n in zip(shard.global_offset[shard.prepend_axis_num :], shard.local_shape)
-        )
-        chunks[(shard.key, tuple(shard.global_offset))] = (address, slices)
+        chunks[(shard.key, tuple(shard.global_offset))] = (address, local_slice(shard))
     my_objects = []
     for obj in template.objects if rank == 0 else []:
         obj.replica_id = 0
@@ -144,14 +141,6 @@ def write_torch_dist(
         "iteration": 0,
         "megatron_patch": dict(common_extra or {}),
     }
-    written = 0
-
-    def count(tensor):
-        nonlocal written
-        written += tensor.numel() * tensor.element_size()
-        if progress is not None:
-            progress.update(tensor)
-
     with grid_overlap_checks():
         sharded_part, common = save_preprocess(state, validate_access_integrity=True)
         get_default_save_common_strategy().save_common(common, checkpoint_dir)
@@ -159,9 +148,8 @@ def write_torch_dist(
         dcp.save(
             mcore_to_pyt_state_dict(flat, is_loading=False),
             storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1),
-            planner=_lazy_planner_class()(resolve_chunk, count),
+            planner=_lazy_planner_class()(resolve_chunk, progress.update if progress is not None else None),
         )
     dist.barrier()
     if rank == 0:
         save_config(CheckpointingConfig("torch_dist", 1), str(checkpoint_dir))
-    return written

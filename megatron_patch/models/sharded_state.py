@@ -53,11 +53,16 @@ def address_of(shard) -> MegatronAddress:
     return MegatronAddress(key, layer, expert)
 
 
-def _local_slice(shard) -> tuple[slice, ...]:
+def local_slice(shard) -> tuple[slice, ...]:
+    """Where a ShardedTensor's data sits in the full tensor of its address (prepended axes dropped)."""
     return tuple(
         slice(offset, offset + size)
         for offset, size in zip(shard.global_offset[shard.prepend_axis_num :], shard.local_shape)
     )
+
+
+def shard_bytes(shard) -> int:
+    return shard.data.numel() * shard.data.element_size()
 
 
 @torch.no_grad()
@@ -75,7 +80,7 @@ def load_full_tensors(model_chunks, full_tensor: Callable[[MegatronAddress], tor
         expected = tuple(shard.global_shape[shard.prepend_axis_num :])
         if tuple(full.shape) != expected:
             raise ValueError(f"{address}: shape {tuple(full.shape)} does not fit the model's {expected}")
-        shard.data.copy_(full[_local_slice(shard)])
+        shard.data.copy_(full[local_slice(shard)])
         count += 1
     return count
 
@@ -88,7 +93,7 @@ def read_full_tensors(model_chunks) -> dict[MegatronAddress, torch.Tensor]:
     for address, shard in local_shards(model_chunks):
         shape = tuple(shard.global_shape[shard.prepend_axis_num :])
         full = tensors.setdefault(address, torch.empty(shape, dtype=shard.data.dtype))
-        full[_local_slice(shard)] = shard.data
+        full[local_slice(shard)] = shard.data
         filled[address] = filled.get(address, 0) + shard.data.numel()
     partial = [a for a, n in filled.items() if n != tensors[a].numel()]
     if partial:
