@@ -1,0 +1,140 @@
+"""Pretraining data: JSONL/JSON documents -> Megatron-Core indexed dataset (PREFIX.bin / PREFIX.idx).
+
+  python -m megatron_patch.data.build_pretrain --input a.jsonl b.jsonl --tokenizer Qwen3-8B \\
+      --output-prefix data/corpus_text_document --workers 2
+
+Each document's text (``--json-key``, default ``text``) is tokenized with the Qwen3 tokenizer and
+followed by ``<|endoftext|>`` (EOD). The files are Megatron-Core's own format, read unchanged by
+``IndexedDataset`` and ``GPTDataset`` (blends and splits). They are written under temporary
+names and renamed when complete. Bad lines stop the run with file:line, or with
+``--skip-bad-lines`` are counted and reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+_WORKER_TOKENIZER = None
+
+
+@dataclass
+class Summary:
+    documents: int = 0
+    tokens: int = 0
+    skipped: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.documents} documents, {self.tokens} tokens (EOD included), {self.skipped} skipped"
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _WORKER_TOKENIZER
+    from megatron_patch.data.tokenizer import Qwen3Tokenizer
+
+    _WORKER_TOKENIZER = Qwen3Tokenizer.from_dir(tokenizer_dir)
+
+
+def _encode(texts: list[str]) -> list[list[int]]:
+    eod = _WORKER_TOKENIZER.eod
+    return [ids + [eod] for ids in _WORKER_TOKENIZER.encode_batch(texts)]
+
+
+def _text_batches(inputs, key: str, skip_bad_lines: bool, summary: Summary, batch_size: int = 256):
+    from megatron_patch.data.records import ReadStats, RecordError, iter_records
+
+    batch = []
+    for path in inputs:
+        stats = ReadStats()
+        for where, record in iter_records(path, stats, skip_bad_lines):
+            text = record.get(key) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                problem = f"{where}: no string field {key!r}"
+                if not skip_bad_lines:
+                    raise RecordError(problem + "; fix it, choose --json-key, or pass --skip-bad-lines")
+                stats.skip(problem)
+                continue
+            batch.append(text)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        summary.skipped += stats.skipped
+        for example in stats.skipped_examples:
+            print(f"skipped: {example}", file=sys.stderr)
+    if batch:
+        yield batch
+
+
+def build(inputs, tokenizer_dir, output_prefix, key: str = "text", workers: int = 1, skip_bad_lines: bool = False) -> Summary:
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from tqdm import tqdm
+
+    output_prefix = Path(output_prefix)
+    output_prefix.parent.mkdir(parents=True, exist_ok=True)
+    staging = output_prefix.with_name(f".{output_prefix.name}.incomplete")
+    builder = IndexedDatasetBuilder(f"{staging}.bin", dtype=np.int32)
+    summary = Summary()
+    batches = _text_batches(inputs, key, skip_bad_lines, summary)
+    pool = None
+    try:
+        if workers > 1:
+            # imap keeps document order, so the output does not depend on the worker count.
+            pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (str(tokenizer_dir),))
+            encoded = pool.imap(_encode, batches)
+        else:
+            _init_worker(str(tokenizer_dir))
+            encoded = map(_encode, batches)
+        with tqdm(unit=" docs", desc="tokenizing", mininterval=1.0, disable=None) as bar:
+            for documents in encoded:
+                for ids in documents:
+                    builder.add_document(torch.tensor(ids, dtype=torch.int32), [len(ids)])
+                    summary.documents += 1
+                    summary.tokens += len(ids)
+                bar.update(len(documents))
+        builder.finalize(f"{staging}.idx")
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        builder.data_file.close()
+        for suffix in (".bin", ".idx"):
+            Path(f"{staging}{suffix}").unlink(missing_ok=True)
+        raise
+    if pool is not None:
+        pool.close()
+        pool.join()
+    for suffix in (".bin", ".idx"):
+        os.replace(f"{staging}{suffix}", f"{output_prefix}{suffix}")
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_patch.data.build_pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", required=True, type=Path, help=".jsonl or .json files")
+    parser.add_argument("--tokenizer", required=True, type=Path, help="HF model or tokenizer directory")
+    parser.add_argument("--output-prefix", required=True, type=Path, help="writes PREFIX.bin and PREFIX.idx")
+    parser.add_argument("--json-key", default="text", help="field holding the document text (default: text)")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    parser.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed lines")
+    args = parser.parse_args(argv)
+
+    from megatron_patch.data.records import RecordError
+    from megatron_patch.data.tokenizer import TokenizerError
+
+    try:
+        summary = build(args.input, args.tokenizer, args.output_prefix, args.json_key, args.workers, args.skip_bad_lines)
+    except (RecordError, TokenizerError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output_prefix}.bin/.idx: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
