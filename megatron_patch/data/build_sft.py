@@ -1,0 +1,173 @@
+"""SFT data: Alpaca / ShareGPT / messages JSON(L) -> Megatron indexed datasets of tokens and loss masks.
+
+  python -m megatron_patch.data.build_sft --input train.jsonl --tokenizer Qwen3-8B \\
+      --seq-length 4096 --output-prefix data/sft --packing
+
+Writes two Megatron-Core indexed datasets with the same structure:
+  PREFIX.bin/.idx             token ids (int32)
+  PREFIX_loss_mask.bin/.idx   1 where the token is a training target, else 0 (uint8)
+Each document is one training sequence; each *sequence* inside a document is one sample, so
+sample boundaries (for position ids and cu_seqlens) are Megatron's own sequence lengths. Without
+--packing a document holds one sample; with it, first-fit-decreasing packs samples so that
+sum(len(sample) - 1) <= SEQ_LENGTH (labels shift inside each sample; a sample that exactly fills
+SEQ_LENGTH fits). Over-long samples are truncated (default) or skipped; a sample with no target
+left is skipped; both are counted, never written empty. Rendering and masks: megatron_patch.data.chat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MASK_SUFFIX = "_loss_mask"
+
+
+@dataclass
+class SftSummary:
+    samples_read: int = 0
+    samples_written: int = 0
+    truncated: int = 0
+    skipped_overlong: int = 0
+    skipped_no_target: int = 0
+    skipped_bad: int = 0
+    documents: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (
+            f"samples read {self.samples_read}, written {self.samples_written} in {self.documents} sequences; "
+            f"truncated {self.truncated}; skipped: {self.skipped_overlong} over-long, "
+            f"{self.skipped_no_target} without a target, {self.skipped_bad} bad; "
+            f"tokens {self.tokens}, trained tokens {self.trained_tokens}"
+        )
+
+
+def encode_samples(inputs, tokenizer, fmt, seq_length, overlong, enable_thinking, last_turn_only, skip_bad_lines,
+                   summary: SftSummary) -> list[tuple[list[int], list[int]]]:
+    """(ids, mask) of every usable sample, in input order."""
+    from megatron_patch.data.chat import SampleError, messages_from_record, tokenize_conversation
+    from megatron_patch.data.records import ReadStats, RecordError, iter_records
+
+    samples = []
+    limit = seq_length + 1  # tokens of a sample that yield at most seq_length training positions
+    for path in inputs:
+        stats = ReadStats()
+        for where, record in iter_records(path, stats, skip_bad_lines):
+            try:
+                messages = messages_from_record(record, fmt)
+            except SampleError as err:
+                if not skip_bad_lines:
+                    raise RecordError(f"{where}: {err}; fix it or pass --skip-bad-lines") from None
+                stats.skip(f"{where}: {err}")
+                continue
+            ids, mask = tokenize_conversation(tokenizer, messages, enable_thinking, last_turn_only)
+            if len(ids) > limit:
+                if overlong == "skip":
+                    summary.skipped_overlong += 1
+                    continue
+                ids, mask = ids[:limit], mask[:limit]
+                summary.truncated += 1
+            # The first token is never a label (labels shift inside a sample).
+            if not any(mask[1:]):
+                summary.skipped_no_target += 1
+                continue
+            samples.append((ids, mask))
+        summary.samples_read += stats.read
+        summary.skipped_bad += stats.skipped
+        summary.problems += stats.skipped_examples
+    return samples
+
+
+def build(inputs, tokenizer_dir, output_prefix, seq_length: int, packing: bool = False, fmt: str = "auto",
+          overlong: str = "truncate", enable_thinking: bool = True, last_turn_only: bool = False,
+          skip_bad_lines: bool = False) -> SftSummary:
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_patch.data.packing import first_fit_decreasing
+    from megatron_patch.data.tokenizer import Qwen3Tokenizer
+
+    tokenizer = Qwen3Tokenizer.from_dir(tokenizer_dir)
+    summary = SftSummary()
+    samples = encode_samples(inputs, tokenizer, fmt, seq_length, overlong, enable_thinking, last_turn_only,
+                             skip_bad_lines, summary)
+    if packing:
+        groups = first_fit_decreasing([len(ids) - 1 for ids, _ in samples], seq_length)
+    else:
+        groups = [[index] for index in range(len(samples))]
+
+    output_prefix = Path(output_prefix)
+    output_prefix.parent.mkdir(parents=True, exist_ok=True)
+    staging = output_prefix.with_name(f".{output_prefix.name}.incomplete")
+    prefixes = {str(staging): str(output_prefix), f"{staging}{MASK_SUFFIX}": f"{output_prefix}{MASK_SUFFIX}"}
+    tokens_out = IndexedDatasetBuilder(f"{staging}.bin", dtype=np.int32)
+    masks_out = IndexedDatasetBuilder(f"{staging}{MASK_SUFFIX}.bin", dtype=np.uint8)
+    try:
+        for group in groups:
+            lengths = [len(samples[i][0]) for i in group]
+            ids = [token for i in group for token in samples[i][0]]
+            mask = [flag for i in group for flag in samples[i][1]]
+            tokens_out.add_document(torch.tensor(ids, dtype=torch.int32), lengths)
+            masks_out.add_document(torch.tensor(mask, dtype=torch.uint8), lengths)
+            summary.documents += 1
+            summary.samples_written += len(group)
+            summary.tokens += len(ids)
+            summary.trained_tokens += sum(sum(samples[i][1][1:]) for i in group)
+        tokens_out.finalize(f"{staging}.idx")
+        masks_out.finalize(f"{staging}{MASK_SUFFIX}.idx")
+    except BaseException:
+        for builder in (tokens_out, masks_out):
+            builder.data_file.close()
+        for prefix in prefixes:
+            for suffix in (".bin", ".idx"):
+                Path(prefix + suffix).unlink(missing_ok=True)
+        raise
+    for temporary, final in prefixes.items():
+        for suffix in (".bin", ".idx"):
+            os.replace(temporary + suffix, final + suffix)
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_patch.data.build_sft", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", required=True, type=Path, help=".jsonl or .json files")
+    parser.add_argument("--tokenizer", required=True, type=Path, help="HF model or tokenizer directory (Qwen3)")
+    parser.add_argument("--seq-length", required=True, type=int, help="training sequence length (SEQ_LEN)")
+    parser.add_argument("--output-prefix", required=True, type=Path)
+    parser.add_argument("--packing", action="store_true", help="pack samples into SEQ_LENGTH (first-fit-decreasing)")
+    parser.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages"],
+                        help="record format (default: detected per record)")
+    parser.add_argument("--overlong", default="truncate", choices=["truncate", "skip"],
+                        help="what to do with samples longer than SEQ_LENGTH + 1 tokens")
+    parser.add_argument("--no-enable-thinking", dest="enable_thinking", action="store_false",
+                        help="train Qwen3's non-thinking mode: drop reasoning, empty think blocks in the prompt")
+    parser.add_argument("--last-turn-only", action="store_true", help="train only the last assistant turn")
+    parser.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed records")
+    args = parser.parse_args(argv)
+    if args.seq_length < 2:
+        parser.error("--seq-length must be at least 2")
+
+    from megatron_patch.data.records import RecordError
+    from megatron_patch.data.tokenizer import TokenizerError
+
+    try:
+        summary = build(args.input, args.tokenizer, args.output_prefix, args.seq_length, args.packing, args.format,
+                        args.overlong, args.enable_thinking, args.last_turn_only, args.skip_bad_lines)
+    except (RecordError, TokenizerError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for problem in summary.problems:
+        print(f"skipped: {problem}", file=sys.stderr)
+    print(f"wrote {args.output_prefix}.bin/.idx and {args.output_prefix}{MASK_SUFFIX}.bin/.idx: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
