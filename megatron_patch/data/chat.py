@@ -205,15 +205,42 @@ def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-def tokenize_conversation(
-    tokenizer, messages: list[Message], enable_thinking: bool = True, last_turn_only: bool = False
-) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered conversation and a 0/1 mask of the tokens that are targets."""
-    text, spans = render(messages, enable_thinking, last_turn_only)
-    ids, offsets = tokenizer.encode_with_offsets(text)
+def _mask_from_offsets(spans: list[tuple[int, int]], offsets) -> list[int]:
+    """1 for each token that starts inside a trained character span (a scan over every token)."""
     mask, span = [], 0
     for start, _ in offsets:
         while span < len(spans) and spans[span][1] <= start:
             span += 1
         mask.append(int(span < len(spans) and spans[span][0] <= start))
-    return ids, mask
+    return mask
+
+
+def tokenize_conversation(
+    tokenizer, messages: list[Message], enable_thinking: bool = True, last_turn_only: bool = False
+) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation and a 0/1 mask of the tokens that are targets."""
+    return tokenize_conversations(tokenizer, [messages], enable_thinking, last_turn_only)[0]
+
+
+def tokenize_conversations(
+    tokenizer, conversations: list[list[Message]], enable_thinking: bool = True, last_turn_only: bool = False
+) -> list[tuple[list[int], list[int]]]:
+    """``tokenize_conversation`` for many conversations with one batched tokenizer call."""
+    rendered = [render(messages, enable_thinking, last_turn_only) for messages in conversations]
+    encodings = tokenizer.backend.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+    return [(e.ids, _mask(e, spans)) for e, (_, spans) in zip(encodings, rendered)]
+
+
+def _mask(encoding, spans: list[tuple[int, int]]) -> list[int]:
+    """The target mask, located per span with the encoding's char-to-token map (a few calls, not a scan).
+
+    Spans start right after a role header and end with <|im_end|>, so a token begins at each span
+    start; where a character maps to no token the exact per-token scan is used instead.
+    """
+    mask = [0] * len(encoding.ids)
+    for start, end in spans:
+        first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
+        if first is None or last is None or encoding.token_to_chars(first)[0] != start:
+            return _mask_from_offsets(spans, encoding.offsets)
+        mask[first : last + 1] = [1] * (last + 1 - first)
+    return mask

@@ -147,3 +147,12 @@ def test_script_arguments_match_readme():
     readme = re.findall(r"^\| \d \| ([A-Z][A-Z0-9_]*) \|", (folder / "README.md").read_text(), re.MULTILINE)
     usage = re.search(r"usage: run_build_idxmap_sft_dataset.sh (.*)", script).group(1)
     assert positionals == readme == usage.replace("[", "").replace("]", "").split()
+
+
+def test_two_workers_write_the_same_bytes(tmp_path):
+    source = write_jsonl(tmp_path / "train.jsonl", records(300, seed=11))
+    common = ["--input", source, "--seq-length", 256, "--packing"]
+    assert build(*common, "--output-prefix", tmp_path / "one") == 0
+    assert build(*common, "--output-prefix", tmp_path / "two", "--workers", 2) == 0
+    for name in ("{}.bin", "{}.idx", "{}_loss_mask.bin", "{}_loss_mask.idx"):
+        assert (tmp_path / name.format("one")).read_bytes() == (tmp_path / name.format("two")).read_bytes()

@@ -1,0 +1,97 @@
+"""SFT preprocessing throughput against bare `tokenizers` batch encoding of the same texts.
+
+In one run: synthesise multi-turn SFT records (messages, ShareGPT and Alpaca, mixed), render
+them with the Qwen3 template, and time
+  bare:      tokenizers' encode_batch of the rendered texts (the limit: tokenizing only),
+  1 worker:  python -m megatron_patch.data.build_sft (read JSONL, parse, render, tokenize, masks,
+             pack, write both indexed datasets),
+  2 workers: the same with --workers 2.
+Printed as tokens/s and ratios. Everything runs with TOKENIZERS_PARALLELISM=false: one thread per
+process, so the worker count is the parallelism (tokenizers disables its threads in forked workers
+anyway). Megatron-Core (whose IndexedDatasetBuilder writes the files) is imported before timing:
+its one-time import is start-up cost, printed separately, not throughput.
+
+  python benchmarks/preprocess.py [--records 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+WORDS = ("the model data training loss mask token sequence expert router layer attention value "
+         "数据 训练 模型 专家 注意力 你好 世界 问题 回答 思考").split()
+
+
+def synthesise(count: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+
+    def text(low, high):
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+    records = []
+    for i in range(count):
+        turns = rng.randint(1, 3)
+        messages = [{"role": "system", "content": text(5, 20)}]
+        for _ in range(turns):
+            messages += [{"role": "user", "content": text(10, 80)}, {"role": "assistant", "content": text(20, 200)}]
+        if i % 3 == 0:
+            records.append({"messages": messages})
+        elif i % 3 == 1:
+            records.append({"conversations": [{"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]),
+                                               "value": m["content"]} for m in messages]})
+        else:
+            records.append({"instruction": messages[1]["content"], "output": messages[2]["content"]})
+    return records
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=20000)
+    parser.add_argument("--seq-length", type=int, default=4096)
+    args = parser.parse_args()
+
+    from megatron_patch.data.build_sft import build
+    from megatron_patch.data.chat import messages_from_record, render
+    from megatron_patch.data.tokenizer import Qwen3Tokenizer, bundled_qwen3_tokenizer_dir
+
+    started = time.perf_counter()
+    import megatron.core.datasets.indexed_dataset  # noqa: F401  (start-up cost, timed on its own)
+
+    import_seconds = time.perf_counter() - started
+    tokenizer_dir = bundled_qwen3_tokenizer_dir()
+    tokenizer = Qwen3Tokenizer.from_dir(tokenizer_dir)
+    records = synthesise(args.records)
+    with tempfile.TemporaryDirectory() as work:
+        source = Path(work) / "train.jsonl"
+        source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        texts = [render(messages_from_record(r))[0] for r in records]
+
+        started = time.perf_counter()
+        bare_tokens = sum(len(e.ids) for e in tokenizer.backend.encode_batch(texts, add_special_tokens=False))
+        bare = bare_tokens / (time.perf_counter() - started)
+
+        rates = {}
+        for workers in (1, 2):
+            started = time.perf_counter()
+            summary = build([source], tokenizer_dir, Path(work) / f"out{workers}", args.seq_length, packing=True,
+                            workers=workers)
+            rates[workers] = summary.tokens / (time.perf_counter() - started)
+            assert summary.tokens == bare_tokens, (summary.tokens, bare_tokens)
+
+    print(f"{args.records} records, {bare_tokens} tokens; {os.cpu_count()} cores; TOKENIZERS_PARALLELISM=false; "
+          f"megatron.core import (once per run) {import_seconds:.1f} s")
+    print(f"bare tokenizers encode_batch   {bare:12,.0f} tokens/s")
+    print(f"build_sft, 1 worker            {rates[1]:12,.0f} tokens/s   {rates[1] / bare:.2f}x bare")
+    print(f"build_sft, 2 workers           {rates[2]:12,.0f} tokens/s   {rates[2] / rates[1]:.2f}x one worker")
+
+
+if __name__ == "__main__":
+    main()
