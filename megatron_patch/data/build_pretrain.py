@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,45 +70,32 @@ def _text_batches(inputs, key: str, skip_bad_lines: bool, summary: Summary, batc
 
 def build(inputs, tokenizer_dir, output_prefix, key: str = "text", workers: int = 1, skip_bad_lines: bool = False) -> Summary:
     import numpy as np
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from tqdm import tqdm
 
-    output_prefix = Path(output_prefix)
-    output_prefix.parent.mkdir(parents=True, exist_ok=True)
-    staging = output_prefix.with_name(f".{output_prefix.name}.incomplete")
-    builder = IndexedDatasetBuilder(f"{staging}.bin", dtype=np.int32)
+    from megatron_patch.data.indexed import staged_indexed_datasets
+
     summary = Summary()
     batches = _text_batches(inputs, key, skip_bad_lines, summary)
     pool = None
     try:
-        if workers > 1:
-            # imap keeps document order, so the output does not depend on the worker count.
-            pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (str(tokenizer_dir),))
-            encoded = pool.imap(_encode, batches)
-        else:
-            _init_worker(str(tokenizer_dir))
-            encoded = map(_encode, batches)
-        with tqdm(unit=" docs", desc="tokenizing", mininterval=1.0, disable=None) as bar:
-            for documents in encoded:
-                for ids in documents:
-                    builder.add_document(torch.tensor(ids, dtype=torch.int32), [len(ids)])
-                    summary.documents += 1
-                    summary.tokens += len(ids)
-                bar.update(len(documents))
-        builder.finalize(f"{staging}.idx")
-    except BaseException:
+        with staged_indexed_datasets(output_prefix, {"": np.int32}) as builders:
+            if workers > 1:
+                # imap keeps document order, so the output does not depend on the worker count.
+                pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (str(tokenizer_dir),))
+                encoded = pool.imap(_encode, batches)
+            else:
+                _init_worker(str(tokenizer_dir))
+                encoded = map(_encode, batches)
+            with tqdm(unit=" docs", desc="tokenizing", mininterval=1.0, disable=None) as bar:
+                for documents in encoded:
+                    for ids in documents:
+                        builders[""].add_document(np.asarray(ids, dtype=np.int32), [len(ids)])
+                        summary.documents += 1
+                        summary.tokens += len(ids)
+                    bar.update(len(documents))
+    finally:
         if pool is not None:
             pool.terminate()
-        builder.data_file.close()
-        for suffix in (".bin", ".idx"):
-            Path(f"{staging}{suffix}").unlink(missing_ok=True)
-        raise
-    if pool is not None:
-        pool.close()
-        pool.join()
-    for suffix in (".bin", ".idx"):
-        os.replace(f"{staging}{suffix}", f"{output_prefix}{suffix}")
     return summary
 
 

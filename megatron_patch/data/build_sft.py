@@ -17,7 +17,6 @@ left is skipped; both are counted, never written empty. Rendering and masks: meg
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,8 +141,8 @@ def build(inputs, tokenizer_dir, output_prefix, seq_length: int, packing: bool =
           overlong: str = "truncate", enable_thinking: bool = True, last_turn_only: bool = False,
           skip_bad_lines: bool = False, workers: int = 1) -> SftSummary:
     import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+    from megatron_patch.data.indexed import staged_indexed_datasets
     from megatron_patch.data.packing import first_fit_decreasing
 
     summary = SftSummary()
@@ -154,35 +153,17 @@ def build(inputs, tokenizer_dir, output_prefix, seq_length: int, packing: bool =
     else:
         groups = [[index] for index in range(len(samples))]
 
-    output_prefix = Path(output_prefix)
-    output_prefix.parent.mkdir(parents=True, exist_ok=True)
-    staging = output_prefix.with_name(f".{output_prefix.name}.incomplete")
-    prefixes = {str(staging): str(output_prefix), f"{staging}{MASK_SUFFIX}": f"{output_prefix}{MASK_SUFFIX}"}
-    tokens_out = IndexedDatasetBuilder(f"{staging}.bin", dtype=np.int32)
-    masks_out = IndexedDatasetBuilder(f"{staging}{MASK_SUFFIX}.bin", dtype=np.uint8)
-    try:
+    with staged_indexed_datasets(output_prefix, {"": np.int32, MASK_SUFFIX: np.uint8}) as builders:
         for group in groups:
             lengths = [len(samples[i][0]) for i in group]
             ids = np.concatenate([np.asarray(samples[i][0], dtype=np.int32) for i in group])
             mask = np.concatenate([np.asarray(samples[i][1], dtype=np.uint8) for i in group])
-            tokens_out.add_document(ids, lengths)
-            masks_out.add_document(mask, lengths)
+            builders[""].add_document(ids, lengths)
+            builders[MASK_SUFFIX].add_document(mask, lengths)
             summary.documents += 1
             summary.samples_written += len(group)
             summary.tokens += len(ids)
-            summary.trained_tokens += sum(sum(samples[i][1][1:]) for i in group)
-        tokens_out.finalize(f"{staging}.idx")
-        masks_out.finalize(f"{staging}{MASK_SUFFIX}.idx")
-    except BaseException:
-        for builder in (tokens_out, masks_out):
-            builder.data_file.close()
-        for prefix in prefixes:
-            for suffix in (".bin", ".idx"):
-                Path(prefix + suffix).unlink(missing_ok=True)
-        raise
-    for temporary, final in prefixes.items():
-        for suffix in (".bin", ".idx"):
-            os.replace(temporary + suffix, final + suffix)
+            summary.trained_tokens += int(mask.sum()) - sum(samples[i][1][0] for i in group)
     return summary
 
 

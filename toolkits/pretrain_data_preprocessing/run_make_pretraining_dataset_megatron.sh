@@ -21,15 +21,8 @@ OUTPUT_PREFIX=$3
 JSON_KEY=${4:-text}
 WORKERS=${5:-1}
 
-REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-PYTHON=${PYTHON:-$([[ -x "$REPO_ROOT/.venv/bin/python" ]] && echo "$REPO_ROOT/.venv/bin/python" || echo python3)}
-if [[ -d "$INPUT" ]]; then
-  mapfile -t inputs < <(find "$INPUT" -maxdepth 1 -type f \( -name '*.jsonl' -o -name '*.json' \) | sort)
-  if [[ ${#inputs[@]} -eq 0 ]]; then echo "error: no .jsonl/.json files in $INPUT" >&2; exit 2; fi
-else
-  inputs=("$INPUT")
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+collect_inputs "$INPUT"
 read -r -a extra <<< "${EXTRA_ARGS:-}"
-export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PYTHON" -m megatron_patch.data.build_pretrain --input "${inputs[@]}" --tokenizer "$TOKENIZER_DIR" \
   --output-prefix "$OUTPUT_PREFIX" --json-key "$JSON_KEY" --workers "$WORKERS" "${extra[@]}"

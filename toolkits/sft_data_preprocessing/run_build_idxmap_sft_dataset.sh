@@ -31,15 +31,8 @@ case "$PACKING" in
   false) packing=() ;;
   *) echo "error: PACKING must be true or false, got '$PACKING'" >&2; exit 2 ;;
 esac
-REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-PYTHON=${PYTHON:-$([[ -x "$REPO_ROOT/.venv/bin/python" ]] && echo "$REPO_ROOT/.venv/bin/python" || echo python3)}
-if [[ -d "$INPUT" ]]; then
-  mapfile -t inputs < <(find "$INPUT" -maxdepth 1 -type f \( -name '*.jsonl' -o -name '*.json' \) | sort)
-  if [[ ${#inputs[@]} -eq 0 ]]; then echo "error: no .jsonl/.json files in $INPUT" >&2; exit 2; fi
-else
-  inputs=("$INPUT")
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+collect_inputs "$INPUT"
 read -r -a extra <<< "${EXTRA_ARGS:-}"
-export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PYTHON" -m megatron_patch.data.build_sft --input "${inputs[@]}" --tokenizer "$HF_DIR" \
   --seq-length "$SEQ_LEN" --output-prefix "$OUTPUT_PREFIX" "${packing[@]}" "${extra[@]}"

@@ -26,8 +26,7 @@ USE_CUDA=$5
 PR=$6
 HF_DIR=${7:-}
 
-REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../../.." && pwd)
-PYTHON=${PYTHON:-$([[ -x "$REPO_ROOT/.venv/bin/python" ]] && echo "$REPO_ROOT/.venv/bin/python" || echo python3)}
+source "$(dirname "${BASH_SOURCE[0]}")/../../../common.sh"
 
 args=(--model-size "$MODEL_SIZE" --load-dir "$LOAD_DIR" --save-dir "$SAVE_DIR" --precision "$PR")
 case "$MG2HF" in
@@ -48,7 +47,6 @@ read -r -a extra <<< "${CONVERT_ARGS:-}"
 NNODES=${WORLD_SIZE:-1}
 NODE_RANK=${RANK:-0}
 PROC_PER_NODE=${PROC_PER_NODE:-$default_procs}
-export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [[ "$NNODES" == 1 && "$PROC_PER_NODE" == 1 ]]; then
   # One process: no launcher, so a bad input stays one line with exit status 2.
   unset RANK WORLD_SIZE
