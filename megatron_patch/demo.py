@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         if delta > 1e-4:
             print("[demo] FAILED: logits differ")
             return 1
-        losses = train_on_fixed_batch(model, tokens, steps=args.steps, lr=3e-3)
+        losses, _ = train_on_fixed_batch(model, tokens, steps=args.steps, lr=3e-3)
         print(f"[demo] 4. {args.steps} training steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
         print(f"[demo] done in {time.perf_counter() - started:.1f}s")
     return 0 if losses[-1] < losses[0] else 1

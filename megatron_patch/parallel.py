@@ -91,12 +91,3 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234, backend: str |
     parallel_state.initialize_model_parallel(**layout.megatron_sizes())
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed=seed)
-
-
-def shutdown() -> None:
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()

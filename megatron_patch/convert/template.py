@@ -31,9 +31,6 @@ class CheckpointTemplate:
             seen.setdefault(address_of(shard), None)
         return list(seen)
 
-    def tensor_bytes(self) -> int:
-        return sum(shard_bytes(shard) for shard in self.tensors)
-
 
 def checkpoint_template(arch: Qwen3Arch, precision: str) -> CheckpointTemplate:
     """Needs Megatron's process groups at TP=PP=EP=1 (``initialize_parallel(ParallelLayout())``)."""

@@ -18,16 +18,14 @@ from typing import Callable
 import torch
 
 from megatron_patch.convert.template import balance_by_bytes, checkpoint_template, plan_hf_tensors
-from megatron_patch.models.hf_checkpoint import HFCheckpoint
 from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.models.qwen3.builder import PRECISIONS
-from megatron_patch.models.qwen3.mapping import bound_qwen3_mappings
+from megatron_patch.models.qwen3.loading import hf_weight_source
 from megatron_patch.models.sharded_state import address_of, local_slice, shard_bytes
-from megatron_patch.models.weight_mapping import MegatronAddress, MappingError, check_hf_names
+from megatron_patch.models.weight_mapping import MappingError, MegatronAddress
 from megatron_patch.patches.dcp_grid_checks import grid_overlap_checks
 
 CHECKPOINT_VERSION = 3.0
-_REDUNDANT_WHEN_TIED = "lm_head.weight"
 
 
 class _FullTensorCache:
@@ -93,11 +91,7 @@ def write_torch_dist(
         mcore_to_pyt_state_dict,
     )
 
-    checkpoint = HFCheckpoint(hf_dir)
-    bound = bound_qwen3_mappings(arch)
-    names = [n for n in checkpoint.keys() if not (arch.tie_word_embeddings and n == _REDUNDANT_WHEN_TIED)]
-    check_hf_names(bound, names, source=str(hf_dir))
-    by_address = {b.address: b for b in bound}
+    checkpoint, full_tensor = hf_weight_source(hf_dir, arch)
     dtype = PRECISIONS[precision]
 
     template = checkpoint_template(arch, precision)
@@ -108,11 +102,6 @@ def write_torch_dist(
     mine = balance_by_bytes(template, world)[rank]
     if progress is not None:
         progress.start(sum(shard_bytes(s) for s in template.tensors if address_of(s) in mine))
-
-    def full_tensor(address: MegatronAddress) -> torch.Tensor:
-        if address not in by_address:
-            raise MappingError(f"the model has {address}, which the Qwen3 mapping does not produce")
-        return by_address[address].to_megatron(checkpoint.get)
 
     cached = _FullTensorCache(full_tensor)
     chunks: dict[tuple[str, tuple[int, ...]], tuple[MegatronAddress, tuple]] = {}

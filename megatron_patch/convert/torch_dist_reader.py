@@ -117,8 +117,9 @@ class TorchDistCheckpoint:
         if getattr(info, "transform_descriptors", None):
             raise CheckpointContentError(f"{self.path}: {key} is stored with transforms {info.transform_descriptors}")
         if info.relative_path not in self._handles:
-            self._handles[info.relative_path] = open(self.path / info.relative_path, "rb", buffering=0)
-        handle = self._handles[info.relative_path]
-        if handle.seek(0, io.SEEK_END) < info.offset + info.length:
+            handle = open(self.path / info.relative_path, "rb", buffering=0)
+            self._handles[info.relative_path] = (handle, handle.seek(0, io.SEEK_END))
+        handle, size = self._handles[info.relative_path]
+        if size < info.offset + info.length:
             raise CheckpointContentError(f"{self.path / info.relative_path}: truncated (reading {key})")
         return torch.load(_FileView(handle, info.offset, info.length), map_location="cpu", weights_only=True)

@@ -123,17 +123,6 @@ class HFCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name).entries[name][1]
 
-    def dtype(self, name: str) -> torch.dtype:
-        return self._entry(name).entries[name][0]
-
-    def nbytes(self) -> int:
-        return sum(f.path.stat().st_size - f.data_start for f in self._files.values())
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._file_of
-
-    def __len__(self) -> int:
-        return len(self._file_of)
 
 
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}

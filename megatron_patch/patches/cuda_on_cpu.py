@@ -60,7 +60,8 @@ class CudaToCpuMode(TorchFunctionMode):
     _INERT_METHODS = (torch.Tensor.cuda, torch.Tensor.pin_memory)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
+        # Runs on every torch call while active: copy kwargs only when something is rewritten.
+        kwargs = kwargs or {}
         if func in self._INERT_METHODS:
             return args[0]
         if func is torch.Tensor.record_stream:
@@ -68,10 +69,13 @@ class CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             tensor = args[0]
             return _DTYPE_TO_CUDA_TYPE.get(tensor.dtype, torch.Tensor.type(tensor))
+        rewrite = {}
         if _is_cuda_device(kwargs.get("device")):
-            kwargs["device"] = "cpu"
+            rewrite["device"] = "cpu"
         if kwargs.get("pin_memory"):
-            kwargs["pin_memory"] = False
+            rewrite["pin_memory"] = False
+        if rewrite:
+            kwargs = {**kwargs, **rewrite}
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)

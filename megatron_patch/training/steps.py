@@ -141,12 +141,10 @@ def lm_batch(tokens: torch.Tensor) -> dict:
     }
 
 
-def train_on_fixed_batch(
-    model_chunks, tokens: torch.Tensor, steps: int, lr: float = 1e-3, num_microbatches: int = 2, return_optimizer=False
-):
-    """Smoke-train on one batch split into micro-batches.
+def train_on_fixed_batch(model_chunks, tokens: torch.Tensor, steps: int, lr: float = 1e-3, num_microbatches: int = 2):
+    """Smoke-train on one batch split into micro-batches; returns (loss per step, optimizer).
 
-    Returns the loss per step (last stage, else None), or the optimizer with ``return_optimizer``.
+    Losses are reported on the last pipeline stage (None elsewhere).
     """
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     ddp_chunks = wrap_with_ddp(chunks)
@@ -154,10 +152,9 @@ def train_on_fixed_batch(
     micro_batches = [lm_batch(part) for part in torch.chunk(tokens, num_microbatches)]
     losses = []
     for _ in range(steps):
-        iterators = iter(micro_batches)
-        data = [iter(micro_batches) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iterators
+        data = [iter(micro_batches) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iter(micro_batches)
         result = train_step(
             ddp_chunks, optimizer, data, num_microbatches, tokens.shape[1] - 1, micro_batches[0]["tokens"].shape[0]
         )
         losses.append(result["loss"])
-    return optimizer if return_optimizer else losses
+    return losses, optimizer

@@ -63,12 +63,12 @@ def main():
         if writer:
             torch.save(logits, args.out)
     elif args.mode == "train":
-        losses = train_on_fixed_batch(model, tokens, steps=args.steps, lr=3e-3)
+        losses, _ = train_on_fixed_batch(model, tokens, steps=args.steps, lr=3e-3)
         if writer:
             with open(args.out, "w") as handle:
                 json.dump(losses, handle)
     else:
-        optimizer = train_on_fixed_batch(model, tokens, steps=args.steps, lr=3e-3, return_optimizer=True)
+        _, optimizer = train_on_fixed_batch(model, tokens, steps=args.steps, lr=3e-3)
         save_training_checkpoint(model, optimizer, args.save_dir, iteration=args.steps)
         logits = forward_logits(model, tokens[:, :32], vocab_size=arch.vocab_size)
         if writer:
