@@ -57,51 +57,53 @@ def _init_worker(tokenizer_dir: str, fmt: str, enable_thinking: bool, last_turn_
 
 
 def _encode_batch(batch: list[tuple[str, object]]) -> list[tuple[str, object, object]]:
-    """("ok", ids, mask) or ("bad", where, reason) for each record, in order."""
+    """("ok", ids, mask) numpy arrays or ("bad", where, reason) for each raw record, in order."""
     from megatron_patch.data.chat import SampleError, messages_from_record, tokenize_conversations
+    from megatron_patch.data.records import RecordError, parse_record
 
     results, conversations = [], []
-    for where, record in batch:
+    for where, raw in batch:
         try:
-            conversations.append(messages_from_record(record, _WORKER["fmt"]))
+            conversations.append(messages_from_record(parse_record(where, raw), _WORKER["fmt"]))
             results.append(None)
+        except RecordError as err:
+            results.append(("bad", where, str(err).removeprefix(f"{where}: ")))
         except SampleError as err:
             results.append(("bad", where, str(err)))
     encoded = iter(tokenize_conversations(
-        _WORKER["tokenizer"], conversations, _WORKER["enable_thinking"], _WORKER["last_turn_only"]
+        _WORKER["tokenizer"], conversations, _WORKER["enable_thinking"], _WORKER["last_turn_only"], as_arrays=True
     ))
     return [result if result is not None else ("ok", *next(encoded)) for result in results]
 
 
-def _record_batches(inputs, skip_bad_lines: bool, summary: SftSummary, batch_size: int = 1024):
+def _record_batches(inputs, summary: SftSummary, batch_size: int = 1024):
+    # Lines go to the workers unparsed: JSON decoding is part of the parallel work.
     # tokenizers' encode_batch costs much more per token in small batches (64: 1.7x the time of 1024).
-    from megatron_patch.data.records import ReadStats, iter_records
+    from megatron_patch.data.records import ReadStats, iter_raw_records
 
     batch = []
     for path in inputs:
         stats = ReadStats()
-        for item in iter_records(path, stats, skip_bad_lines):
+        for item in iter_raw_records(path, stats):
             batch.append(item)
             if len(batch) == batch_size:
                 yield batch
                 batch = []
         summary.samples_read += stats.read
-        summary.skipped_bad += stats.skipped
-        summary.problems += stats.skipped_examples
     if batch:
         yield batch
 
 
 def encode_samples(inputs, tokenizer_dir, fmt, seq_length, overlong, enable_thinking, last_turn_only,
-                   skip_bad_lines, summary: SftSummary, workers: int = 1) -> list[tuple[list[int], list[int]]]:
-    """(ids, mask) of every usable sample, in input order whatever the number of workers."""
+                   skip_bad_lines, summary: SftSummary, workers: int = 1) -> list[tuple]:
+    """(ids, mask) numpy arrays of every usable sample, in input order whatever the number of workers."""
     import multiprocessing
 
     from megatron_patch.data.records import RecordError
 
     # Loaded once here (a bad directory fails before any work); forked workers inherit it.
     _init_worker(str(tokenizer_dir), fmt, enable_thinking, last_turn_only)
-    batches = _record_batches(inputs, skip_bad_lines, summary)
+    batches = _record_batches(inputs, summary)
     pool = None
     if workers > 1:
         pool = multiprocessing.get_context("fork").Pool(workers)
@@ -127,7 +129,7 @@ def encode_samples(inputs, tokenizer_dir, fmt, seq_length, overlong, enable_thin
                 ids, mask = ids[:limit], mask[:limit]
                 summary.truncated += 1
             # The first token is never a label (labels shift inside a sample).
-            if 1 not in mask[1:]:
+            if not mask[1:].any():
                 summary.skipped_no_target += 1
                 continue
             samples.append((ids, mask))
@@ -156,14 +158,14 @@ def build(inputs, tokenizer_dir, output_prefix, seq_length: int, packing: bool =
     with staged_indexed_datasets(output_prefix, {"": np.int32, MASK_SUFFIX: np.uint8}) as builders:
         for group in groups:
             lengths = [len(samples[i][0]) for i in group]
-            ids = np.concatenate([np.asarray(samples[i][0], dtype=np.int32) for i in group])
-            mask = np.concatenate([np.asarray(samples[i][1], dtype=np.uint8) for i in group])
+            ids = np.concatenate([samples[i][0] for i in group])
+            mask = np.concatenate([samples[i][1] for i in group])
             builders[""].add_document(ids, lengths)
             builders[MASK_SUFFIX].add_document(mask, lengths)
             summary.documents += 1
             summary.samples_written += len(group)
             summary.tokens += len(ids)
-            summary.trained_tokens += int(mask.sum()) - sum(samples[i][1][0] for i in group)
+            summary.trained_tokens += int(mask.sum()) - sum(int(samples[i][1][0]) for i in group)
     return summary
 
 

@@ -223,24 +223,34 @@ def tokenize_conversation(
 
 
 def tokenize_conversations(
-    tokenizer, conversations: list[list[Message]], enable_thinking: bool = True, last_turn_only: bool = False
-) -> list[tuple[list[int], list[int]]]:
-    """``tokenize_conversation`` for many conversations with one batched tokenizer call."""
+    tokenizer, conversations: list[list[Message]], enable_thinking: bool = True, last_turn_only: bool = False,
+    as_arrays: bool = False,
+):
+    """``tokenize_conversation`` for many conversations with one batched tokenizer call.
+
+    ``as_arrays`` gives (int32 ids, uint8 mask) numpy arrays instead of lists: cheaper to build,
+    and cheap to send between processes (a buffer, not a pickled list of ints).
+    """
+    import numpy as np
+
     rendered = [render(messages, enable_thinking, last_turn_only) for messages in conversations]
     encodings = tokenizer.backend.encode_batch([text for text, _ in rendered], add_special_tokens=False)
-    return [(e.ids, _mask(e, spans)) for e, (_, spans) in zip(encodings, rendered)]
+    pairs = [(np.array(e.ids, dtype=np.int32), _mask(e, spans)) for e, (_, spans) in zip(encodings, rendered)]
+    return pairs if as_arrays else [(ids.tolist(), mask.tolist()) for ids, mask in pairs]
 
 
-def _mask(encoding, spans: list[tuple[int, int]]) -> list[int]:
-    """The target mask, located per span with the encoding's char-to-token map (a few calls, not a scan).
+def _mask(encoding, spans: list[tuple[int, int]]):
+    """The uint8 target mask, located per span with the encoding's char-to-token map (a few calls, not a scan).
 
     Spans start right after a role header and end with <|im_end|>, so a token begins at each span
     start; where a character maps to no token the exact per-token scan is used instead.
     """
-    mask = [0] * len(encoding.ids)
+    import numpy as np
+
+    mask = np.zeros(len(encoding), dtype=np.uint8)
     for start, end in spans:
         first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
         if first is None or last is None or encoding.token_to_chars(first)[0] != start:
-            return _mask_from_offsets(spans, encoding.offsets)
-        mask[first : last + 1] = [1] * (last + 1 - first)
+            return np.array(_mask_from_offsets(spans, encoding.offsets), dtype=np.uint8)
+        mask[first : last + 1] = 1
     return mask

@@ -26,6 +26,19 @@ class ReadStats:
 
 def iter_records(path: str | Path, stats: ReadStats, skip_bad_lines: bool = False) -> Iterator[tuple[str, object]]:
     """(``file:line``, record) for every record; bad ones raise RecordError or are counted and skipped."""
+    for where, raw in iter_raw_records(path, stats):
+        try:
+            yield where, parse_record(where, raw)
+        except RecordError as err:
+            if not skip_bad_lines:
+                raise RecordError(f"{err}; fix it or pass --skip-bad-lines") from None
+            stats.read -= 1
+            stats.skip(str(err))
+
+
+def iter_raw_records(path: str | Path, stats: ReadStats) -> Iterator[tuple[str, object]]:
+    """(``file:line``, raw) with raw a JSONL line's bytes (for ``parse_record``, which may run in a
+    worker process) or, from a .json array, the record itself; counts every one in ``stats.read``."""
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"{path}: no such file")
@@ -36,22 +49,21 @@ def iter_records(path: str | Path, stats: ReadStats, skip_bad_lines: bool = Fals
         return
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
-            where = f"{path}:{number}"
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as err:
-                problem = f"{where}: not UTF-8 (byte {err.start})"
-            except json.JSONDecodeError as err:
-                problem = f"{where}: invalid JSON ({err.msg} at column {err.colno})"
-            else:
+            if raw.strip():
                 stats.read += 1
-                yield where, record
-                continue
-            if not skip_bad_lines:
-                raise RecordError(problem + "; fix it or pass --skip-bad-lines")
-            stats.skip(problem)
+                yield f"{path}:{number}", raw
+
+
+def parse_record(where: str, raw):
+    """The record of a raw JSONL line (bytes); anything else is an already parsed record."""
+    if not isinstance(raw, bytes):
+        return raw
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise RecordError(f"{where}: not UTF-8 (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise RecordError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
 
 
 def _json_array(path: Path, stats: ReadStats) -> Iterator[tuple[str, object]]:
