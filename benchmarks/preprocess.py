@@ -78,22 +78,26 @@ def main():
         texts = [render(messages_from_record(r))[0] for r in records]
 
         best = {"bare": float("inf"), 1: float("inf"), 2: float("inf")}
+        times = {"bare": [], 1: [], 2: []}
         for _ in range(args.repeats):
             started = time.perf_counter()
             encodings = tokenizer.backend.encode_batch(texts, add_special_tokens=False)
             bare_tokens = sum(len(e.ids) for e in encodings)
             best["bare"] = min(best["bare"], time.perf_counter() - started)
+            times["bare"].append(time.perf_counter() - started)
             del encodings
             for workers in (1, 2):
                 started = time.perf_counter()
                 summary = build([source], tokenizer_dir, Path(work) / f"out{workers}", args.seq_length, packing=True,
                                 workers=workers)
                 best[workers] = min(best[workers], time.perf_counter() - started)
+                times[workers].append(time.perf_counter() - started)
                 assert summary.tokens == bare_tokens, (summary.tokens, bare_tokens)
         bare, rates = bare_tokens / best["bare"], {w: bare_tokens / best[w] for w in (1, 2)}
 
     print(f"{args.records} records, {bare_tokens} tokens; {os.cpu_count()} cores; TOKENIZERS_PARALLELISM=false; "
           f"megatron.core import (once per run) {import_seconds:.1f} s; best of {args.repeats}")
+    print("seconds per run:", {k: [round(t, 2) for t in v] for k, v in times.items()})
     print(f"bare tokenizers encode_batch   {bare:12,.0f} tokens/s")
     print(f"build_sft, 1 worker            {rates[1]:12,.0f} tokens/s   {rates[1] / bare:.2f}x bare")
     print(f"build_sft, 2 workers           {rates[2]:12,.0f} tokens/s   {rates[2] / rates[1]:.2f}x one worker")

@@ -7,8 +7,9 @@ import pytest
 from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.models.qwen3.presets import get_preset
 
-TINY_MOE = get_preset("tiny-moe")
-TINY_DENSE = get_preset("tiny-dense")
+# A 512-token vocabulary keeps the many small model tests fast.
+TINY_MOE = get_preset("tiny-moe").replace(vocab_size=512, bos_token_id=None, eos_token_id=1)
+TINY_DENSE = get_preset("tiny-dense").replace(vocab_size=512, bos_token_id=None, eos_token_id=1)
 
 # Configurations that exercise every mapping and routing branch.
 PARITY_CONFIGS: dict[str, Qwen3Arch] = {

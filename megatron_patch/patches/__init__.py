@@ -9,6 +9,8 @@
    generator. After (2), since seeding runs through the redirected calls.
 4. ``patch_alltoall_splits_on_cpu`` (same condition): the MoE alltoall
    dispatcher's split sizes become host lists on CPU as they do on a GPU.
+5. ``patch_distributed_optimizer_loading`` (always): the distributed optimizer on
+   torch's Adam (no Apex/TE) can load a checkpoint before its first step.
 
 Each patch names the upstream code it works around in its module docstring.
 All are idempotent.
@@ -20,6 +22,7 @@ import torch
 
 from megatron_patch.patches.cuda_on_cpu import cuda_on_cpu_active, patch_cuda_on_cpu
 from megatron_patch.patches.moe import patch_alltoall_splits_on_cpu, patch_te_general_gemm
+from megatron_patch.patches.optimizer_state import patch_distributed_optimizer_loading
 from megatron_patch.patches.rng import patch_cuda_rng
 
 CHECKED_MEGATRON_CORE_VERSIONS = ("0.16.1",)
@@ -34,6 +37,7 @@ def apply_patches(cpu: bool | None = None) -> None:
         patch_cuda_on_cpu()
         patch_cuda_rng()
         patch_alltoall_splits_on_cpu()
+    patch_distributed_optimizer_loading()
 
 
 def running_on_cpu() -> bool:
@@ -47,6 +51,7 @@ __all__ = [
     "patch_alltoall_splits_on_cpu",
     "patch_cuda_on_cpu",
     "patch_cuda_rng",
+    "patch_distributed_optimizer_loading",
     "patch_te_general_gemm",
     "running_on_cpu",
 ]

@@ -24,6 +24,8 @@ class OptimizerSettings:
     adam_beta2: float = 0.95
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = True
+    # Fraction of optimizer state kept on the CPU (Megatron-Core's HybridDeviceOptimizer); GPU runs only.
+    cpu_offload_fraction: float | None = None
 
 
 def wrap_with_ddp(model_chunks, use_distributed_optimizer: bool = True, overlap_grad_reduce: bool = False):
@@ -51,6 +53,7 @@ def build_optimizer(ddp_chunks, settings: OptimizerSettings = OptimizerSettings(
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     model_config = ddp_chunks[0].config
+    offload = settings.cpu_offload_fraction is not None
     optimizer = get_megatron_optimizer(
         config=OptimizerConfig(
             optimizer="adam",
@@ -63,7 +66,10 @@ def build_optimizer(ddp_chunks, settings: OptimizerSettings = OptimizerSettings(
             bf16=model_config.bf16,
             fp16=model_config.fp16,
             params_dtype=model_config.params_dtype,
-            use_distributed_optimizer=settings.use_distributed_optimizer,
+            use_distributed_optimizer=settings.use_distributed_optimizer or offload,
+            optimizer_cpu_offload=offload,
+            optimizer_offload_fraction=settings.cpu_offload_fraction or 0.0,
+            use_precision_aware_optimizer=offload,
         ),
         model_chunks=ddp_chunks,
     )
@@ -89,7 +95,8 @@ def lm_forward_step(data_iterator: Iterator, model):
     output = model(
         input_ids=batch["tokens"],
         position_ids=batch["position_ids"],
-        attention_mask=None,
+        # None: causal. Packed SFT batches on the local attention carry a block-diagonal mask.
+        attention_mask=batch.get("attention_mask"),
         labels=batch["labels"],
     )
     return output, lambda output_tensor: masked_token_loss(output_tensor, batch["loss_mask"])

@@ -3,7 +3,8 @@
 Published values shared by every size: head_dim 128, vocab 151936, RoPE base
 1e6, RMSNorm eps 1e-6, 40960 positions. The tiny presets exist for tests and
 the CPU demo; they keep the features that make Qwen3 differ from a plain GPT
-(head_dim != hidden/heads, GQA, qk-norm, top-k routing).
+(head_dim != hidden/heads, GQA, qk-norm, top-k routing) and Qwen3's real vocabulary, so they
+train on text from the real tokenizer (tests that need speed shrink the vocabulary).
 """
 
 from __future__ import annotations
@@ -40,14 +41,12 @@ PRESETS: dict[str, Qwen3Arch] = {
     # CPU-sized models for tests and `make demo`.
     "tiny-moe": Qwen3Arch(
         hidden_size=64, num_layers=4, num_attention_heads=4, num_query_groups=2, head_dim=32,
-        ffn_hidden_size=128, vocab_size=512, max_position_embeddings=512, num_experts=8, moe_topk=2,
+        ffn_hidden_size=128, max_position_embeddings=4096, num_experts=8, moe_topk=2,
         moe_ffn_hidden_size=48, norm_topk_prob=True, router_aux_loss_coef=0.001,
-        bos_token_id=None, eos_token_id=1,
     ),
     "tiny-dense": Qwen3Arch(
         hidden_size=64, num_layers=4, num_attention_heads=4, num_query_groups=2, head_dim=32,
-        ffn_hidden_size=128, vocab_size=512, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=1,
+        ffn_hidden_size=128, max_position_embeddings=4096, tie_word_embeddings=True,
     ),
 }
 

@@ -1,0 +1,224 @@
+"""The training run's settings: one typed dataclass, read from flags and/or a YAML file.
+
+Flag names are Megatron-LM's (``--tensor-model-parallel-size``, ``--micro-batch-size`` ...), so
+Pai-Megatron-Patch users read them at a glance; a YAML file (``--config``) uses the field names
+(``tensor_model_parallel_size: 2``). Flags given on the command line win over the file.
+``TrainConfig.check`` rejects invalid combinations with a message naming the setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RECOMPUTE_CHOICES = ("none", "sel", "full", "offload")
+PRECISION_CHOICES = ("fp32", "bf16", "fp16", "fp8")
+
+
+class TrainConfigError(ValueError):
+    """An invalid setting; the message names it."""
+
+
+def _opt(default, help: str, flag: str | None = None, **argparse_kwargs):
+    return field(default=default, metadata={"help": help, "flag": flag, **argparse_kwargs})
+
+
+@dataclass
+class TrainConfig:
+    # Model and tokenizer
+    model: str = _opt("tiny-moe", "preset name (0.6B ... 32B, A3B, A22B, tiny-moe, tiny-dense) or an HF model directory")
+    tokenizer: str | None = _opt(None, "HF tokenizer directory (default: the HF model directory, the --load directory "
+                                       "if it holds tokenizer files, else the bundled Qwen3 tokenizer)")
+    # Parallel layout
+    tensor_model_parallel_size: int = _opt(1, "TP")
+    pipeline_model_parallel_size: int = _opt(1, "PP")
+    context_parallel_size: int = _opt(1, "CP (needs Transformer-Engine attention)")
+    expert_model_parallel_size: int = _opt(1, "EP")
+    expert_tensor_parallel_size: int = _opt(1, "ETP")
+    sequence_parallel: bool = _opt(False, "sequence parallelism (TP > 1)")
+    num_layers_per_virtual_pipeline_stage: int | None = _opt(None, "virtual pipeline: layers per chunk (MP_VP)")
+    decoder_first_pipeline_num_layers: int | None = _opt(None, "layers of the first pipeline stage (MP_PP0_LAYERS)")
+    # Batch and sequence
+    micro_batch_size: int = _opt(1, "sequences per micro-batch per data-parallel rank")
+    global_batch_size: int = _opt(8, "sequences per optimizer step (micro-batch x micro-batches x DP)")
+    seq_length: int = _opt(128, "training sequence length")
+    max_padding_length: int | None = _opt(None, "raw JSON SFT: pad/truncate samples to this length (default seq-length)")
+    # Precision, optimizer, schedule
+    precision: str = _opt("bf16", "parameter/compute precision", choices=PRECISION_CHOICES)
+    lr: float = _opt(1e-5, "peak learning rate")
+    min_lr: float = _opt(1e-6, "final learning rate of the cosine decay")
+    lr_decay_style: str = _opt("cosine", "learning-rate decay", choices=("cosine", "linear", "constant"))
+    lr_warmup_iters: int = _opt(0, "linear warmup iterations")
+    lr_decay_iters: int | None = _opt(None, "decay iterations (default: train-iters)")
+    train_iters: int = _opt(10, "optimizer steps in total")
+    weight_decay: float = _opt(0.01, "AdamW weight decay")
+    adam_beta1: float = _opt(0.9, "Adam beta1")
+    adam_beta2: float = _opt(0.95, "Adam beta2")
+    clip_grad: float = _opt(1.0, "gradient-norm clip (0: off)")
+    init_method_std: float = _opt(0.008, "std of the random initialisation (runs without --load)")
+    use_distributed_optimizer: bool = _opt(True, "shard optimizer state over data-parallel ranks")
+    optimizer_offload_fraction: float | None = _opt(None, "offload this fraction of optimizer state to CPU "
+                                                          "(GPU runs; implies the distributed optimizer)")
+    overlap_grad_reduce: bool = _opt(True, "overlap the gradient all-reduce/reduce-scatter with the backward pass")
+    moe_aux_loss_coeff: float | None = _opt(None, "MoE load-balancing loss coefficient (default: the model's, "
+                                                  "0.001 for Qwen3-MoE)")
+    # Recompute
+    recompute: str = _opt("none", "activation recompute: none, sel (core attention), full (whole layers), "
+                                  "offload (activations to CPU)", choices=RECOMPUTE_CHOICES)
+    recompute_num_layers: int = _opt(1, "full: layers per recompute group; offload: layers offloaded (MP_AC_LAYERS)")
+    # Data
+    train_mode: str = _opt("pretrain", "pretrain (every token trained) or finetune (SFT: loss mask, per-token loss)",
+                           choices=("pretrain", "finetune"))
+    dataset_type: str = _opt("idxmap", "idxmap (Megatron .bin/.idx from the toolkits) or raw (SFT JSON/JSONL, "
+                                       "tokenized on the fly)", choices=("idxmap", "raw"))
+    data_path: list[str] = _opt(list, "idxmap: dataset prefixes, optionally weighted ('0.7 a 0.3 b'); raw: JSON files",
+                                nargs="+")
+    valid_data_path: list[str] | None = _opt(None, "raw: validation JSON files (idxmap uses --split)", nargs="+")
+    split: str = _opt("99,1,0", "idxmap pretraining: train,valid,test split of the documents")
+    sft_packing: bool = _opt(False, "SFT data was packed (build_sft --packing): position ids restart per sample and "
+                                    "attention never crosses samples (MP_SFT_PACKING)")
+    seed: int = _opt(1234, "random seed (initialisation, data order)")
+    # Checkpoints
+    load: str | None = _opt(None, "torch_dist checkpoint to start from: converter output (starts at iteration 0) "
+                                  "or one of our saves (resumes)")
+    save: str | None = _opt(None, "checkpoint directory (iter_XXXXXXX/ and latest_checkpointed_iteration.txt)")
+    save_interval: int | None = _opt(None, "save every N iterations (and at the end)")
+    save_optim: bool = _opt(True, "save optimizer state, LR schedule and RNG with the weights (needed for exact resume)")
+    load_optim: bool = _opt(True, "restore optimizer state, LR schedule, RNG and data position when resuming")
+    exit_interval: int | None = _opt(None, "stop (after saving) once the iteration is a multiple of this")
+    # Logging and validation
+    log_interval: int = _opt(1, "print/log metrics every N iterations")
+    eval_interval: int | None = _opt(None, "validation loss/perplexity every N iterations (None: off)")
+    eval_iters: int = _opt(10, "validation batches per evaluation")
+    tensorboard_dir: str | None = _opt(None, "TensorBoard event files here")
+    log_dir: str | None = _opt(None, "metrics.jsonl (one JSON line per logged iteration) here")
+    peak_tflops: float | None = _opt(None, "the device's peak dense TFLOP/s for MFU (default: known GPUs' bf16 peak)")
+    device: str = _opt("auto", "cuda, cpu (gloo, for smoke tests) or auto", choices=("auto", "cuda", "cpu"))
+
+    # ----------------------------------------------------------------------------------------------
+    def check(self, world_size: int | None = None) -> None:
+        """Raise TrainConfigError for an invalid combination, naming the setting."""
+        def fail(message):
+            raise TrainConfigError(message)
+
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                     "expert_model_parallel_size", "expert_tensor_parallel_size", "micro_batch_size",
+                     "global_batch_size", "seq_length", "train_iters", "log_interval", "eval_iters"):
+            if getattr(self, name) < 1:
+                fail(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.lr_warmup_iters < 0:
+            fail("--lr-warmup-iters must be >= 0")
+        if self.min_lr > self.lr:
+            fail(f"--min-lr {self.min_lr} is above --lr {self.lr}")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if self.decoder_first_pipeline_num_layers is not None and self.pipeline_model_parallel_size == 1:
+            fail("--decoder-first-pipeline-num-layers (MP_PP0_LAYERS) needs --pipeline-model-parallel-size > 1")
+        if self.num_layers_per_virtual_pipeline_stage is not None and self.pipeline_model_parallel_size < 2:
+            fail("--num-layers-per-virtual-pipeline-stage (MP_VP) needs --pipeline-model-parallel-size > 1")
+        if self.context_parallel_size > 1 and self.sft_packing:
+            fail("--sft-packing is not supported with --context-parallel-size > 1")
+        if self.dataset_type == "raw" and self.train_mode != "finetune":
+            fail("--dataset-type raw is SFT data: it needs --train-mode finetune")
+        if self.sft_packing and self.train_mode != "finetune":
+            fail("--sft-packing needs --train-mode finetune")
+        if not self.data_path:
+            fail("--data-path is required")
+        if self.optimizer_offload_fraction is not None and not 0 <= self.optimizer_offload_fraction <= 1:
+            fail(f"--optimizer-offload-fraction must be within [0, 1], got {self.optimizer_offload_fraction}")
+        if self.save_interval is not None and self.save is None:
+            fail("--save-interval needs --save")
+        if self.save_interval is not None and self.save_interval < 1:
+            fail("--save-interval must be >= 1")
+        if self.eval_interval is not None and self.dataset_type == "raw" and not self.valid_data_path:
+            fail("--eval-interval with --dataset-type raw needs --valid-data-path")
+        if self.recompute == "full" and self.recompute_num_layers < 1:
+            fail("--recompute-num-layers must be >= 1")
+        if world_size is not None:
+            model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+            if world_size % model_parallel:
+                fail(f"{world_size} processes are not divisible by TP*PP*CP = {model_parallel}")
+            dp = world_size // model_parallel
+            if self.global_batch_size % (self.micro_batch_size * dp):
+                fail(f"--global-batch-size {self.global_batch_size} is not a multiple of "
+                     f"--micro-batch-size {self.micro_batch_size} x data-parallel size {dp}")
+
+    @property
+    def sft(self) -> bool:
+        return self.train_mode == "finetune"
+
+    def resolved_decay_iters(self) -> int:
+        return self.train_iters if self.lr_decay_iters is None else self.lr_decay_iters
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    spec = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
+    return (spec.metadata.get("flag") or name.replace("_", "-")).lstrip("-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_patch.train",
+        description="Pretrain or fine-tune Qwen3 / Qwen3-MoE on Megatron-Core (GPU, or CPU with gloo). "
+                    "Run under torchrun for more than one process. Settings come from these flags and/or "
+                    "--config FILE.yaml (keys are the flag names with underscores); flags win.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", type=Path, help="YAML file of settings")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+    for spec in dataclasses.fields(TrainConfig):
+        flag = "--" + _flag(spec.name)
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        help_text = f"{spec.metadata['help']} (default: {default})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, help=help_text)
+            continue
+        kwargs = {k: v for k, v in spec.metadata.items() if k not in ("help", "flag")}
+        parser.add_argument(flag, dest=spec.name, type=_scalar_type(spec), help=help_text, **kwargs)
+    return parser
+
+
+def _scalar_type(spec):
+    text = str(spec.type)
+    for name, kind in (("float", float), ("int", int)):
+        if text.startswith(name):
+            return kind
+    return str
+
+
+def load_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise TrainConfigError(f"{path}: {err}") from None
+    if not isinstance(values, dict):
+        raise TrainConfigError(f"{path}: expected a mapping of settings")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise TrainConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    return values
+
+
+def parse_config(argv=None) -> tuple[TrainConfig, bool]:
+    """(config, print_only) from the command line (and its --config file)."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    print_only = args.pop("print_config", False)
+    values = load_yaml(args.pop("config")) if "config" in args else {}
+    values.update(args)
+    if isinstance(values.get("data_path"), str):
+        values["data_path"] = values["data_path"].split()
+    try:
+        config = TrainConfig(**values)
+    except TypeError as err:
+        raise TrainConfigError(str(err)) from None
+    return config, print_only
