@@ -1,64 +1,118 @@
-"""`make demo`: the kit end to end on the embedded default (tiny Qwen3-MoE, CPU).
+"""`make demo`: the whole job on the embedded default (tiny Qwen3-MoE, bundled SFT data, CPU).
 
-Stages so far:
-1. write a random tiny Qwen3-MoE HF checkpoint (transformers, no download);
-2. build the same model on Megatron-Core and load the checkpoint through the weight mapping;
-3. check Megatron's logits against transformers';
-4. train a few steps with Megatron's DDP, distributed optimizer and pipeline schedule.
-Later issues extend this to convert -> SFT -> convert -> evaluate.
+Each stage runs the command a user would run:
+1. a random tiny Qwen3-MoE HF checkpoint with the real Qwen3 tokenizer (transformers, no download);
+2. toolkits' SFT preprocessing of the bundled conversations (megatron_patch/resources) into a
+   packed idxmap dataset;
+3. HF -> torch_dist with the converter;
+4. SFT with examples/qwen3/run_mcore_qwen3.sh (CPU, gloo), starting from the converted weights;
+5. torch_dist -> HF with the converter;
+6. the HF model's loss on the training conversations (transformers, loss mask applied), before
+   and after: it must have fallen.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-import torch
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DATA = Path(__file__).resolve().parent / "resources" / "demo_sft.jsonl"
+
+
+def _run(stage: str, command: list[str], env: dict | None = None) -> None:
+    print(f"[demo] {stage}: {' '.join(map(str, command))}", flush=True)
+    result = subprocess.run([str(c) for c in command], env={**os.environ, **(env or {})}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wanted = [line for line in result.stdout.splitlines()
+              if line.startswith(("iteration", "wrote", "saved", "loaded", "error", "done", "converted"))]
+    for line in wanted[-12:]:
+        print(f"        {line}")
+    if result.returncode != 0:
+        print(result.stdout[-4000:])
+        raise SystemExit(f"[demo] {stage} failed with exit status {result.returncode}")
+
+
+def sft_loss(hf_dir: Path, records_path: Path, tokenizer_dir: Path) -> float:
+    """Per-token loss of an HF model on the assistant tokens of the given conversations."""
+    import torch
+
+    from megatron_patch.data.chat import messages_from_record, tokenize_conversations
+    from megatron_patch.data.tokenizer import Qwen3Tokenizer
+    from megatron_patch.models.qwen3.hf_model import load_hf_model
+
+    tokenizer = Qwen3Tokenizer.from_dir(tokenizer_dir)
+    records = [json.loads(line) for line in records_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    samples = tokenize_conversations(tokenizer, [messages_from_record(r) for r in records])
+    model = load_hf_model(hf_dir).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in samples:
+            ids_t = torch.tensor([ids])
+            logits = model(input_ids=ids_t[:, :-1]).logits[0].float()
+            losses = torch.nn.functional.cross_entropy(logits, ids_t[0, 1:], reduction="none")
+            weights = torch.tensor(mask[1:], dtype=torch.float32)
+            total += float((losses * weights).sum())
+            count += int(weights.sum())
+    return total / count
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_patch.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-size", default="tiny-moe", help="a preset name (default: tiny-moe)")
-    parser.add_argument("--steps", type=int, default=8, help="training steps in stage 4")
+    parser.add_argument("--iterations", type=int, default=40, help="SFT iterations in stage 4 (default 40)")
+    parser.add_argument("--nproc", type=int, default=1, help="CPU processes for training (MP_NPROC; EP = nproc)")
+    parser.add_argument("--work-dir", type=Path, help="keep everything here (default: a temporary directory)")
     args = parser.parse_args(argv)
 
-    from megatron_patch.patches import apply_patches
-
-    apply_patches()
-    from megatron_patch.models.logits import forward_logits
-    from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
+    from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
     from megatron_patch.models.qwen3.hf_model import save_random_hf_checkpoint
-    from megatron_patch.models.qwen3.loading import load_hf_weights
     from megatron_patch.models.qwen3.presets import get_preset
-    from megatron_patch.parallel import ParallelLayout, initialize_parallel
-    from megatron_patch.training.steps import train_on_fixed_batch
 
     arch = get_preset(args.model_size)
     counts = arch.parameter_counts()
     print(f"[demo] model {args.model_size}: {counts['total']:,} parameters, {counts['active']:,} active per token")
-    initialize_parallel(ParallelLayout(), seed=1234)
-    with tempfile.TemporaryDirectory(prefix="megatron_patch-demo-") as hf_dir:
-        started = time.perf_counter()
-        hf_model = save_random_hf_checkpoint(arch, hf_dir)
-        print(f"[demo] 1. random HF checkpoint written to {hf_dir}")
-        model = build_gpt_model(arch, BuildOptions(aux_loss_coeff=0.0))
-        shards = load_hf_weights(model, hf_dir)
-        print(f"[demo] 2. Megatron-Core GPTModel built, {shards} tensors loaded through the mapping")
-        tokens = torch.randint(0, arch.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
-        ours = forward_logits(model, tokens, vocab_size=arch.vocab_size)
-        with torch.no_grad():
-            reference = hf_model(input_ids=tokens).logits
-        delta = (ours - reference).abs().max().item()
-        print(f"[demo] 3. max |logits(Megatron) - logits(transformers)| = {delta:.2e} (fp32)")
-        if delta > 1e-4:
-            print("[demo] FAILED: logits differ")
-            return 1
-        losses, _ = train_on_fixed_batch(model, tokens, steps=args.steps, lr=3e-3)
-        print(f"[demo] 4. {args.steps} training steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-        print(f"[demo] done in {time.perf_counter() - started:.1f}s")
-    return 0 if losses[-1] < losses[0] else 1
+    started = time.perf_counter()
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="megatron_patch-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    python = sys.executable
+    tokenizer_dir = bundled_qwen3_tokenizer_dir()
+    hf_dir, data, mcore, run, hf_out = (work / n for n in ("hf", "data", "mcore", "run", "hf-trained"))
+    try:
+        save_random_hf_checkpoint(arch, hf_dir)
+        for path in tokenizer_dir.iterdir():
+            if path.is_file() and path.name != "config.json":
+                shutil.copy(path, hf_dir / path.name)
+        print(f"[demo] 1. random HF checkpoint with the Qwen3 tokenizer: {hf_dir}")
+        _run("2. SFT data", ["bash", REPO / "toolkits/sft_data_preprocessing/run_build_idxmap_sft_dataset.sh",
+                             DEMO_DATA, "Qwen3Tokenizer", 128, data / "sft", hf_dir, "true"])
+        _run("3. HF -> torch_dist", [python, "-m", "megatron_patch.convert", "--load-dir", hf_dir,
+                                     "--save-dir", mcore, "--force"])
+        nproc = args.nproc
+        _run("4. SFT", ["bash", REPO / "examples/qwen3/run_mcore_qwen3.sh", "dsw", hf_dir, 1, 4, "3e-3", "3e-4",
+                        128, 128, "fp32", 1, 1, 1, 1, nproc, "false", "true", "false", "true", "none", "false",
+                        args.iterations, data / "sft", data / "sft", mcore, args.iterations, 2, run],
+             env={"MP_SFT_PACKING": "true", "MP_NPROC": str(nproc), "MP_SAVE_OPTIM": "false"})
+        checkpoints = sorted((run / "checkpoint").iterdir())
+        _run("5. torch_dist -> HF", [python, "-m", "megatron_patch.convert", "--mg2hf", "--load-dir", checkpoints[-1],
+                                     "--save-dir", hf_out, "--hf-dir", hf_dir, "--force"])
+        before = sft_loss(hf_dir, DEMO_DATA, tokenizer_dir)
+        after = sft_loss(hf_out, DEMO_DATA, tokenizer_dir)
+        print(f"[demo] 6. HF model's loss on the training conversations (assistant tokens): "
+              f"before {before:.4f} -> after {after:.4f}")
+        print(f"[demo] done in {time.perf_counter() - started:.0f}s; plot it: python -m megatron_patch.plot {run}")
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0 if after < before else 1
 
 
 if __name__ == "__main__":

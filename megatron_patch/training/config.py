@@ -122,6 +122,9 @@ class TrainConfig:
             fail("--sft-packing is not supported with --context-parallel-size > 1")
         if self.dataset_type == "raw" and self.train_mode != "finetune":
             fail("--dataset-type raw is SFT data: it needs --train-mode finetune")
+        if self.dataset_type == "raw" and self.max_padding_length not in (None, self.seq_length):
+            fail(f"--max-padding-length {self.max_padding_length}: raw JSON samples are padded to --seq-length "
+                 f"{self.seq_length}; give the same value")
         if self.sft_packing and self.train_mode != "finetune":
             fail("--sft-packing needs --train-mode finetune")
         if not self.data_path:
@@ -139,7 +142,8 @@ class TrainConfig:
         if world_size is not None:
             model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
             if world_size % model_parallel:
-                fail(f"{world_size} processes are not divisible by TP*PP*CP = {model_parallel}")
+                fail(f"{world_size} processes (GPUs per node x nodes; MP_NPROC on CPU) are not divisible by "
+                     f"TP*PP*CP = {model_parallel}")
             dp = world_size // model_parallel
             if self.global_batch_size % (self.micro_batch_size * dp):
                 fail(f"--global-batch-size {self.global_batch_size} is not a multiple of "

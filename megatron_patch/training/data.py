@@ -64,9 +64,6 @@ def build_datasets(config, tokenizer):
     from megatron_patch.data.datasets import RawJsonSftDataset, SftIdxmapDataset, pretrain_datasets
 
     if config.dataset_type == "raw":
-        length = config.max_padding_length or config.seq_length
-        if length != config.seq_length:
-            raise DataConfigError("raw JSON SFT pads to --seq-length; give the same --max-padding-length or none")
         train = RawJsonSftDataset(config.data_path, tokenizer, config.seq_length)
         valid = RawJsonSftDataset(config.valid_data_path, tokenizer, config.seq_length) if config.valid_data_path else None
         return train, valid

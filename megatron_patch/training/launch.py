@@ -1,0 +1,277 @@
+"""Pai-Megatron-Patch's 27 positional arguments -> validated settings -> torchrun of megatron_patch.train.
+
+``examples/qwen3/run_mcore_qwen3.sh`` hands its arguments here. Everything is checked in this one
+process before torchrun starts; an error names the positional argument (and its number). The
+meaning of each argument, the MP_* variables and the tokens-vs-iterations arithmetic follow
+Pai-Megatron-Patch's ``run_mcore_qwen3.sh`` (see examples/qwen3/README.md). Differences:
+optimizer state is saved by default (``MP_SAVE_OPTIM=false`` skips it), ``log/`` receives
+metrics.jsonl, ``PR=fp32`` is accepted, and without a GPU the job runs on CPU with gloo and
+``MP_NPROC`` processes (default 1).
+
+  python -m megatron_patch.training.launch ENV MODEL_SIZE ... OUTPUT_BASEPATH   (27 arguments)
+  MP_DRY_RUN=true: print the torchrun command and the settings, do not start.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+
+POSITIONALS = (
+    "ENV", "MODEL_SIZE", "BATCH_SIZE", "GLOBAL_BATCH_SIZE", "LR", "MIN_LR", "SEQ_LEN", "PAD_LEN", "PR",
+    "TP", "PP", "CP", "ETP", "EP", "SP", "DO", "FL", "SFT", "AC", "OPTIMIZER_OFFLOAD", "SAVE_INTERVAL",
+    "DATASET_PATH", "VALID_DATASET_PATH", "PRETRAIN_CHECKPOINT_PATH", "TRAIN_TOKENS_OR_ITERS",
+    "WARMUP_TOKENS_OR_ITERS", "OUTPUT_BASEPATH",
+)
+USAGE = "usage: run_mcore_qwen3.sh " + " ".join(POSITIONALS)
+
+# Which positional argument (or variable) a train flag comes from, to name it in errors.
+FLAG_SOURCES = {
+    "--micro-batch-size": "BATCH_SIZE", "--global-batch-size": "GLOBAL_BATCH_SIZE", "--lr": "LR",
+    "--min-lr": "MIN_LR", "--seq-length": "SEQ_LEN", "--max-padding-length": "PAD_LEN", "--precision": "PR",
+    "--tensor-model-parallel-size": "TP", "--pipeline-model-parallel-size": "PP",
+    "--context-parallel-size": "CP", "--expert-tensor-parallel-size": "ETP",
+    "--expert-model-parallel-size": "EP", "--sequence-parallel": "SP", "--recompute-num-layers": "MP_AC_LAYERS",
+    "--recompute": "AC", "--optimizer-offload-fraction": "OPTIMIZER_OFFLOAD", "--save-interval": "SAVE_INTERVAL",
+    "--data-path": "DATASET_PATH", "--valid-data-path": "VALID_DATASET_PATH",
+    "--train-iters": "TRAIN_TOKENS_OR_ITERS", "--lr-warmup-iters": "WARMUP_TOKENS_OR_ITERS",
+    "--num-layers-per-virtual-pipeline-stage": "MP_VP", "--decoder-first-pipeline-num-layers": "MP_PP0_LAYERS",
+    "--sft-packing": "MP_SFT_PACKING", "--dataset-type": "MP_DATASET_TYPE", "--train-mode": "SFT",
+    "--model": "MODEL_SIZE", "--load": "PRETRAIN_CHECKPOINT_PATH",
+}
+
+
+class LaunchError(ValueError):
+    """A bad argument; the message names it."""
+
+
+def _name(position: str) -> str:
+    return f"{position} (argument {POSITIONALS.index(position) + 1})" if position in POSITIONALS else position
+
+
+def _bool(values: dict, position: str) -> bool:
+    value = values[position].lower()
+    if value not in ("true", "false"):
+        raise LaunchError(f"{_name(position)} must be true or false, got {values[position]!r}")
+    return value == "true"
+
+
+def _int(values: dict, position: str, minimum: int = 1) -> int:
+    try:
+        number = int(values[position])
+    except ValueError:
+        raise LaunchError(f"{_name(position)} must be an integer, got {values[position]!r}") from None
+    if number < minimum:
+        raise LaunchError(f"{_name(position)} must be >= {minimum}, got {number}")
+    return number
+
+
+def _float(values: dict, position: str) -> float:
+    try:
+        return float(values[position])
+    except ValueError:
+        raise LaunchError(f"{_name(position)} must be a number, got {values[position]!r}") from None
+
+
+def _env_int(env: dict, name: str) -> int | None:
+    if not env.get(name):
+        return None
+    try:
+        return int(env[name])
+    except ValueError:
+        raise LaunchError(f"{name} must be an integer, got {env[name]!r}") from None
+
+
+@dataclass
+class Launch:
+    flags: list[str]
+    nproc_per_node: int
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    name: str
+    device: str
+
+
+def plan(arguments: list[str], env: dict | None = None, cuda_devices: int | None = None) -> Launch:
+    """Translate and check the 27 arguments (and MP_* variables); raise LaunchError naming the bad one."""
+    env = dict(os.environ if env is None else env)
+    if len(arguments) != len(POSITIONALS):
+        raise LaunchError(f"expected {len(POSITIONALS)} arguments, got {len(arguments)}")
+    v = dict(zip(POSITIONALS, arguments))
+    if v["ENV"] not in ("dsw", "dlc"):
+        raise LaunchError(f"{_name('ENV')} must be dsw (one node) or dlc (multi-node), got {v['ENV']!r}")
+    if v["PR"] not in ("fp16", "bf16", "fp8", "fp32"):
+        raise LaunchError(f"{_name('PR')} must be fp16, bf16, fp8 or fp32, got {v['PR']!r}")
+    ac = "none" if v["AC"] == "false" else v["AC"]
+    if ac not in ("full", "sel", "none", "offload"):
+        raise LaunchError(f"{_name('AC')} must be full, sel, none or offload, got {v['AC']!r}")
+    micro, gbs, seq = _int(v, "BATCH_SIZE"), _int(v, "GLOBAL_BATCH_SIZE"), _int(v, "SEQ_LEN")
+    pad = _int(v, "PAD_LEN")
+    lr, min_lr = _float(v, "LR"), _float(v, "MIN_LR")
+    tp, pp, cp, etp, ep = (_int(v, k) for k in ("TP", "PP", "CP", "ETP", "EP"))
+    sp, do, fl, sft = (_bool(v, k) for k in ("SP", "DO", "FL", "SFT"))
+    offload = None
+    if v["OPTIMIZER_OFFLOAD"] != "false":
+        offload = _float(v, "OPTIMIZER_OFFLOAD")
+        if not do:
+            print("warning: OPTIMIZER_OFFLOAD needs the distributed optimizer; DO set to true", file=sys.stderr)
+            do = True
+    save_interval = _int(v, "SAVE_INTERVAL")
+    train_arg, warmup_arg = _int(v, "TRAIN_TOKENS_OR_ITERS"), _int(v, "WARMUP_TOKENS_OR_ITERS", minimum=0)
+    if sft:
+        train_iters, warmup_iters = train_arg, warmup_arg
+        decay_iters = train_iters - warmup_iters
+    else:  # tokens, with Pai's integer division
+        train_iters, warmup_iters = train_arg // gbs // seq, warmup_arg // gbs // seq
+        decay_iters = train_iters
+    if train_iters < 1:
+        raise LaunchError(f"{_name('TRAIN_TOKENS_OR_ITERS')} {train_arg} gives {train_iters} iterations "
+                          f"(tokens / GLOBAL_BATCH_SIZE / SEQ_LEN when SFT=false)")
+    if decay_iters < 1:
+        raise LaunchError(f"{_name('WARMUP_TOKENS_OR_ITERS')}: warmup {warmup_iters} leaves no decay iterations "
+                          f"of {train_iters}")
+    dataset_type = env.get("MP_DATASET_TYPE", "idxmap") or "idxmap"
+    dataset_type = "raw" if dataset_type == "raw" else "idxmap"
+    packing = env.get("MP_SFT_PACKING", "false").lower() == "true"
+    ac_layers = _env_int(env, "MP_AC_LAYERS") or 1
+    vp, pp0 = _env_int(env, "MP_VP"), _env_int(env, "MP_PP0_LAYERS")
+    if pp0 is not None and pp == 1:
+        raise LaunchError("MP_PP0_LAYERS needs PP (argument 11) > 1")
+
+    model = v["MODEL_SIZE"]
+    model_label = os.path.basename(os.path.normpath(model)) if os.sep in model or os.path.isdir(model) else model
+    prefix = (f"{'finetune' if sft else 'pretrain'}-mcore-qwen3-moe-megatron-{model_label}-lr-{v['LR']}-minlr-"
+              f"{v['MIN_LR']}-bs-{micro}-gbs-{gbs}-seqlen-{seq}")
+    name = (f"{prefix}-pr-{v['PR']}-tp-{tp}-pp-{pp}-cp-{cp}-ac-{ac}-do-{str(do).lower()}-sp-{str(sp).lower()}"
+            f"-ti-{train_iters}-wi-{warmup_iters}")
+    out = v["OUTPUT_BASEPATH"]
+    stamp = datetime.datetime.now().strftime("%Y.%m.%d-%H.%M.%S")
+
+    cuda_devices = _cuda_device_count() if cuda_devices is None else cuda_devices
+    device = "cuda" if cuda_devices > 0 else "cpu"
+    if device == "cuda":
+        per_node = cuda_devices if v["ENV"] == "dsw" else int(env.get("KUBERNETES_CONTAINER_RESOURCE_GPU") or cuda_devices)
+    else:
+        per_node = _env_int(env, "MP_NPROC") or 1
+    if v["ENV"] == "dlc":
+        nnodes, node_rank = int(env.get("WORLD_SIZE", 1)), int(env.get("RANK", 0))
+        master_addr, master_port = env.get("MASTER_ADDR", "localhost"), int(env.get("MASTER_PORT", 29500))
+    else:
+        nnodes, node_rank, master_addr, master_port = 1, 0, "localhost", _free_port()
+
+    flags = [
+        "--model", model, "--micro-batch-size", micro, "--global-batch-size", gbs, "--lr", lr, "--min-lr", min_lr,
+        "--seq-length", seq, "--precision", v["PR"], "--tensor-model-parallel-size", tp,
+        "--pipeline-model-parallel-size", pp, "--context-parallel-size", cp, "--expert-tensor-parallel-size", etp,
+        "--expert-model-parallel-size", ep, "--recompute", ac, "--recompute-num-layers", ac_layers,
+        "--train-iters", train_iters, "--lr-warmup-iters", warmup_iters, "--lr-decay-iters", decay_iters,
+        "--lr-decay-style", "cosine", "--weight-decay", 0.01, "--adam-beta1", 0.9, "--adam-beta2", 0.95,
+        "--clip-grad", 1.0, "--init-method-std", 0.008, "--log-interval", 1,
+        "--eval-interval", 10000, "--eval-iters", 10, "--save-interval", save_interval,
+        "--save", os.path.join(out, "checkpoint", name), "--tensorboard-dir", os.path.join(out, "tensorboard", f"{name}_{stamp}"),
+        "--log-dir", os.path.join(out, "log", name), "--train-mode", "finetune" if sft else "pretrain",
+        "--dataset-type", dataset_type, "--device", device,
+        "--sequence-parallel" if sp and tp > 1 else "--no-sequence-parallel",
+        "--use-distributed-optimizer" if do else "--no-use-distributed-optimizer",
+        "--save-optim" if env.get("MP_SAVE_OPTIM", "true").lower() != "false" else "--no-save-optim",
+    ]
+    if dataset_type == "raw":
+        flags += ["--data-path", *v["DATASET_PATH"].split(), "--valid-data-path", *v["VALID_DATASET_PATH"].split(),
+                  "--max-padding-length", pad]
+    else:
+        flags += ["--data-path", *v["DATASET_PATH"].split(), "--split", "99,1,0"]
+    if packing:
+        flags.append("--sft-packing")
+    if offload is not None:
+        flags += ["--optimizer-offload-fraction", offload]
+    if vp is not None:
+        flags += ["--num-layers-per-virtual-pipeline-stage", vp]
+    if pp0 is not None:
+        flags += ["--decoder-first-pipeline-num-layers", pp0]
+    if v["PRETRAIN_CHECKPOINT_PATH"] != "none":
+        flags += ["--load", v["PRETRAIN_CHECKPOINT_PATH"]]
+    if fl:
+        print("note: FL=true selects flash attention where Transformer-Engine provides it; without it the local "
+              "attention runs", file=sys.stderr)
+    flags = [str(f) for f in flags]
+    _check(flags, nnodes * per_node)
+    return Launch(flags, per_node, nnodes, node_rank, master_addr, master_port, name, device)
+
+
+def _check(flags: list[str], world_size: int) -> None:
+    """The trainer's own checks, run here before anything starts, with Pai's argument names."""
+    from megatron_patch.training.config import TrainConfigError, parse_config
+    from megatron_patch.training.loop import check_model_fit, resolve_model
+
+    try:
+        config, _ = parse_config(flags)
+        config.check(world_size)
+        arch, _ = resolve_model(config.model)
+        check_model_fit(config, arch, use_te=_te_usable())
+    except TrainConfigError as err:
+        raise LaunchError(_with_positional_names(str(err))) from None
+
+
+def _with_positional_names(message: str) -> str:
+    def replace(match):
+        flag = match.group(0)
+        return f"{flag} ({_name(FLAG_SOURCES[flag])})" if flag in FLAG_SOURCES else flag
+
+    return re.sub(r"--[a-z0-9-]+", replace, message)
+
+
+def _te_usable() -> bool:
+    from megatron_patch.models.qwen3.builder import transformer_engine_usable
+
+    return transformer_engine_usable()
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_command(launch: Launch) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(launch.nproc_per_node),
+        "--nnodes", str(launch.nnodes), "--node_rank", str(launch.node_rank), "--master_addr", launch.master_addr,
+        "--master_port", str(launch.master_port), "-m", "megatron_patch.train", *launch.flags,
+    ]
+
+
+def main(argv=None) -> int:
+    arguments = sys.argv[1:] if argv is None else argv
+    try:
+        launch = plan(arguments)
+    except LaunchError as err:
+        print(f"{USAGE}\nerror: {err}", file=sys.stderr)
+        return 2
+    command = torchrun_command(launch)
+    print(f"{launch.device}: {launch.nnodes} node(s) x {launch.nproc_per_node} process(es); run {launch.name}")
+    print(shlex.join(command), flush=True)
+    if os.environ.get("MP_DRY_RUN", "false").lower() == "true":
+        return 0
+    env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    if launch.device == "cpu":
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.nproc_per_node)))
+    return subprocess.call(command, env=env)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
