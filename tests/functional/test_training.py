@@ -1,0 +1,174 @@
+"""The training loop end to end on CPU: torchrun/gloo processes, the real trainer, real data files."""
+
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
+from tests.functional.torchrun import REPO, torchrun_module
+
+pytestmark = pytest.mark.functional
+DEMO_DATA = REPO / "megatron_patch" / "resources" / "demo_sft.jsonl"
+SCRIPT = REPO / "examples" / "qwen3" / "run_mcore_qwen3.sh"
+
+
+def _build(module, *args):
+    subprocess.run([sys.executable, "-m", module, *map(str, args)], check=True, capture_output=True, cwd=REPO)
+
+
+@functools.lru_cache(maxsize=None)
+def sft_data(root: str, records: int) -> str:
+    """build_sft --packing output (seq 128) of the first ``records`` bundled conversations."""
+    folder = Path(root) / f"sft{records}"
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder / "train.jsonl"
+    source.write_text("".join(DEMO_DATA.read_text(encoding="utf-8").splitlines(keepends=True)[:records]))
+    _build("megatron_patch.data.build_sft", "--input", source, "--tokenizer", bundled_qwen3_tokenizer_dir(),
+           "--seq-length", 128, "--output-prefix", folder / "sft", "--packing")
+    return str(folder / "sft")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("training"))
+
+
+def read_metrics(log_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(log_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(log_dir) -> dict[int, float]:
+    return {r["iteration"]: r["loss"] for r in read_metrics(log_dir) if "loss" in r}
+
+
+LAYOUT_FLAGS = {
+    "moe-1": (1, "tiny-moe", []),
+    "moe-dp2": (2, "tiny-moe", []),
+    "moe-ep2": (2, "tiny-moe", ["--expert-model-parallel-size", 2]),
+    "moe-pp2": (2, "tiny-moe", ["--pipeline-model-parallel-size", 2]),
+    "dense-1": (1, "tiny-dense", []),
+    # Without Transformer-Engine the local norm refuses sequence parallelism: TP without SP.
+    "dense-tp2": (2, "tiny-dense", ["--tensor-model-parallel-size", 2]),
+}
+
+
+def sft_run_flags(data, model, log_dir, iterations=5):
+    return ["--model", model, "--precision", "fp32", "--train-mode", "finetune", "--data-path", data, "--sft-packing",
+            "--seq-length", 128, "--global-batch-size", 4, "--micro-batch-size", 1, "--lr", "3e-3", "--min-lr", "3e-4",
+            "--train-iters", iterations, "--split", "100,0,0", "--log-dir", log_dir]
+
+
+@functools.lru_cache(maxsize=None)
+def converted(work: str, preset: str) -> tuple[str, str]:
+    """(HF dir, its torch_dist conversion): a start that is the same in every layout.
+
+    Random initialisation is not layout-independent in Megatron-Core (expert and pipeline-stage
+    weights draw from per-rank RNG streams), so the layouts start from the same checkpoint.
+    """
+    from megatron_patch.models.qwen3.hf_model import save_random_hf_checkpoint
+    from megatron_patch.models.qwen3.presets import get_preset
+
+    hf_dir, mcore = Path(work) / f"{preset}-hf", Path(work) / f"{preset}-mcore"
+    save_random_hf_checkpoint(get_preset(preset), hf_dir)
+    _build("megatron_patch.convert", "--load-dir", hf_dir, "--save-dir", mcore)
+    return str(hf_dir), str(mcore)
+
+
+@functools.lru_cache(maxsize=None)
+def layout_curve(work: str, name: str) -> dict[int, float]:
+    nproc, preset, extra = LAYOUT_FLAGS[name]
+    hf_dir, mcore = converted(work, preset)
+    log_dir = Path(work) / "layouts" / name
+    torchrun_module(nproc, "megatron_patch.train", *sft_run_flags(sft_data(work, 64), hf_dir, log_dir),
+                    "--load", mcore, *extra)
+    return losses(log_dir)
+
+
+@pytest.mark.parametrize("name, baseline", [("moe-dp2", "moe-1"), ("moe-ep2", "moe-1"), ("moe-pp2", "moe-1"),
+                                            ("dense-tp2", "dense-1")])
+def test_parallel_layouts_give_the_one_process_loss_curve(work, name, baseline):
+    expected, got = layout_curve(work, baseline), layout_curve(work, name)
+    assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5]
+    assert expected[5] < expected[1]
+    for iteration in expected:
+        assert abs(got[iteration] - expected[iteration]) < 1e-4, (iteration, got, expected)
+
+
+def test_stop_and_resume_continues_with_the_same_losses(work):
+    """EP=2 on 2 processes (optimizer state sharded over DP=2): stop after step 2, resume, compare."""
+    full = layout_curve(work, "moe-ep2")
+    hf_dir, mcore = converted(work, "tiny-moe")
+    root = Path(work) / "resume"
+    flags = [*sft_run_flags(sft_data(work, 64), hf_dir, root / "log"), "--expert-model-parallel-size", 2,
+             "--save", root / "checkpoint"]
+    torchrun_module(2, "megatron_patch.train", *flags, "--exit-interval", 2, "--load", mcore)
+    assert (root / "checkpoint" / "latest_checkpointed_iteration.txt").read_text() == "2"
+    result = torchrun_module(2, "megatron_patch.train", *flags, "--load", root / "checkpoint")
+    assert "resuming at iteration 2" in result.stdout
+    resumed = losses(root / "log")  # the log holds both runs: 1, 2, then 3, 4, 5
+    assert [i for i in resumed] == [1, 2, 3, 4, 5]
+    for iteration in (3, 4, 5):
+        assert abs(resumed[iteration] - full[iteration]) < 1e-6, (iteration, resumed, full)
+
+
+def test_script_sft_on_cpu_memorizes_and_writes_logs_checkpoints_and_plots(work):
+    data = sft_data(work, 8)
+    out = Path(work) / "script-run"
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "dsw", "tiny-moe", "1", "2", "5e-3", "5e-4", "128", "128", "fp32", "1", "1", "1", "1",
+         "1", "false", "true", "false", "true", "sel", "false", "100", data, data, "none", "24", "2", str(out)],
+        capture_output=True, text=True, timeout=600, cwd="/",
+        env={"PATH": "/usr/bin:/bin", "MP_SFT_PACKING": "true", "OMP_NUM_THREADS": "2"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (log_dir,) = (out / "log").iterdir()
+    records = read_metrics(log_dir)
+    curve = [r["loss"] for r in records]
+    assert len(curve) == 24
+    assert sum(curve[-3:]) / 3 < 0.6 * curve[0], curve  # memorizing 8 conversations
+    last = records[-1]
+    for key in ("lr", "grad_norm", "tokens_per_second", "tflops_per_device", "aux_loss", "expert_load"):
+        assert key in last, key
+    assert len(last["expert_load"]) == 4 and abs(sum(last["expert_load"][0]) - 1) < 1e-4
+    (board,) = (out / "tensorboard").iterdir()
+    assert any(p.name.startswith("events.out.tfevents") for p in board.iterdir())
+    (checkpoint,) = (out / "checkpoint").iterdir()
+    assert (checkpoint / "latest_checkpointed_iteration.txt").read_text() == "24"
+    assert (checkpoint / "iter_0000024" / "metadata.json").is_file()
+    assert (checkpoint / "config.json").is_file() and (checkpoint / "tokenizer.json").is_file()
+    assert not [p for p in checkpoint.iterdir() if p.name.endswith(".incomplete")]
+    plot = subprocess.run([sys.executable, "-m", "megatron_patch.plot", str(out)], capture_output=True, text=True)
+    assert plot.returncode == 0, plot.stderr
+    assert (log_dir / "loss.png").stat().st_size > 1000 and (log_dir / "expert_load.png").stat().st_size > 1000
+
+
+def test_pretraining_on_idxmap_reports_validation(work):
+    root = Path(work) / "pretrain"
+    root.mkdir()
+    texts = [json.loads(line) for line in DEMO_DATA.read_text(encoding="utf-8").splitlines()]
+    documents = root / "docs.jsonl"
+    documents.write_text("".join(json.dumps({"text": json.dumps(r, ensure_ascii=False)}) + "\n" for r in texts))
+    _build("megatron_patch.data.build_pretrain", "--input", documents, "--tokenizer", bundled_qwen3_tokenizer_dir(),
+           "--output-prefix", root / "corpus_text_document")
+    torchrun_module(1, "megatron_patch.train", "--model", "tiny-dense", "--precision", "fp32", "--data-path",
+                    root / "corpus_text_document", "--split", "80,20,0", "--seq-length", 64, "--global-batch-size", 2,
+                    "--micro-batch-size", 1, "--lr", "3e-3", "--train-iters", 4, "--eval-interval", 2,
+                    "--eval-iters", 2, "--log-dir", root / "log")
+    records = read_metrics(root / "log")
+    valid = {r["iteration"]: r["valid_loss"] for r in records if "valid_loss" in r}
+    assert sorted(valid) == [2, 4] and valid[4] < valid[2]
+    assert all(r["valid_ppl"] > 1 for r in records if "valid_ppl" in r)
+
+
+def test_demo_pipeline_lowers_the_hf_models_loss(tmp_path):
+    """HF -> torch_dist -> SFT (run_mcore_qwen3.sh) -> HF; the HF model's loss on the data falls."""
+    result = subprocess.run([sys.executable, "-m", "megatron_patch.demo", "--iterations", "12", "--work-dir", tmp_path],
+                            capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    line = next(line for line in result.stdout.splitlines() if "before" in line and "after" in line)
+    before, after = (float(x) for x in line.split("before ")[1].split(" -> after "))
+    assert after < before - 1.0, line
