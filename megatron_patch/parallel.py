@@ -55,7 +55,7 @@ class ParallelLayout:
             )
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -71,7 +71,7 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> N
     if "RANK" not in os.environ:
         # A world of one on a free local port. The environment is left alone, so processes
         # this one starts (a converter, torchrun) do not inherit a rendezvous that is in use.
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        init_method = f"tcp://127.0.0.1:{free_port()}"
         dist.init_process_group(backend=backend, init_method=init_method, rank=0, world_size=1, timeout=timeout)
         return
     if backend == "nccl":

@@ -22,6 +22,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from megatron_patch.parallel import free_port
+
 POSITIONALS = (
     "ENV", "MODEL_SIZE", "BATCH_SIZE", "GLOBAL_BATCH_SIZE", "LR", "MIN_LR", "SEQ_LEN", "PAD_LEN", "PR",
     "TP", "PP", "CP", "ETP", "EP", "SP", "DO", "FL", "SFT", "AC", "OPTIMIZER_OFFLOAD", "SAVE_INTERVAL",
@@ -164,7 +166,7 @@ def plan(arguments: list[str], env: dict | None = None, cuda_devices: int | None
         nnodes, node_rank = int(env.get("WORLD_SIZE", 1)), int(env.get("RANK", 0))
         master_addr, master_port = env.get("MASTER_ADDR", "localhost"), int(env.get("MASTER_PORT", 29500))
     else:
-        nnodes, node_rank, master_addr, master_port = 1, 0, "localhost", _free_port()
+        nnodes, node_rank, master_addr, master_port = 1, 0, "localhost", free_port()
 
     flags = [
         "--model", model, "--micro-batch-size", micro, "--global-batch-size", gbs, "--lr", lr, "--min-lr", min_lr,
@@ -237,14 +239,6 @@ def _cuda_device_count() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torchrun_command(launch: Launch) -> list[str]:
