@@ -26,31 +26,32 @@ class ReadStats:
 
 def iter_records(path: str | Path, stats: ReadStats, skip_bad_lines: bool = False) -> Iterator[tuple[str, object]]:
     """(``file:line``, record) for every record; bad ones raise RecordError or are counted and skipped."""
-    for where, raw in iter_raw_records(path, stats):
+    for where, raw in iter_raw_records(path):
         try:
-            yield where, parse_record(where, raw)
+            record = parse_record(where, raw)
         except RecordError as err:
             if not skip_bad_lines:
                 raise RecordError(f"{err}; fix it or pass --skip-bad-lines") from None
-            stats.read -= 1
             stats.skip(str(err))
+            continue
+        stats.read += 1
+        yield where, record
 
 
-def iter_raw_records(path: str | Path, stats: ReadStats) -> Iterator[tuple[str, object]]:
+def iter_raw_records(path: str | Path) -> Iterator[tuple[str, object]]:
     """(``file:line``, raw) with raw a JSONL line's bytes (for ``parse_record``, which may run in a
-    worker process) or, from a .json array, the record itself; counts every one in ``stats.read``."""
+    worker process) or, from a .json array, the record itself."""
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"{path}: no such file")
     with open(path, "rb") as handle:
         head = handle.read(4096).lstrip()
     if head.startswith(b"["):
-        yield from _json_array(path, stats)
+        yield from _json_array(path)
         return
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if raw.strip():
-                stats.read += 1
                 yield f"{path}:{number}", raw
 
 
@@ -66,7 +67,7 @@ def parse_record(where: str, raw):
         raise RecordError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
 
 
-def _json_array(path: Path, stats: ReadStats) -> Iterator[tuple[str, object]]:
+def _json_array(path: Path) -> Iterator[tuple[str, object]]:
     try:
         records = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -76,5 +77,4 @@ def _json_array(path: Path, stats: ReadStats) -> Iterator[tuple[str, object]]:
     if not isinstance(records, list):
         raise RecordError(f"{path}: a .json input must hold an array of records")
     for index, record in enumerate(records):
-        stats.read += 1
         yield f"{path}[{index}]", record

@@ -42,10 +42,13 @@ def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
     return Path(save_dir) / f"iter_{iteration:07d}"
 
 
+def _model_keys(chunks) -> list[str]:
+    """Megatron-LM's names: "model", or "model0", "model1", ... with virtual pipeline chunks."""
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
 def _model_state(chunks) -> dict:
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+    return {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(chunks), chunks)}
 
 
 def _rng_state() -> dict:
@@ -97,7 +100,8 @@ def save_checkpoint(save_dir, iteration: int, chunks, optimizer, scheduler, cons
     state = _model_state(chunks)
     if save_optim:
         state["optimizer"] = _optimizer_state(optimizer, state, is_loading=False)
-        state["opt_param_scheduler"] = scheduler.state_dict()
+        if scheduler is not None:
+            state["opt_param_scheduler"] = scheduler.state_dict()
         state["rng_state"] = _rng_sharded_object()
     state.update(
         iteration=iteration, checkpoint_version=CHECKPOINT_VERSION, consumed_train_samples=consumed_samples,
@@ -161,15 +165,16 @@ def load_checkpoint(load_dir, chunks, optimizer, scheduler, load_optim: bool = T
         loaded = dist_checkpointing.load(sharded_state_dict=state, checkpoint_dir=str(path))
     except Exception as err:  # dist_checkpointing raises several types; the user needs the path and the cause
         raise CheckpointError(f"{path}: cannot load into this model ({type(err).__name__}: {err})") from err
-    for index, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{index}"], strict=True)
+    for key, chunk in zip(_model_keys(chunks), chunks):
+        chunk.load_state_dict(loaded[key], strict=True)
     if not resume:
         # The optimizer's main (fp32) copies were made from the initial weights.
         optimizer.reload_model_params()
         return LoadedState(source=str(path))
     with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
         optimizer.load_state_dict(loaded["optimizer"])
-    scheduler.load_state_dict(common["opt_param_scheduler"])
+    if scheduler is not None and "opt_param_scheduler" in common:
+        scheduler.load_state_dict(common["opt_param_scheduler"])
     if "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])
     return LoadedState(

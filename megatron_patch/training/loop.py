@@ -8,7 +8,7 @@ settings, the data order, the checkpoint layout and the reporting.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,11 +19,8 @@ from megatron_patch.training.config import TrainConfig, TrainConfigError
 
 @dataclass
 class TrainResult:
-    losses: dict[int, float] = field(default_factory=dict)  # iteration -> training loss (last stage)
-    valid_losses: dict[int, float] = field(default_factory=dict)
     start_iteration: int = 0
     last_iteration: int = 0
-    saved: list[str] = field(default_factory=list)
 
 
 def resolve_device(choice: str) -> str:
@@ -168,15 +165,6 @@ def _is_logging_rank() -> bool:
             and parallel_state.get_context_parallel_rank() == 0)
 
 
-def _broadcast_from_last_stage(value: float | None) -> float | None:
-    """A value known on the last pipeline stage's ranks (all equal there), on every rank."""
-    known = value is not None
-    tensor = torch.tensor([value if known else 0.0, float(known)], dtype=torch.float64,
-                          device="cuda" if torch.cuda.is_available() else "cpu")
-    dist.all_reduce(tensor)
-    return (tensor[0] / tensor[1]).item() if tensor[1] > 0 else None
-
-
 def _evaluate(chunks, batches_per_eval, valid_iterator, config) -> float | None:
     """Mean per-token validation loss over ``eval_iters`` global batches (last stage; None elsewhere)."""
     from megatron.core import parallel_state
@@ -205,6 +193,25 @@ def _evaluate(chunks, batches_per_eval, valid_iterator, config) -> float | None:
     device_totals = totals.to("cuda" if torch.cuda.is_available() else "cpu")
     dist.all_reduce(device_totals, group=parallel_state.get_data_parallel_group())
     return (device_totals[0] / device_totals[1].clamp(min=1)).item()
+
+
+def _iteration_report(config: TrainConfig, iteration: int, step: dict, optimizer, seconds: float, aux: float | None,
+                      flops_per_token_per_device: float, peak: float | None) -> tuple[dict, str]:
+    """The logged values of one iteration and its console line."""
+    tokens_per_second = config.global_batch_size * config.seq_length / seconds
+    tflops = tokens_per_second * flops_per_token_per_device / 1e12
+    values = {
+        "loss": step["loss"], "lr": optimizer.param_groups[0]["lr"],
+        "grad_norm": None if step["grad_norm"] is None else float(step["grad_norm"]),
+        "tokens_per_second": tokens_per_second, "tflops_per_device": tflops,
+        "mfu": None if peak is None else tflops / peak, "aux_loss": aux, "seconds": seconds,
+        "skipped": not step["update_successful"],
+    }
+    line = (f"iteration {iteration:6d}/{config.train_iters} | loss {step['loss']:.6f} | lr {values['lr']:.3e} | "
+            f"grad norm {values['grad_norm'] or 0:.3f} | {tokens_per_second:,.0f} tokens/s | "
+            f"{tflops:.2f} TFLOP/s/device" + ("" if peak is None else f" | MFU {values['mfu']:.1%}")
+            + ("" if aux is None else f" | aux loss {aux:.4f}"))
+    return values, line
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -285,33 +292,23 @@ def train(config: TrainConfig) -> TrainResult:
         scheduler.step(increment=1)
         iteration += 1
         seconds = stopwatch.lap()
-        loss = _broadcast_from_last_stage(step["loss"])
-        result.losses[iteration] = loss
+        # Collectives: every rank takes part; only the logging rank (last stage) has the loss and writes.
         aux = collect_aux_loss(len(micro)) if arch.is_moe else None
-        load = experts.collect() if experts is not None and iteration % config.log_interval == 0 else None
         if iteration % config.log_interval == 0:
-            tokens_per_second = config.global_batch_size * config.seq_length / seconds
-            tflops = tokens_per_second * flops_per_token / world / 1e12
-            values = {
-                "loss": loss, "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": None if step["grad_norm"] is None else float(step["grad_norm"]),
-                "tokens_per_second": tokens_per_second, "tflops_per_device": tflops,
-                "mfu": None if peak is None else tflops / peak, "aux_loss": aux, "seconds": seconds,
-                "skipped": not step["update_successful"],
-            }
-            line = (f"iteration {iteration:6d}/{config.train_iters} | loss {loss:.6f} | lr {values['lr']:.3e} | "
-                    f"grad norm {values['grad_norm'] or 0:.3f} | {tokens_per_second:,.0f} tokens/s | "
-                    f"{tflops:.2f} TFLOP/s/device" + ("" if peak is None else f" | MFU {values['mfu']:.1%}")
-                    + ("" if aux is None else f" | aux loss {aux:.4f}"))
-            writer.write(iteration, values, load, line)
+            load = experts.collect() if experts is not None else None
+            if logging_rank:
+                values, line = _iteration_report(config, iteration, step, optimizer, seconds, aux,
+                                                 flops_per_token / world, peak)
+                writer.write(iteration, values, load, line)
         if config.eval_interval and valid_set is not None and iteration % config.eval_interval == 0:
             valid_batches = MicroBatches(valid_set, config.global_batch_size, config.micro_batch_size, dp_rank,
                                          dp_size, seed=config.seed, shuffle=False, packed=config.sft_packing,
                                          device=device)
-            valid = _broadcast_from_last_stage(_evaluate(ddp_chunks, config.eval_iters, valid_batches, config))
-            result.valid_losses[iteration] = valid
-            writer.write(iteration, {"valid_loss": valid, "valid_ppl": math.exp(min(valid, 50))},
-                         line=f"validation at iteration {iteration} | loss {valid:.6f} | ppl {math.exp(min(valid, 50)):.3f}")
+            valid = _evaluate(ddp_chunks, config.eval_iters, valid_batches, config)
+            if logging_rank:
+                ppl = math.exp(min(valid, 50))
+                writer.write(iteration, {"valid_loss": valid, "valid_ppl": ppl},
+                             line=f"validation at iteration {iteration} | loss {valid:.6f} | ppl {ppl:.3f}")
         last = iteration == config.train_iters
         stop = config.exit_interval is not None and iteration % config.exit_interval == 0
         if config.save and (last or stop or (config.save_interval and iteration % config.save_interval == 0)):
@@ -320,7 +317,6 @@ def train(config: TrainConfig) -> TrainResult:
                 save_optim=config.save_optim, side_files_from=hf_dir or tokenizer_dir, hf_config=arch.to_hf_config(),
                 extra={"model": config.model, "seq_length": config.seq_length},
             )
-            result.saved.append(str(path))
             if rank0:
                 print(f"saved {path}", flush=True)
             stopwatch.lap()  # saving is not training time

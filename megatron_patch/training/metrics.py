@@ -131,7 +131,7 @@ class MetricsWriter:
             self.jsonl.flush()
         if self.tensorboard:
             for key, value in values.items():
-                if isinstance(value, (int, float)) and value is not None:
+                if isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(key, value, iteration)
             if expert_load is not None:
                 for layer, row in enumerate(expert_load):

@@ -2,7 +2,7 @@
 
   logits: load the model at the given layout and save the full logits (last stage, first rank).
   train:  a few steps on a fixed batch with DDP + distributed optimizer; save the loss per step.
-  train-save: train, then save a Megatron-LM style torch_dist checkpoint (model + optimizer +
+  train-save: train, then save a checkpoint as the training loop does (model + optimizer +
           iteration, tracker file) under --save-dir and the trained model's logits to --out.
 The model comes from --hf-dir, or from a torch_dist checkpoint with --torch-dist.
 """
@@ -69,36 +69,15 @@ def main():
                 json.dump(losses, handle)
     else:
         _, optimizer = train_on_fixed_batch(model, tokens, steps=args.steps, lr=3e-3)
-        save_training_checkpoint(model, optimizer, args.save_dir, iteration=args.steps)
+        from megatron_patch.training.checkpointing import save_checkpoint
+
+        # What the training loop writes: iter_XXXXXXX/ with model and optimizer, then the tracker.
+        save_checkpoint(args.save_dir, args.steps, [model], optimizer, scheduler=None, consumed_samples=0)
         logits = forward_logits(model, tokens[:, :32], vocab_size=arch.vocab_size)
         if writer:
             torch.save(logits, args.out)
     dist.barrier()
     dist.destroy_process_group()
-
-
-def save_training_checkpoint(model, optimizer, save_dir, iteration):
-    """What Megatron-LM writes: iter_XXXXXXX/ with model, optimizer and iteration; then the tracker."""
-    import os
-
-    from megatron.core import dist_checkpointing
-
-    path = os.path.join(save_dir, f"iter_{iteration:07d}")
-    os.makedirs(path, exist_ok=True)
-    model_state = model.sharded_state_dict()
-    state = {
-        "model": model_state,
-        "optimizer": optimizer.sharded_state_dict(
-            model_state, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
-        ),
-        "iteration": iteration,
-        "checkpoint_version": 3.0,
-    }
-    dist_checkpointing.save(sharded_state_dict=state, checkpoint_dir=path)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as handle:
-            handle.write(str(iteration))
 
 
 if __name__ == "__main__":
