@@ -285,6 +285,7 @@ def train(config: TrainConfig) -> TrainResult:
     result = TrainResult(start_iteration=loaded.iteration, last_iteration=loaded.iteration)
     iteration = loaded.iteration
     stopwatch = Stopwatch()
+    unlogged = 0  # iterations since the last report
     while iteration < config.train_iters:
         micro = batches.next_global_batch()
         data = [iter(micro) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iter(micro)
@@ -292,10 +293,13 @@ def train(config: TrainConfig) -> TrainResult:
         scheduler.step(increment=1)
         iteration += 1
         seconds = stopwatch.lap()
-        # Collectives: every rank takes part; only the logging rank (last stage) has the loss and writes.
-        aux = collect_aux_loss(len(micro)) if arch.is_moe else None
+        unlogged += 1
         if iteration % config.log_interval == 0:
+            # Collectives: every rank takes part; only the logging rank (last stage) has the loss and writes.
+            # Aux loss and expert load are accumulated since the last report and averaged over it.
+            aux = collect_aux_loss(len(micro) * unlogged) if arch.is_moe else None
             load = experts.collect() if experts is not None else None
+            unlogged = 0
             if logging_rank:
                 values, line = _iteration_report(config, iteration, step, optimizer, seconds, aux,
                                                  flops_per_token / world, peak)
@@ -309,6 +313,7 @@ def train(config: TrainConfig) -> TrainResult:
                 ppl = math.exp(min(valid, 50))
                 writer.write(iteration, {"valid_loss": valid, "valid_ppl": ppl},
                              line=f"validation at iteration {iteration} | loss {valid:.6f} | ppl {ppl:.3f}")
+            stopwatch.lap()  # validation is not training time
         last = iteration == config.train_iters
         stop = config.exit_interval is not None and iteration % config.exit_interval == 0
         if config.save and (last or stop or (config.save_interval and iteration % config.save_interval == 0)):
