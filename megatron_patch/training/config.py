@@ -62,6 +62,8 @@ class TrainConfig:
     optimizer_offload_fraction: float | None = _opt(None, "offload this fraction of optimizer state to CPU "
                                                           "(GPU runs; implies the distributed optimizer)")
     overlap_grad_reduce: bool = _opt(True, "overlap the gradient all-reduce/reduce-scatter with the backward pass")
+    overlap_param_gather: bool = _opt(True, "overlap the distributed optimizer's parameter all-gather with the next "
+                                            "forward pass (off without the distributed optimizer)")
     moe_aux_loss_coeff: float | None = _opt(None, "MoE load-balancing loss coefficient (default: the model's, "
                                                   "0.001 for Qwen3-MoE)")
     # Recompute

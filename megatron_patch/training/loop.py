@@ -232,7 +232,13 @@ def train(config: TrainConfig) -> TrainResult:
         device_peak_tflops,
         model_flops_per_token,
     )
-    from megatron_patch.training.steps import OptimizerSettings, build_optimizer, train_step, wrap_with_ddp
+    from megatron_patch.training.steps import (
+        OptimizerSettings,
+        build_optimizer,
+        synchronized_parameters,
+        train_step,
+        wrap_with_ddp,
+    )
 
     device = resolve_device(config.device)
     arch, hf_dir = resolve_model(config.model)
@@ -247,7 +253,8 @@ def train(config: TrainConfig) -> TrainResult:
     tokenizer = Qwen3Tokenizer.from_dir(tokenizer_dir)
 
     chunks = _build_model(config, arch, layout, device)
-    ddp_chunks = wrap_with_ddp(chunks, config.use_distributed_optimizer, config.overlap_grad_reduce)
+    ddp_chunks = wrap_with_ddp(chunks, config.use_distributed_optimizer, config.overlap_grad_reduce,
+                               config.overlap_param_gather)
     optimizer = build_optimizer(ddp_chunks, OptimizerSettings(
         lr=config.lr, min_lr=config.min_lr, weight_decay=config.weight_decay, adam_beta1=config.adam_beta1,
         adam_beta2=config.adam_beta2, clip_grad=config.clip_grad,
@@ -317,11 +324,12 @@ def train(config: TrainConfig) -> TrainResult:
         last = iteration == config.train_iters
         stop = config.exit_interval is not None and iteration % config.exit_interval == 0
         if config.save and (last or stop or (config.save_interval and iteration % config.save_interval == 0)):
-            path = checkpointing.save_checkpoint(
-                config.save, iteration, chunks, optimizer, scheduler, batches.consumed_samples,
-                save_optim=config.save_optim, side_files_from=hf_dir or tokenizer_dir, hf_config=arch.to_hf_config(),
-                extra={"model": config.model, "seq_length": config.seq_length},
-            )
+            with synchronized_parameters(ddp_chunks):
+                path = checkpointing.save_checkpoint(
+                    config.save, iteration, chunks, optimizer, scheduler, batches.consumed_samples,
+                    save_optim=config.save_optim, side_files_from=hf_dir or tokenizer_dir,
+                    hf_config=arch.to_hf_config(), extra={"model": config.model, "seq_length": config.seq_length},
+                )
             if rank0:
                 print(f"saved {path}", flush=True)
             stopwatch.lap()  # saving is not training time

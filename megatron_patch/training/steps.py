@@ -9,6 +9,7 @@ pipeline stages) before the step.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -28,8 +29,14 @@ class OptimizerSettings:
     cpu_offload_fraction: float | None = None
 
 
-def wrap_with_ddp(model_chunks, use_distributed_optimizer: bool = True, overlap_grad_reduce: bool = False):
-    """Megatron-Core ``DistributedDataParallel`` around each chunk (fp32 gradient buffers)."""
+def wrap_with_ddp(model_chunks, use_distributed_optimizer: bool = True, overlap_grad_reduce: bool = False,
+                  overlap_param_gather: bool = False):
+    """Megatron-Core ``DistributedDataParallel`` around each chunk (fp32 gradient buffers).
+
+    With ``overlap_param_gather`` the updated parameters are all-gathered lazily, by forward
+    pre-hooks during the next forward pass: read weights outside a forward only after
+    ``synchronized_parameters``.
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
@@ -37,6 +44,7 @@ def wrap_with_ddp(model_chunks, use_distributed_optimizer: bool = True, overlap_
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=use_distributed_optimizer,
+        overlap_param_gather=overlap_param_gather and use_distributed_optimizer,
         check_for_nan_in_grad=True,
     )
     return [
@@ -45,6 +53,23 @@ def wrap_with_ddp(model_chunks, use_distributed_optimizer: bool = True, overlap_
         )
         for index, chunk in enumerate(chunks)
     ]
+
+
+@contextmanager
+def synchronized_parameters(ddp_chunks):
+    """Parameters all-gathered and current inside the block (for saving), lazily gathered again after.
+
+    With overlapped parameter gathering the optimizer step leaves each rank holding only its own
+    shard's update until the next forward pass; a checkpoint written then would hold stale weights.
+    """
+    lazy = [chunk for chunk in ddp_chunks if chunk.use_forward_hook]
+    for chunk in lazy:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in lazy:
+            chunk.enable_forward_pre_hook()
 
 
 def build_optimizer(ddp_chunks, settings: OptimizerSettings = OptimizerSettings()):

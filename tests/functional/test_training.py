@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
 from tests.functional.torchrun import REPO, torchrun_module
@@ -21,14 +22,14 @@ def _build(module, *args):
 
 
 @functools.lru_cache(maxsize=None)
-def sft_data(root: str, records: int) -> str:
-    """build_sft --packing output (seq 128) of the first ``records`` bundled conversations."""
-    folder = Path(root) / f"sft{records}"
+def sft_data(root: str, records: int, packing: bool = True) -> str:
+    """build_sft output (seq 128) of the first ``records`` bundled conversations; the JSONL is beside it."""
+    folder = Path(root) / f"sft{records}{'' if packing else '-unpacked'}"
     folder.mkdir(parents=True, exist_ok=True)
     source = folder / "train.jsonl"
     source.write_text("".join(DEMO_DATA.read_text(encoding="utf-8").splitlines(keepends=True)[:records]))
     _build("megatron_patch.data.build_sft", "--input", source, "--tokenizer", bundled_qwen3_tokenizer_dir(),
-           "--seq-length", 128, "--output-prefix", folder / "sft", "--packing")
+           "--seq-length", 128, "--output-prefix", folder / "sft", *(["--packing"] if packing else []))
     return str(folder / "sft")
 
 
@@ -50,6 +51,12 @@ LAYOUT_FLAGS = {
     "moe-dp2": (2, "tiny-moe", []),
     "moe-ep2": (2, "tiny-moe", ["--expert-model-parallel-size", 2]),
     "moe-pp2": (2, "tiny-moe", ["--pipeline-model-parallel-size", 2]),
+    # Two chunks of one layer per stage (interleaved schedule), and stages of 1 and 3 layers.
+    "moe-pp2-vp": (2, "tiny-moe", ["--pipeline-model-parallel-size", 2, "--num-layers-per-virtual-pipeline-stage", 1]),
+    "moe-pp2-first1": (2, "tiny-moe", ["--pipeline-model-parallel-size", 2, "--decoder-first-pipeline-num-layers", 1]),
+    "moe-recompute": (1, "tiny-moe", ["--recompute", "full", "--recompute-num-layers", 2]),
+    # The default overlaps the distributed optimizer's parameter all-gather; this one does not.
+    "moe-dp2-sync": (2, "tiny-moe", ["--no-overlap-param-gather", "--no-overlap-grad-reduce"]),
     "dense-1": (1, "tiny-dense", []),
     # Without Transformer-Engine the local norm refuses sequence parallelism: TP without SP.
     "dense-tp2": (2, "tiny-dense", ["--tensor-model-parallel-size", 2]),
@@ -84,18 +91,51 @@ def layout_curve(work: str, name: str) -> dict[int, float]:
     hf_dir, mcore = converted(work, preset)
     log_dir = Path(work) / "layouts" / name
     torchrun_module(nproc, "megatron_patch.train", *sft_run_flags(sft_data(work, 64), hf_dir, log_dir),
-                    "--load", mcore, *extra)
+                    "--load", mcore, "--save", log_dir / "checkpoint", "--no-save-optim", *extra)
     return losses(log_dir)
 
 
-@pytest.mark.parametrize("name, baseline", [("moe-dp2", "moe-1"), ("moe-ep2", "moe-1"), ("moe-pp2", "moe-1"),
-                                            ("dense-tp2", "dense-1")])
+def saved_weights(work: str, name: str) -> dict:
+    """Every model tensor of the layout run's final checkpoint."""
+    return saved_weights_of(Path(work) / "layouts" / name / "checkpoint" / "iter_0000005")
+
+
+def saved_weights_of(path) -> dict:
+    from megatron_patch.convert.torch_dist_reader import TorchDistCheckpoint
+
+    checkpoint = TorchDistCheckpoint(path)
+    weights = {}
+    for key, entry in checkpoint.tensors.items():
+        if not key.startswith("optimizer."):
+            shape = tuple(entry.size)
+            weights[key] = checkpoint.read(key, (0,) * len(shape), shape, torch.float32)
+    return weights
+
+
+@pytest.mark.parametrize("name, baseline", [
+    ("moe-dp2", "moe-1"), ("moe-ep2", "moe-1"), ("moe-pp2", "moe-1"), ("moe-pp2-vp", "moe-1"),
+    ("moe-pp2-first1", "moe-1"), ("moe-recompute", "moe-1"), ("dense-tp2", "dense-1"),
+])
 def test_parallel_layouts_give_the_one_process_loss_curve(work, name, baseline):
     expected, got = layout_curve(work, baseline), layout_curve(work, name)
     assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5]
     assert expected[5] < expected[1]
     for iteration in expected:
         assert abs(got[iteration] - expected[iteration]) < 1e-4, (iteration, got, expected)
+
+
+def test_overlapped_parameter_gather_trains_and_saves_like_the_synchronous_one(work):
+    """With overlap each rank holds stale weights between the step and the next forward; saves must not."""
+    overlapped, synchronous = layout_curve(work, "moe-dp2"), layout_curve(work, "moe-dp2-sync")
+    assert overlapped == pytest.approx(synchronous, abs=1e-6)
+    got, expected = saved_weights(work, "moe-dp2"), saved_weights(work, "moe-dp2-sync")
+    assert sorted(got) == sorted(expected) and len(got) > 10
+    start = saved_weights_of(Path(converted(work, "tiny-moe")[1]) / "release")
+    moved = 0
+    for key, tensor in expected.items():
+        torch.testing.assert_close(got[key], tensor, rtol=0, atol=1e-6, msg=key)
+        moved += not torch.equal(tensor, start[key])
+    assert moved > len(expected) // 2  # the saves hold trained weights, not the starting ones
 
 
 def test_stop_and_resume_continues_with_the_same_losses(work):
@@ -113,6 +153,22 @@ def test_stop_and_resume_continues_with_the_same_losses(work):
     assert [i for i in resumed] == [1, 2, 3, 4, 5]
     for iteration in (3, 4, 5):
         assert abs(resumed[iteration] - full[iteration]) < 1e-6, (iteration, resumed, full)
+
+
+def test_raw_json_sft_trains_like_its_preprocessed_idxmap(work):
+    """MP_DATASET_TYPE=raw tokenizes on the fly: same samples, masks and order as build_sft's output."""
+    prefix = sft_data(work, 32, packing=False)
+    hf_dir, mcore = converted(work, "tiny-moe")
+    curves = {}
+    for name, data in (("idxmap", ["--data-path", prefix]),
+                       ("raw", ["--dataset-type", "raw", "--data-path", Path(prefix).parent / "train.jsonl"])):
+        log_dir = Path(work) / "raw-vs-idxmap" / name
+        flags = [f for f in sft_run_flags(prefix, hf_dir, log_dir, iterations=4) if f != "--sft-packing"]
+        flags[flags.index("--data-path"):flags.index("--data-path") + 2] = data
+        torchrun_module(1, "megatron_patch.train", *flags, "--load", mcore)
+        curves[name] = losses(log_dir)
+    assert sorted(curves["raw"]) == [1, 2, 3, 4] and curves["raw"][4] < curves["raw"][1]
+    assert curves["raw"] == pytest.approx(curves["idxmap"], abs=1e-6)
 
 
 def test_script_sft_on_cpu_memorizes_and_writes_logs_checkpoints_and_plots(work):

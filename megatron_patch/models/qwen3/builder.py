@@ -96,6 +96,12 @@ def build_transformer_config(arch: Qwen3Arch, options: BuildOptions = BuildOptio
         bias_dropout_fusion=False,
         cross_entropy_loss_fusion=False,
     )
+    if layout.virtual_pp:
+        # As Megatron-LM does for the interleaved schedule. With batched p2p and PP=2 the previous and
+        # next stage are the same rank, and an activation and a gradient of the same shape can be
+        # matched to each other's receive (seen on gloo: wrong losses, no error); the unbatched ops
+        # send the two directions over different groups.
+        fields.update(overlap_p2p_comm=True, batch_p2p_comm=False)
     if options.recompute:
         fields.update(recompute_granularity=options.recompute)
         if options.recompute == "full":
