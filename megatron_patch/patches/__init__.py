@@ -11,6 +11,8 @@
    dispatcher's split sizes become host lists on CPU as they do on a GPU.
 5. ``patch_distributed_optimizer_loading`` (always): the distributed optimizer on
    torch's Adam (no Apex/TE) can load a checkpoint before its first step.
+6. ``patch_torch_norm_sequence_parallel`` (always): the local norms accept
+   sequence parallelism (their weights' gradients reduced over TP, as TE's are).
 
 Each patch names the upstream code it works around in its module docstring.
 All are idempotent.
@@ -24,6 +26,7 @@ from megatron_patch.patches.cuda_on_cpu import cuda_on_cpu_active, patch_cuda_on
 from megatron_patch.patches.moe import patch_alltoall_splits_on_cpu, patch_te_general_gemm
 from megatron_patch.patches.optimizer_state import patch_distributed_optimizer_loading
 from megatron_patch.patches.rng import patch_cuda_rng
+from megatron_patch.patches.torch_norm import patch_torch_norm_sequence_parallel
 
 CHECKED_MEGATRON_CORE_VERSIONS = ("0.16.1",)
 
@@ -38,6 +41,7 @@ def apply_patches(cpu: bool | None = None) -> None:
         patch_cuda_rng()
         patch_alltoall_splits_on_cpu()
     patch_distributed_optimizer_loading()
+    patch_torch_norm_sequence_parallel()
 
 
 def running_on_cpu() -> bool:
@@ -53,5 +57,6 @@ __all__ = [
     "patch_cuda_rng",
     "patch_distributed_optimizer_loading",
     "patch_te_general_gemm",
+    "patch_torch_norm_sequence_parallel",
     "running_on_cpu",
 ]

@@ -97,21 +97,16 @@ def check_model_fit(config: TrainConfig, arch, use_te: bool) -> None:
         if arch.num_experts % config.expert_model_parallel_size:
             raise TrainConfigError(f"--expert-model-parallel-size {config.expert_model_parallel_size} does not divide "
                                    f"{arch.num_experts} experts")
-        if config.tensor_model_parallel_size > 1 and config.expert_model_parallel_size > 1 \
-                and not config.sequence_parallel:
-            # Megatron-Core's rule (TransformerConfig.__post_init__).
-            raise TrainConfigError("MoE with --tensor-model-parallel-size > 1 and --expert-model-parallel-size > 1 "
-                                   "needs --sequence-parallel (SP=true)")
+        if config.tensor_model_parallel_size > 1 and not config.sequence_parallel:
+            # Megatron-Core's rule: TransformerConfig.__post_init__ (with EP > 1) and MoELayer.forward
+            # (0.16.1, any training step) refuse MoE with TP and without SP.
+            raise TrainConfigError("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (SP=true)")
     elif config.expert_model_parallel_size > 1:
         raise TrainConfigError(f"--expert-model-parallel-size needs an MoE model; {config.model} is dense")
     if config.recompute == "full" and arch.num_layers // pp % config.recompute_num_layers:
         raise TrainConfigError(f"--recompute-num-layers {config.recompute_num_layers} must divide the "
                                f"{arch.num_layers // pp} layers per pipeline stage")
     if not use_te:
-        if config.sequence_parallel:
-            # megatron-core 0.16.1's local spec norm (WrappedTorchNorm) refuses sequence parallelism.
-            raise TrainConfigError("--sequence-parallel needs Transformer-Engine (or Apex) norms; without them "
-                                   "use TP without SP (dense models, or MoE with EP=1)")
         if config.context_parallel_size > 1:
             raise TrainConfigError("--context-parallel-size > 1 needs Transformer-Engine attention (not installed)")
         if config.precision == "fp8":

@@ -58,8 +58,11 @@ LAYOUT_FLAGS = {
     # The default overlaps the distributed optimizer's parameter all-gather; this one does not.
     "moe-dp2-sync": (2, "tiny-moe", ["--no-overlap-param-gather", "--no-overlap-grad-reduce"]),
     "dense-1": (1, "tiny-dense", []),
-    # Without Transformer-Engine the local norm refuses sequence parallelism: TP without SP.
     "dense-tp2": (2, "tiny-dense", ["--tensor-model-parallel-size", 2]),
+    # Sequence parallelism on the local norms (patches/torch_norm.py); MoE with TP and EP requires it.
+    "dense-tp2-sp": (2, "tiny-dense", ["--tensor-model-parallel-size", 2, "--sequence-parallel"]),
+    "moe-tp2-ep2-sp": (2, "tiny-moe", ["--tensor-model-parallel-size", 2, "--expert-model-parallel-size", 2,
+                                       "--sequence-parallel"]),
 }
 
 
@@ -112,16 +115,33 @@ def saved_weights_of(path) -> dict:
     return weights
 
 
-@pytest.mark.parametrize("name, baseline", [
-    ("moe-dp2", "moe-1"), ("moe-ep2", "moe-1"), ("moe-pp2", "moe-1"), ("moe-pp2-vp", "moe-1"),
-    ("moe-pp2-first1", "moe-1"), ("moe-recompute", "moe-1"), ("dense-tp2", "dense-1"),
+# Top-k routing is discrete: TP's reductions add in another order, a few near-tied tokens pick
+# another expert (seen: 2 of 16 micro-batch losses differ by 1e-6 at step 1) and the curves drift
+# apart by up to 2e-3 in 5 steps. So MoE with TP gets a looser bound than layouts that compute
+# every token's arithmetic the same way.
+ROUTING_DRIFT = 5e-3
+
+
+@pytest.mark.parametrize("name, baseline, tolerance", [
+    ("moe-dp2", "moe-1", 1e-4), ("moe-ep2", "moe-1", 1e-4), ("moe-pp2", "moe-1", 1e-4),
+    ("moe-pp2-vp", "moe-1", 1e-4), ("moe-pp2-first1", "moe-1", 1e-4), ("moe-recompute", "moe-1", 1e-4),
+    ("moe-tp2-ep2-sp", "moe-1", ROUTING_DRIFT), ("dense-tp2", "dense-1", 1e-4), ("dense-tp2-sp", "dense-1", 1e-4),
 ])
-def test_parallel_layouts_give_the_one_process_loss_curve(work, name, baseline):
+def test_parallel_layouts_give_the_one_process_loss_curve(work, name, baseline, tolerance):
     expected, got = layout_curve(work, baseline), layout_curve(work, name)
     assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5]
     assert expected[5] < expected[1]
     for iteration in expected:
-        assert abs(got[iteration] - expected[iteration]) < 1e-4, (iteration, got, expected)
+        assert abs(got[iteration] - expected[iteration]) < tolerance, (iteration, got, expected)
+    if tolerance < ROUTING_DRIFT:
+        # The first gradient norm sees every gradient reduction (e.g. norm weights under SP, which
+        # Adam's normalised step would hide from the losses).
+        norms = [first_grad_norm(work, n) for n in (name, baseline)]
+        assert norms[0] == pytest.approx(norms[1], rel=1e-6), norms
+
+
+def first_grad_norm(work: str, name: str) -> float:
+    return read_metrics(Path(work) / "layouts" / name)[0]["grad_norm"]
 
 
 def test_overlapped_parameter_gather_trains_and_saves_like_the_synchronous_one(work):
