@@ -145,6 +145,22 @@ def resolve_load_dir(load_dir: str | Path) -> tuple[Path, bool]:
     raise CheckpointError(f"--load {load_dir}: no {TRACKER_FILE} and not a torch_dist checkpoint directory")
 
 
+def load_weights(load_dir, chunks) -> Path:
+    """The model weights of a save directory or checkpoint (ours or converter output) into ``chunks``."""
+    from megatron.core import dist_checkpointing
+
+    path, _ = resolve_load_dir(load_dir)
+    if not (path / "metadata.json").is_file():
+        raise CheckpointError(f"{path}: not a complete torch_dist checkpoint (no metadata.json)")
+    try:
+        loaded = dist_checkpointing.load(sharded_state_dict=_model_state(chunks), checkpoint_dir=str(path))
+    except Exception as err:  # dist_checkpointing raises several types; the user needs the path and the cause
+        raise CheckpointError(f"{path}: cannot load into this model ({type(err).__name__}: {err})") from err
+    for key, chunk in zip(_model_keys(chunks), chunks):
+        chunk.load_state_dict(loaded[key], strict=True)
+    return path
+
+
 def load_checkpoint(load_dir, chunks, optimizer, scheduler, load_optim: bool = True) -> LoadedState:
     """Load weights (always) and, from our own saves, optimizer, schedule, RNG and data position."""
     from megatron.core import dist_checkpointing
