@@ -151,3 +151,35 @@ def test_prepare_names_missing_files_bad_headers_and_unsafe_archives(tmp_path, c
         handle.writestr("../escape/dev/x.csv", "a")
     assert prepare([str(tmp_path / "other"), "--cmmlu", str(unsafe)]) == 2
     assert "unsafe member path" in capsys.readouterr().err
+
+
+GENERATION_CHECK = """
+import json, sys
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from megatron_patch.evaluation.megatron_lm import MegatronLM
+
+hf_dir, mcore_dir = sys.argv[1:3]
+ours = MegatronLM(load=mcore_dir, batch_size=2, device="cpu")
+reference = HFLM(pretrained=hf_dir, dtype="float32", device="cpu", batch_size=2)
+prompts = ["以下是关于农学的单项选择题。\\n一年有多少个月？\\n答案：", "The capital of France is"]
+generate = [Instance("generate_until", {}, (p, {"until": ["\\n\\n"], "max_gen_toks": 8, "do_sample": False}), i)
+            for i, p in enumerate(prompts)]
+rolling = [Instance("loglikelihood_rolling", {}, (p * 3,), i) for i, p in enumerate(prompts)]
+print(json.dumps({
+    "generated": [ours.generate_until(generate), reference.generate_until(generate)],
+    "rolling": [ours.loglikelihood_rolling(rolling), reference.loglikelihood_rolling(rolling)],
+}))
+"""
+
+
+def test_generation_and_rolling_loglikelihood_match_the_hf_model(models):
+    hf_dir, mcore_dir = models
+    result = subprocess.run([sys.executable, "-c", GENERATION_CHECK, str(hf_dir), str(mcore_dir)], capture_output=True,
+                            text=True, timeout=600, cwd=REPO, env=offline_env(HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    ours, reference = report["generated"]
+    assert ours == reference and all(ours), report  # greedy text, cut at the stop string
+    ours, reference = report["rolling"]
+    assert ours == pytest.approx(reference, abs=1e-4) and all(v < 0 for v in ours), report
