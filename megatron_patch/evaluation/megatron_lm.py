@@ -59,7 +59,7 @@ class MegatronLM(TemplateLM):
             model_dir if (model_dir / "tokenizer.json").is_file() else bundled_qwen3_tokenizer_dir())
         self.tokenizer_dir = tokenizer_dir
         self.qwen_tokenizer = Qwen3Tokenizer.from_dir(tokenizer_dir)
-        self._eot = self._eos_id(tokenizer_dir)
+        self._eot = self._eos_id(tokenizer_dir, self.qwen_tokenizer.backend)
         self.batch_size_per_call = int(batch_size) if str(batch_size).isdigit() else 1
         self.max_length = int(max_length) if max_length else self.arch.max_position_embeddings
         self.max_gen_toks = int(max_gen_toks)
@@ -78,15 +78,13 @@ class MegatronLM(TemplateLM):
         self.device_name = "cuda" if cuda else "cpu"
 
     @staticmethod
-    def _eos_id(tokenizer_dir: Path) -> int:
+    def _eos_id(tokenizer_dir: Path, backend) -> int:
         """The tokenizer's eos token, as lm-eval's hf model takes it (its prefix and padding token)."""
-        from tokenizers import Tokenizer
-
         config_file = tokenizer_dir / "tokenizer_config.json"
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
         eos = config.get("eos_token") or "<|endoftext|>"
         eos = eos["content"] if isinstance(eos, dict) else eos
-        return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).token_to_id(eos)
+        return backend.token_to_id(eos)
 
     # --- what lm-eval asks of a TemplateLM --------------------------------------------------------------
     @property
