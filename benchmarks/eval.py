@@ -32,9 +32,11 @@ def cmmlu_requests(count: int, shots: int = 5):
     from lm_eval.api.instance import Instance
 
     def rows(split):
-        with (DATA / split / "agronomy.csv").open(encoding="utf-8") as handle:
-            return list(csv.DictReader(handle)) + list(csv.DictReader((DATA / split / "elementary_mathematics.csv")
-                                                                      .open(encoding="utf-8")))
+        found = []
+        for subject in ("agronomy", "elementary_mathematics"):
+            with (DATA / split / f"{subject}.csv").open(encoding="utf-8") as handle:
+                found += list(csv.DictReader(handle))
+        return found
 
     def text(row):
         return f"{row['Question'].strip()}\nA. {row['A']}\nB. {row['B']}\nC. {row['C']}\nD. {row['D']}\n答案："

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -101,11 +102,15 @@ class MegatronLM(TemplateLM):
     def tok_decode(self, tokens: list[int]) -> str:
         return self.qwen_tokenizer.backend.decode(tokens, skip_special_tokens=False)
 
-    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+    @cached_property
+    def _chat_tokenizer(self):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
-        return tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        return self._chat_tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                        add_generation_prompt=add_generation_prompt)
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         return self.qwen_tokenizer.chat_template if chat_template else None

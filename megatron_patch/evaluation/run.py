@@ -97,8 +97,6 @@ def _model(config: EvalConfig, kind: str):
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[config.precision]
     if kind == "hf":
         args = {"pretrained": config.model_path, "dtype": dtype}
-        if config.tokenizer:
-            args["tokenizer"] = config.tokenizer
     else:
         import megatron_patch.evaluation.megatron_lm  # noqa: F401  (registers "megatron")
 
@@ -106,8 +104,8 @@ def _model(config: EvalConfig, kind: str):
                 "tensor_model_parallel_size": config.tensor_model_parallel_size,
                 "pipeline_model_parallel_size": config.pipeline_model_parallel_size,
                 "expert_model_parallel_size": config.expert_model_parallel_size}
-        if config.tokenizer:
-            args["tokenizer"] = config.tokenizer
+    if config.tokenizer:
+        args["tokenizer"] = config.tokenizer
     args.update(config.model_args)
     return kind, args
 

@@ -15,6 +15,7 @@ columns the prompts use so the two splits load together.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import yaml
@@ -65,7 +66,14 @@ def _read_yaml(path: Path) -> dict:
 
 
 def builtin_subjects(suite: Suite) -> dict[str, str]:
-    """subject -> its few-shot description, in lm-eval's group order."""
+    """subject -> its few-shot description, in lm-eval's group order (do not mutate: cached)."""
+    return _builtin_subjects(suite.group)
+
+
+@lru_cache(maxsize=None)
+def _builtin_subjects(group: str) -> dict[str, str]:
+    # Read once per process: 67 / 52 YAML files, asked for by every task name and data check.
+    suite = SUITES[group]
     folder = _builtin_dir(suite)
     subjects = {}
     for task in _read_yaml(folder / suite.group_file)["task"]:
