@@ -47,8 +47,26 @@ def _model_keys(chunks) -> list[str]:
     return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
 
 
-def _model_state(chunks) -> dict:
-    return {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(chunks), chunks)}
+def _model_state(chunks, keep=None) -> dict:
+    """Each chunk's sharded state dict; ``keep(checkpoint_key)`` selects entries (e.g. LoRA adapters only)."""
+    states = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(chunks), chunks)}
+    if keep is None:
+        return states
+    return {key: {name: value for name, value in state.items() if keep(value.key)} for key, state in states.items()}
+
+
+def _load_into(chunks, loaded: dict, requested: dict, partial: bool) -> None:
+    """load_state_dict each chunk; with a filtered request, only the requested entries may be missing."""
+    for key, chunk in zip(_model_keys(chunks), chunks):
+        if not partial:
+            chunk.load_state_dict(loaded[key], strict=True)
+            continue
+        result = chunk.load_state_dict(loaded[key], strict=False)
+        full = set(chunk.state_dict().keys())
+        unexpected_missing = set(result.missing_keys) - (full - set(requested[key]))
+        if unexpected_missing or result.unexpected_keys:
+            raise CheckpointError(f"state mismatch: missing {sorted(unexpected_missing)[:3]}, "
+                                  f"unexpected {sorted(result.unexpected_keys)[:3]}")
 
 
 def _rng_state() -> dict:
@@ -91,15 +109,19 @@ def _optimizer_state(optimizer, model_state: dict, is_loading: bool) -> dict:
 
 def save_checkpoint(save_dir, iteration: int, chunks, optimizer, scheduler, consumed_samples: int,
                     save_optim: bool = True, side_files_from: str | Path | None = None, hf_config: dict | None = None,
-                    extra: dict | None = None) -> Path:
-    """Write SAVE/iter_XXXXXXX (staged, then renamed) and only then point the tracker at it."""
+                    extra: dict | None = None, keep=None) -> Path:
+    """Write SAVE/iter_XXXXXXX (staged, then renamed) and only then point the tracker at it.
+
+    ``keep(checkpoint_key)`` saves only part of the model (LoRA: the adapters); the optimizer state
+    is the optimizer's, whose parameters are then exactly those.
+    """
     from megatron.core import dist_checkpointing
 
     save_dir = Path(save_dir)
     final = iteration_dir(save_dir, iteration)
-    state = _model_state(chunks)
+    state = _model_state(chunks, keep)
     if save_optim:
-        state["optimizer"] = _optimizer_state(optimizer, state, is_loading=False)
+        state["optimizer"] = _optimizer_state(optimizer, _model_state(chunks), is_loading=False)
         if scheduler is not None:
             state["opt_param_scheduler"] = scheduler.state_dict()
         state["rng_state"] = _rng_sharded_object()
@@ -161,8 +183,22 @@ def load_weights(load_dir, chunks) -> Path:
     return path
 
 
-def load_checkpoint(load_dir, chunks, optimizer, scheduler, load_optim: bool = True) -> LoadedState:
-    """Load weights (always) and, from our own saves, optimizer, schedule, RNG and data position."""
+def checkpoint_info(load_dir) -> dict:
+    """What our saves record about themselves (empty for converter output)."""
+    from megatron.core import dist_checkpointing
+
+    path, _ = resolve_load_dir(load_dir)
+    if not (path / "metadata.json").is_file():
+        raise CheckpointError(f"{path}: not a complete torch_dist checkpoint (no metadata.json)")
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    return common.get("megatron_patch", {}) if isinstance(common, dict) else {}
+
+
+def load_checkpoint(load_dir, chunks, optimizer, scheduler, load_optim: bool = True, keep=None) -> LoadedState:
+    """Load weights (always) and, from our own saves, optimizer, schedule, RNG and data position.
+
+    ``keep(checkpoint_key)`` loads only part of the model (the rest keeps its values).
+    """
     from megatron.core import dist_checkpointing
 
     path, release = resolve_load_dir(load_dir)
@@ -171,9 +207,9 @@ def load_checkpoint(load_dir, chunks, optimizer, scheduler, load_optim: bool = T
     common = dist_checkpointing.load_common_state_dict(str(path))
     info = common.get("megatron_patch", {}) if isinstance(common, dict) else {}
     resume = not release and load_optim and info.get("has_optimizer", False)
-    state = _model_state(chunks)
+    state = _model_state(chunks, keep)
     if resume:
-        state["optimizer"] = _optimizer_state(optimizer, state, is_loading=True)
+        state["optimizer"] = _optimizer_state(optimizer, _model_state(chunks), is_loading=True)
         same_world = info.get("world_size") == dist.get_world_size()
         if same_world:
             state["rng_state"] = _rng_sharded_object()
@@ -181,8 +217,7 @@ def load_checkpoint(load_dir, chunks, optimizer, scheduler, load_optim: bool = T
         loaded = dist_checkpointing.load(sharded_state_dict=state, checkpoint_dir=str(path))
     except Exception as err:  # dist_checkpointing raises several types; the user needs the path and the cause
         raise CheckpointError(f"{path}: cannot load into this model ({type(err).__name__}: {err})") from err
-    for key, chunk in zip(_model_keys(chunks), chunks):
-        chunk.load_state_dict(loaded[key], strict=True)
+    _load_into(chunks, loaded, state, partial=keep is not None)
     if not resume:
         # The optimizer's main (fp32) copies were made from the initial weights.
         optimizer.reload_model_params()

@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_patch.models import TRANSFORMER_IMPLS
+
 RECOMPUTE_CHOICES = ("none", "sel", "full", "offload")
 PRECISION_CHOICES = ("fp32", "bf16", "fp16", "fp8")
 
@@ -31,6 +33,10 @@ class TrainConfig:
     model: str = _opt("tiny-moe", "preset name (0.6B ... 32B, A3B, A22B, tiny-moe, tiny-dense) or an HF model directory")
     tokenizer: str | None = _opt(None, "HF tokenizer directory (default: the HF model directory, the --load directory "
                                        "if it holds tokenizer files, else the bundled Qwen3 tokenizer)")
+    transformer_impl: str = _opt("auto", "attention/experts modules: transformer_engine (TE spec), torch (SDPA and "
+                                         "varlen attention, grouped-GEMM experts), local (Megatron-Core's stock local "
+                                         "spec) or auto (TE when importable on CUDA, else torch) (MP_TRANSFORMER_IMPL)",
+                                 choices=TRANSFORMER_IMPLS)
     # Parallel layout
     tensor_model_parallel_size: int = _opt(1, "TP")
     pipeline_model_parallel_size: int = _opt(1, "PP")
@@ -66,6 +72,15 @@ class TrainConfig:
                                             "forward pass (off without the distributed optimizer)")
     moe_aux_loss_coeff: float | None = _opt(None, "MoE load-balancing loss coefficient (default: the model's, "
                                                   "0.001 for Qwen3-MoE)")
+    # LoRA (megatron_patch.lora)
+    lora_rank: int = _opt(0, "LoRA rank; 0 trains every weight (MP_LORA_RANK)")
+    lora_alpha: float = _opt(32.0, "LoRA alpha: the update is scaled by alpha / rank (MP_LORA_ALPHA)")
+    lora_dropout: float = _opt(0.0, "dropout on the adapters' input (MP_LORA_DROPOUT)")
+    lora_target_modules: tuple[str, ...] = _opt(("all",), "linears to adapt: linear_qkv linear_proj linear_fc1 "
+                                          "linear_fc2 (experts included), HF names (q_proj ... down_proj) or all "
+                                          "(MP_LORA_TARGETS)", nargs="+")
+    save_lora_only: bool = _opt(False, "checkpoints hold the adapters (and their optimizer state) only")
+    lora_load: str | None = _opt(None, "resume from an adapter checkpoint (--save-lora-only); --load gives the base")
     # Recompute
     recompute: str = _opt("none", "activation recompute: none, sel (core attention), full (whole layers), "
                                   "offload (activations to CPU)", choices=RECOMPUTE_CHOICES)
@@ -141,6 +156,19 @@ class TrainConfig:
             fail("--eval-interval with --dataset-type raw needs --valid-data-path")
         if self.recompute == "full" and self.recompute_num_layers < 1:
             fail("--recompute-num-layers must be >= 1")
+        if self.lora_rank < 0:
+            fail(f"--lora-rank must be >= 0, got {self.lora_rank}")
+        if self.lora_rank == 0 and (self.save_lora_only or self.lora_load):
+            fail("--save-lora-only and --lora-load need --lora-rank > 0 (MP_LORA_RANK)")
+        if self.lora_rank:
+            from megatron_patch.lora.config import LoraConfigError, LoraSettings
+
+            try:
+                LoraSettings(self.lora_rank, self.lora_alpha, self.lora_dropout, tuple(self.lora_target_modules))
+            except LoraConfigError as err:
+                fail(str(err))
+            if self.lora_load and not self.load:
+                fail("--lora-load needs --load (the base model the adapters belong to)")
         if world_size is not None:
             model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
             if world_size % model_parallel:

@@ -111,13 +111,28 @@ class BatchOrder:
         return int(self._order[number % self.size])
 
 
-def collate(samples: list[dict], packed: bool) -> dict:
+PACKING_MODES = ("none", "mask", "thd")
+
+
+def collate(samples: list[dict], packing: str = "none") -> dict:
+    """A micro-batch of samples. Packed samples keep attention inside each of their segments:
+
+    - "thd": the micro-batch becomes one flat sequence [1, b*s] with ``cu_seqlens`` over all its
+      segments, for varlen attention (our torch attention, Transformer-Engine); no s x s mask.
+    - "mask": [b, s] with a block-diagonal causal mask, for Megatron-Core's local attention.
+    RoPE sees only relative positions, so inside a segment both give what restarted position ids give.
+    """
+    if packing not in PACKING_MODES:
+        raise ValueError(f"packing must be one of {PACKING_MODES}, got {packing!r}")
     batch = {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask", "position_ids")}
-    if packed:
-        # Varlen (THD) attention needs Transformer-Engine; the local attention takes this
-        # equivalent block-diagonal causal mask. RoPE only sees relative positions, so inside a
-        # block it gives what restarted position ids give.
-        length = batch["tokens"].shape[1]
+    length = batch["tokens"].shape[1]
+    if packing == "thd":
+        starts = [s["cu_seqlens"][:-1] + index * length for index, s in enumerate(samples)]
+        cu_seqlens = torch.cat([*starts, torch.tensor([len(samples) * length])]).to(torch.int32)
+        batch = {key: value.reshape(1, -1) for key, value in batch.items()}
+        batch["cu_seqlens"] = cu_seqlens
+        batch["max_seqlen"] = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    elif packing == "mask":
         batch["attention_mask"] = torch.cat([attention_mask_from_cu_seqlens(s["cu_seqlens"], length) for s in samples])
     return batch
 
@@ -126,16 +141,22 @@ class MicroBatches:
     """The micro-batches of this data-parallel rank, iteration after iteration, from ``consumed_samples``."""
 
     def __init__(self, dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 consumed_samples: int = 0, seed: int = 1234, shuffle: bool = True, packed: bool = False,
+                 consumed_samples: int = 0, seed: int = 1234, shuffle: bool = True, packing: str = "none",
                  device: str = "cpu"):
         self.dataset, self.order = dataset, BatchOrder(len(dataset), seed, shuffle)
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.per_rank = dp_rank, global_batch_size // dp_size
-        self.consumed_samples, self.packed, self.device = consumed_samples, packed, device
+        self.consumed_samples, self.packing, self.device = consumed_samples, packing, device
 
     @property
     def num_microbatches(self) -> int:
         return self.per_rank // self.micro_batch_size
+
+    def schedule_shape(self, seq_length: int) -> tuple[int, int]:
+        """(sequence length, micro-batch size) for the pipeline schedule's activation shapes."""
+        if self.packing == "thd":
+            return seq_length * self.micro_batch_size, 1
+        return seq_length, self.micro_batch_size
 
     def next_global_batch(self) -> list[dict]:
         """This rank's micro-batches of the next global batch."""
@@ -145,6 +166,7 @@ class MicroBatches:
         batches = []
         for start in range(0, self.per_rank, self.micro_batch_size):
             samples = [self.dataset[self.order.index(n)] for n in numbers[start : start + self.micro_batch_size]]
-            batch = collate(samples, self.packed)
-            batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+            batch = collate(samples, self.packing)
+            batches.append({k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                            for k, v in batch.items()})
         return batches

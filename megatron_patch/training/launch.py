@@ -22,6 +22,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from megatron_patch.models import TRANSFORMER_IMPLS
 from megatron_patch.parallel import free_port
 
 POSITIONALS = (
@@ -44,7 +45,9 @@ FLAG_SOURCES = {
     "--train-iters": "TRAIN_TOKENS_OR_ITERS", "--lr-warmup-iters": "WARMUP_TOKENS_OR_ITERS",
     "--num-layers-per-virtual-pipeline-stage": "MP_VP", "--decoder-first-pipeline-num-layers": "MP_PP0_LAYERS",
     "--sft-packing": "MP_SFT_PACKING", "--dataset-type": "MP_DATASET_TYPE", "--train-mode": "SFT",
-    "--model": "MODEL_SIZE", "--load": "PRETRAIN_CHECKPOINT_PATH",
+    "--model": "MODEL_SIZE", "--load": "PRETRAIN_CHECKPOINT_PATH", "--transformer-impl": "MP_TRANSFORMER_IMPL",
+    "--lora-rank": "MP_LORA_RANK", "--lora-alpha": "MP_LORA_ALPHA", "--lora-dropout": "MP_LORA_DROPOUT",
+    "--lora-target-modules": "MP_LORA_TARGETS",
 }
 
 
@@ -191,6 +194,17 @@ def plan(arguments: list[str], env: dict | None = None, cuda_devices: int | None
         flags += ["--data-path", *v["DATASET_PATH"].split(), "--split", "99,1,0"]
     if packing:
         flags.append("--sft-packing")
+    lora_rank = _env_int(env, "MP_LORA_RANK")
+    if lora_rank:
+        targets = (env.get("MP_LORA_TARGETS") or "all").replace(",", " ").split()
+        flags += ["--lora-rank", lora_rank, "--lora-alpha", env.get("MP_LORA_ALPHA") or 32,
+                  "--lora-dropout", env.get("MP_LORA_DROPOUT") or 0.0, "--lora-target-modules", *targets]
+        if env.get("MP_SAVE_LORA_ONLY", "false").lower() == "true":
+            flags.append("--save-lora-only")
+    impl = env.get("MP_TRANSFORMER_IMPL") or "auto"
+    if impl not in TRANSFORMER_IMPLS:
+        raise LaunchError(f"MP_TRANSFORMER_IMPL must be one of {', '.join(TRANSFORMER_IMPLS)}, got {impl!r}")
+    flags += ["--transformer-impl", impl]
     if offload is not None:
         flags += ["--optimizer-offload-fraction", offload]
     if vp is not None:
@@ -200,8 +214,8 @@ def plan(arguments: list[str], env: dict | None = None, cuda_devices: int | None
     if v["PRETRAIN_CHECKPOINT_PATH"] != "none":
         flags += ["--load", v["PRETRAIN_CHECKPOINT_PATH"]]
     if fl:
-        print("note: FL=true selects flash attention where Transformer-Engine provides it; without it the local "
-              "attention runs", file=sys.stderr)
+        print("note: FL=true: Transformer-Engine's flash attention when TE is installed; otherwise the torch "
+              "attention (SDPA) already picks PyTorch's flash kernel on CUDA", file=sys.stderr)
     flags = [str(f) for f in flags]
     _check(flags, nnodes * per_node)
     return Launch(flags, per_node, nnodes, node_rank, master_addr, master_port, name, device)
@@ -210,13 +224,13 @@ def plan(arguments: list[str], env: dict | None = None, cuda_devices: int | None
 def _check(flags: list[str], world_size: int) -> None:
     """The trainer's own checks, run here before anything starts, with Pai's argument names."""
     from megatron_patch.training.config import TrainConfigError, parse_config
-    from megatron_patch.training.loop import check_model_fit, resolve_model
+    from megatron_patch.training.loop import check_model_fit, resolve_model, resolved_transformer_impl
 
     try:
         config, _ = parse_config(flags)
         config.check(world_size)
         arch, _ = resolve_model(config.model)
-        check_model_fit(config, arch, use_te=_te_usable())
+        check_model_fit(config, arch, resolved_transformer_impl(config))
     except TrainConfigError as err:
         raise LaunchError(_with_positional_names(str(err))) from None
 
@@ -227,12 +241,6 @@ def _with_positional_names(message: str) -> str:
         return f"{flag} ({_name(FLAG_SOURCES[flag])})" if flag in FLAG_SOURCES else flag
 
     return re.sub(r"--[a-z0-9-]+", replace, message)
-
-
-def _te_usable() -> bool:
-    from megatron_patch.models.qwen3.builder import transformer_engine_usable
-
-    return transformer_engine_usable()
 
 
 def _cuda_device_count() -> int:

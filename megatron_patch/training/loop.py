@@ -77,8 +77,26 @@ def _layout(config: TrainConfig, arch):
     )
 
 
-def check_model_fit(config: TrainConfig, arch, use_te: bool) -> None:
+IMPL_MODULES = {
+    "transformer_engine": "Transformer-Engine attention and grouped experts",
+    "torch": "SdpaAttention: torch SDPA / varlen attention; GroupedGemmExperts: torch grouped_mm",
+    "local": "Megatron-Core DotProductAttention and SequentialMLP",
+}
+
+
+def resolved_transformer_impl(config: TrainConfig) -> str:
+    """The --transformer-impl this machine runs ("auto" resolved); a TE request without TE is an error."""
+    from megatron_patch.models.qwen3.builder import resolve_transformer_impl, transformer_engine_usable
+
+    if config.transformer_impl == "transformer_engine" and not transformer_engine_usable():
+        raise TrainConfigError("--transformer-impl transformer_engine needs Transformer-Engine on CUDA "
+                               "(not importable here); use torch or auto")
+    return resolve_transformer_impl(config.transformer_impl)
+
+
+def check_model_fit(config: TrainConfig, arch, impl: str) -> None:
     """Combinations that depend on the model or the machine, named before anything is built."""
+    use_te = impl == "transformer_engine"
     pp = config.pipeline_model_parallel_size
     first = config.decoder_first_pipeline_num_layers
     if first is not None:
@@ -117,11 +135,12 @@ def check_model_fit(config: TrainConfig, arch, use_te: bool) -> None:
         raise TrainConfigError("--optimizer-offload-fraction offloads GPU optimizer state; this run has no GPU")
 
 
-def _build_model(config: TrainConfig, arch, layout, device: str):
+def _build_model(config: TrainConfig, arch, layout, device: str, impl: str):
     from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
 
     recompute = {"none": None, "sel": "selective", "full": "full", "offload": None}[config.recompute]
     options = BuildOptions(layout=layout, precision="bf16" if config.precision == "fp8" else config.precision,
+                           transformer_impl=impl,
                            recompute=recompute, recompute_num_layers=config.recompute_num_layers,
                            aux_loss_coeff=config.moe_aux_loss_coeff)
     overrides = dict(calculate_per_token_loss=True, init_method_std=config.init_method_std)
@@ -174,10 +193,11 @@ def _evaluate(chunks, batches_per_eval, valid_iterator, config) -> float | None:
         for _ in range(batches_per_eval):
             micro = valid_iterator.next_global_batch()
             data = [iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro)
+            seq_length, micro_batch_size = valid_iterator.schedule_shape(config.seq_length)
             reports = get_forward_backward_func()(
                 forward_step_func=lm_forward_step, data_iterator=data, model=chunks if len(chunks) > 1 else chunks[0],
-                num_microbatches=len(micro), seq_length=config.seq_length,
-                micro_batch_size=config.micro_batch_size, forward_only=True,
+                num_microbatches=len(micro), seq_length=seq_length, micro_batch_size=micro_batch_size,
+                forward_only=True,
             )
             if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
                 totals += torch.stack([r["lm loss"] for r in reports]).sum(dim=0).double().cpu()
@@ -209,12 +229,69 @@ def _iteration_report(config: TrainConfig, iteration: int, step: dict, optimizer
     return values, line
 
 
+def is_adapter_key(key: str) -> bool:
+    from megatron_patch.lora.apply import ADAPTER_KEY_PART
+
+    return ADAPTER_KEY_PART in key
+
+
+def _apply_lora(config: TrainConfig, arch, chunks, rank0: bool):
+    """Freeze the model, attach the adapters, and say how much is trained."""
+    from megatron_patch.lora.apply import apply_lora, trainable_parameter_count
+    from megatron_patch.lora.config import LoraSettings
+
+    settings = LoraSettings(config.lora_rank, config.lora_alpha, config.lora_dropout,
+                            tuple(config.lora_target_modules), seed=config.seed)
+    apply_lora(chunks, settings)
+    if rank0:
+        trainable = trainable_parameter_count(arch, settings)
+        total = arch.parameter_counts()["total"] + trainable
+        print(f"LoRA rank {settings.rank}, alpha {settings.alpha:g}, dropout {settings.dropout:g} on "
+              f"{' '.join(settings.targets)}: {trainable:,} trainable parameters of {total:,} "
+              f"({trainable / total:.3%})", flush=True)
+    return settings
+
+
+def _load(config: TrainConfig, chunks, optimizer, scheduler, lora, rank0: bool):
+    """--load (base or full checkpoint) and, for LoRA, --lora-load (adapters, optimizer, position)."""
+    from megatron_patch.training import checkpointing
+
+    loaded = checkpointing.LoadedState()
+    if config.load:
+        keep, load_optim = None, config.load_optim
+        info = checkpointing.checkpoint_info(config.load)
+        if info.get("lora", {}).get("adapters_only"):
+            raise checkpointing.CheckpointError(f"--load {config.load}: holds LoRA adapters only; give the base "
+                                                "model as --load and this checkpoint as --lora-load")
+        if lora is not None and "lora" not in info:
+            # A base model (converter output or a full fine-tuning save): its weights, fresh adapters.
+            keep, load_optim = (lambda key: not is_adapter_key(key)), False
+        loaded = checkpointing.load_checkpoint(config.load, chunks, optimizer, scheduler, load_optim, keep=keep)
+        _report_load(loaded, rank0)
+    if config.lora_load:
+        saved = checkpointing.checkpoint_info(config.lora_load).get("lora")
+        if saved is None:
+            raise checkpointing.CheckpointError(f"--lora-load {config.lora_load}: not a LoRA checkpoint")
+        if {k: saved[k] for k in ("rank", "targets")} != {k: lora.describe()[k] for k in ("rank", "targets")}:
+            raise checkpointing.CheckpointError(f"--lora-load {config.lora_load}: adapters of rank {saved['rank']} "
+                                                f"on {' '.join(saved['targets'])} do not match this run's")
+        loaded = checkpointing.load_checkpoint(config.lora_load, chunks, optimizer, scheduler, config.load_optim,
+                                               keep=is_adapter_key)
+        _report_load(loaded, rank0)
+    return loaded
+
+
+def _report_load(loaded, rank0: bool) -> None:
+    if rank0:
+        how = f"resuming at iteration {loaded.iteration}" if loaded.resumed else "weights only, iteration 0"
+        print(f"loaded {loaded.source} ({how})", flush=True)
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Run the training described by ``config`` in this process (one rank of the job)."""
     from megatron.core import parallel_state
 
     from megatron_patch.data.tokenizer import Qwen3Tokenizer
-    from megatron_patch.models.qwen3.builder import transformer_engine_usable
     from megatron_patch.parallel import initialize_parallel
     from megatron_patch.patches import apply_patches
     from megatron_patch.training import checkpointing
@@ -237,17 +314,21 @@ def train(config: TrainConfig) -> TrainResult:
 
     device = resolve_device(config.device)
     arch, hf_dir = resolve_model(config.model)
-    check_model_fit(config, arch, use_te=transformer_engine_usable())
+    impl = resolved_transformer_impl(config)
+    check_model_fit(config, arch, impl)
     layout = _layout(config, arch)
     apply_patches(cpu=device == "cpu")
     initialize_parallel(layout, seed=config.seed, backend="gloo" if device == "cpu" else "nccl")
     world = dist.get_world_size()
     config.check(world)
     rank0 = dist.get_rank() == 0
+    if rank0:
+        print(f"transformer implementation: {impl} ({IMPL_MODULES[impl]})", flush=True)
     tokenizer_dir = resolve_tokenizer_dir(config, hf_dir)
     tokenizer = Qwen3Tokenizer.from_dir(tokenizer_dir)
 
-    chunks = _build_model(config, arch, layout, device)
+    chunks = _build_model(config, arch, layout, device, impl)
+    lora = _apply_lora(config, arch, chunks, rank0) if config.lora_rank else None
     ddp_chunks = wrap_with_ddp(chunks, config.use_distributed_optimizer, config.overlap_grad_reduce,
                                config.overlap_param_gather)
     optimizer = build_optimizer(ddp_chunks, OptimizerSettings(
@@ -258,20 +339,16 @@ def train(config: TrainConfig) -> TrainResult:
     ))
     scheduler = _scheduler(config, optimizer)
 
-    loaded = checkpointing.LoadedState()
-    if config.load:
-        loaded = checkpointing.load_checkpoint(config.load, chunks, optimizer, scheduler, config.load_optim)
-        if rank0:
-            how = f"resuming at iteration {loaded.iteration}" if loaded.resumed else "weights only, iteration 0"
-            print(f"loaded {loaded.source} ({how})", flush=True)
+    loaded = _load(config, chunks, optimizer, scheduler, lora, rank0)
 
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     train_set, valid_set = build_datasets(config, tokenizer)
     shuffle = config.sft  # GPTDataset (pretraining) is shuffled by Megatron-Core already
+    packing = ("mask" if impl == "local" else "thd") if config.sft_packing else "none"
     batches = MicroBatches(train_set, config.global_batch_size, config.micro_batch_size, dp_rank, dp_size,
                            consumed_samples=loaded.consumed_samples, seed=config.seed, shuffle=shuffle,
-                           packed=config.sft_packing, device=device)
+                           packing=packing, device=device)
     if config.eval_interval and valid_set is None and rank0:
         print("warning: no validation data (the split leaves none); validation is off", flush=True)
 
@@ -291,7 +368,7 @@ def train(config: TrainConfig) -> TrainResult:
     while iteration < config.train_iters:
         micro = batches.next_global_batch()
         data = [iter(micro) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iter(micro)
-        step = train_step(ddp_chunks, optimizer, data, len(micro), config.seq_length, config.micro_batch_size)
+        step = train_step(ddp_chunks, optimizer, data, len(micro), *batches.schedule_shape(config.seq_length))
         scheduler.step(increment=1)
         iteration += 1
         seconds = stopwatch.lap()
@@ -308,7 +385,7 @@ def train(config: TrainConfig) -> TrainResult:
                 writer.write(iteration, values, load, line)
         if config.eval_interval and valid_set is not None and iteration % config.eval_interval == 0:
             valid_batches = MicroBatches(valid_set, config.global_batch_size, config.micro_batch_size, dp_rank,
-                                         dp_size, seed=config.seed, shuffle=False, packed=config.sft_packing,
+                                         dp_size, seed=config.seed, shuffle=False, packing=packing,
                                          device=device)
             valid = _evaluate(ddp_chunks, config.eval_iters, valid_batches, config)
             if logging_rank:
@@ -319,11 +396,16 @@ def train(config: TrainConfig) -> TrainResult:
         last = iteration == config.train_iters
         stop = config.exit_interval is not None and iteration % config.exit_interval == 0
         if config.save and (last or stop or (config.save_interval and iteration % config.save_interval == 0)):
+            adapters_only = lora is not None and config.save_lora_only
+            extra = {"model": config.model, "seq_length": config.seq_length}
+            if lora is not None:
+                extra["lora"] = {**lora.describe(), "adapters_only": adapters_only}
             with synchronized_parameters(ddp_chunks):
                 path = checkpointing.save_checkpoint(
                     config.save, iteration, chunks, optimizer, scheduler, batches.consumed_samples,
-                    save_optim=config.save_optim, side_files_from=hf_dir or tokenizer_dir,
-                    hf_config=arch.to_hf_config(), extra={"model": config.model, "seq_length": config.seq_length},
+                    save_optim=config.save_optim, side_files_from=None if adapters_only else hf_dir or tokenizer_dir,
+                    hf_config=None if adapters_only else arch.to_hf_config(), extra=extra,
+                    keep=is_adapter_key if adapters_only else None,
                 )
             if rank0:
                 print(f"saved {path}", flush=True)

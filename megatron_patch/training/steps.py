@@ -114,15 +114,26 @@ def masked_token_loss(output_tensor: torch.Tensor, loss_mask: torch.Tensor):
     return total, tokens, {"lm loss": torch.stack([total.detach(), tokens.float()])}
 
 
+def packed_seq_params(batch: dict):
+    """Megatron-Core's THD description of a packed batch (``collate(..., "thd")``), else None."""
+    if "cu_seqlens" not in batch:
+        return None
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=batch["cu_seqlens"], cu_seqlens_kv=batch["cu_seqlens"],
+                           max_seqlen_q=batch["max_seqlen"], max_seqlen_kv=batch["max_seqlen"])
+
+
 def lm_forward_step(data_iterator: Iterator, model):
-    """Forward step for batches of dicts with tokens, labels, loss_mask, position_ids."""
+    """Forward step for batches of dicts with tokens, labels, loss_mask, position_ids (+ packing)."""
     batch = next(data_iterator)
     output = model(
         input_ids=batch["tokens"],
         position_ids=batch["position_ids"],
-        # None: causal. Packed SFT batches on the local attention carry a block-diagonal mask.
+        # None: causal. Packed SFT batches carry cu_seqlens (THD) or, for the local attention, a block mask.
         attention_mask=batch.get("attention_mask"),
         labels=batch["labels"],
+        packed_seq_params=packed_seq_params(batch),
     )
     return output, lambda output_tensor: masked_token_loss(output_tensor, batch["loss_mask"])
 

@@ -57,6 +57,13 @@ LAYOUT_FLAGS = {
     "moe-recompute": (1, "tiny-moe", ["--recompute", "full", "--recompute-num-layers", 2]),
     # The default overlaps the distributed optimizer's parameter all-gather; this one does not.
     "moe-dp2-sync": (2, "tiny-moe", ["--no-overlap-param-gather", "--no-overlap-grad-reduce"]),
+    # Two samples per micro-batch (the aux loss is per micro-batch, so this is its own baseline).
+    "moe-mbs2": (1, "tiny-moe", ["--micro-batch-size", 2]),
+    # Megatron-Core's stock local spec (DotProductAttention with a block mask, SequentialMLP) against
+    # the default torch modules (THD varlen attention, grouped experts).
+    "moe-local-mbs2": (1, "tiny-moe", ["--transformer-impl", "local", "--micro-batch-size", 2]),
+    # Two packed samples flattened into one THD sequence, sent between pipeline stages.
+    "moe-pp2-mbs2": (2, "tiny-moe", ["--pipeline-model-parallel-size", 2, "--micro-batch-size", 2]),
     "dense-1": (1, "tiny-dense", []),
     "dense-tp2": (2, "tiny-dense", ["--tensor-model-parallel-size", 2]),
     # Sequence parallelism on the local norms (patches/torch_norm.py); MoE with TP and EP requires it.
@@ -125,6 +132,7 @@ ROUTING_DRIFT = 5e-3
 @pytest.mark.parametrize("name, baseline, tolerance", [
     ("moe-dp2", "moe-1", 1e-4), ("moe-ep2", "moe-1", 1e-4), ("moe-pp2", "moe-1", 1e-4),
     ("moe-pp2-vp", "moe-1", 1e-4), ("moe-pp2-first1", "moe-1", 1e-4), ("moe-recompute", "moe-1", 1e-4),
+    ("moe-local-mbs2", "moe-mbs2", 1e-4), ("moe-pp2-mbs2", "moe-mbs2", 1e-4),
     ("moe-tp2-ep2-sp", "moe-1", ROUTING_DRIFT), ("dense-tp2", "dense-1", 1e-4), ("dense-tp2-sp", "dense-1", 1e-4),
 ])
 def test_parallel_layouts_give_the_one_process_loss_curve(work, name, baseline, tolerance):

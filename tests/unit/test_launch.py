@@ -50,6 +50,9 @@ def test_environment_knobs_and_cpu_processes():
     assert (launch.device, launch.nproc_per_node, launch.nnodes) == ("cpu", 2, 1)
     assert flag(launch, "--dataset-type") == "raw" and flag(launch, "--valid-data-path") == "valid.json"
     assert "--no-save-optim" in launch.flags
+    assert flag(launch, "--transformer-impl") == "auto"
+    stock = plan(arguments(), env={"MP_TRANSFORMER_IMPL": "local"}, cuda_devices=0)
+    assert flag(stock, "--transformer-impl") == "local"
     dlc = plan(arguments(ENV="dlc", GLOBAL_BATCH_SIZE="16"), env={"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "node0",
                                           "MASTER_PORT": "6000", "KUBERNETES_CONTAINER_RESOURCE_GPU": "8"},
                cuda_devices=8)
@@ -74,6 +77,8 @@ def test_environment_knobs_and_cpu_processes():
     (dict(PP="3", GLOBAL_BATCH_SIZE="6"), {"MP_NPROC": "3", "MP_PP0_LAYERS": "1"}, "the other 3 layers must split evenly"),
     (dict(AC="full", PP="2"), {"MP_NPROC": "2", "MP_AC_LAYERS": "3"}, "--recompute-num-layers (MP_AC_LAYERS) 3 must divide the 2 layers"),
     (dict(CP="2"), {"MP_NPROC": "2"}, "needs Transformer-Engine attention"),
+    (dict(), {"MP_TRANSFORMER_IMPL": "flash"}, "MP_TRANSFORMER_IMPL must be one of auto, transformer_engine"),
+    (dict(), {"MP_TRANSFORMER_IMPL": "transformer_engine"}, "(MP_TRANSFORMER_IMPL) transformer_engine needs Transformer-Engine"),
     (dict(OPTIMIZER_OFFLOAD="0.5"), {}, "this run has no GPU"),
     (dict(MODEL_SIZE="70B"), {}, "--model (MODEL_SIZE (argument 2)) '70B': not a directory and not a preset"),
 ])

@@ -21,7 +21,7 @@ def test_packed_samples_give_the_logits_they_give_alone(megatron_world, hf_check
     generator = torch.Generator().manual_seed(0)
     samples = [torch.randint(0, arch.vocab_size, (n,), generator=generator).tolist() for n in (7, 12, 5)]
     packed = pack_samples([(ids, [1] * len(ids)) for ids in samples], seq_length=24, pad_id=0)
-    batch = collate([packed], packed=True)
+    batch = collate([packed], packing="mask")
     together = logits(model, batch["tokens"], batch["position_ids"], batch["attention_mask"])[0]
     start = 0
     for ids in samples:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from megatron_patch.models import TRANSFORMER_IMPLS
 from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.parallel import ParallelLayout
 
@@ -32,13 +33,21 @@ def transformer_engine_usable() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+def resolve_transformer_impl(requested: str = "auto") -> str:
+    if requested not in TRANSFORMER_IMPLS:
+        raise ValueError(f"transformer implementation must be one of {TRANSFORMER_IMPLS}, got {requested!r}")
+    if requested == "auto":
+        return "transformer_engine" if transformer_engine_usable() else "torch"
+    return requested
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     """How to instantiate a model (as opposed to what the model is: ``Qwen3Arch``)."""
 
     layout: ParallelLayout = ParallelLayout()
     precision: str = "fp32"
-    use_transformer_engine: bool | None = None  # None: when importable on CUDA
+    transformer_impl: str = "auto"  # see TRANSFORMER_IMPLS
     moe_dispatcher: str = "alltoall"
     moe_router_dtype: str | None = "fp32"
     recompute: str | None = None  # None, "selective" or "full"
@@ -47,10 +56,11 @@ class BuildOptions:
     # None: keep the HF coefficient; 0 disables the aux loss (e.g. for parity checks).
     aux_loss_coeff: float | None = None
 
+    def resolved_impl(self) -> str:
+        return resolve_transformer_impl(self.transformer_impl)
+
     def resolved_use_te(self) -> bool:
-        if self.use_transformer_engine is None:
-            return transformer_engine_usable()
-        return self.use_transformer_engine
+        return self.resolved_impl() == "transformer_engine"
 
 
 def build_transformer_config(arch: Qwen3Arch, options: BuildOptions = BuildOptions(), **overrides):
@@ -132,15 +142,20 @@ def build_transformer_config(arch: Qwen3Arch, options: BuildOptions = BuildOptio
     return TransformerConfig(**fields)
 
 
-def build_layer_spec(config, use_transformer_engine: bool, vp_stage: int | None = None):
-    """Megatron-Core's decoder block spec for this pipeline stage, with TE-compatible checkpoint keys."""
+def build_layer_spec(config, transformer_impl: str, vp_stage: int | None = None):
+    """Megatron-Core's decoder block spec for this pipeline stage, with TE-compatible checkpoint keys.
+
+    ``transformer_impl`` "torch" swaps our SDPA attention and grouped-GEMM experts into the local
+    spec; both keep the local spec's parameter layout on disk.
+    """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
+    use_te = transformer_impl == "transformer_engine"
     block = get_gpt_decoder_block_spec(
-        config=config, use_transformer_engine=use_transformer_engine, normalization="RMSNorm", vp_stage=vp_stage
+        config=config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage
     )
-    if use_transformer_engine:
+    if use_te:
         return block
     # The local spec maps pre_mlp_layernorm onto the fused TE key of a dense MLP
     # (mlp.linear_fc1.layer_norm_weight) for MoE layers too, but the TE MoE spec
@@ -152,12 +167,31 @@ def build_layer_spec(config, use_transformer_engine: bool, vp_stage: int | None 
         if submodules.mlp.module is MoELayer and "pre_mlp_layernorm." in submodules.sharded_state_dict_keys_map:
             keys_map = dict(submodules.sharded_state_dict_keys_map)
             keys_map.pop("pre_mlp_layernorm.")
-            spec = dataclasses.replace(
-                spec, submodules=dataclasses.replace(submodules, sharded_state_dict_keys_map=keys_map)
-            )
-        fixed.append(spec)
+            submodules = dataclasses.replace(submodules, sharded_state_dict_keys_map=keys_map)
+        if transformer_impl == "torch":
+            submodules = _with_torch_kernels(submodules)
+        fixed.append(dataclasses.replace(spec, submodules=submodules))
     block.layer_specs = fixed
     return block
+
+
+def _with_torch_kernels(layer):
+    """A local-spec layer's submodules with SdpaAttention and, for MoE layers, GroupedGemmExperts."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_patch.models.attention import SdpaAttention
+    from megatron_patch.models.experts import GroupedGemmExperts
+
+    attention = layer.self_attention
+    attention = dataclasses.replace(
+        attention, submodules=dataclasses.replace(attention.submodules, core_attention=SdpaAttention)
+    )
+    mlp = layer.mlp
+    if mlp.module is MoELayer and mlp.submodules.experts.module is SequentialMLP:
+        experts = dataclasses.replace(mlp.submodules.experts, module=GroupedGemmExperts)
+        mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, experts=experts))
+    return dataclasses.replace(layer, self_attention=attention, mlp=mlp)
 
 
 def build_gpt_model(arch: Qwen3Arch, options: BuildOptions = BuildOptions(), vp_stage: int | None = None, **config_overrides):
@@ -169,8 +203,7 @@ def build_gpt_model(arch: Qwen3Arch, options: BuildOptions = BuildOptions(), vp_
     from megatron.core.models.gpt import GPTModel
 
     config = build_transformer_config(arch, options, **config_overrides)
-    use_te = options.resolved_use_te()
-    spec = build_layer_spec(config, use_te, vp_stage=vp_stage)
+    spec = build_layer_spec(config, options.resolved_impl(), vp_stage=vp_stage)
     return GPTModel(
         config=config,
         transformer_layer_spec=spec,
