@@ -257,7 +257,7 @@ def print_report(report: dict):
     print(f"device {report['device']}, torch {report['torch']}; slice: {report['layers']} layers, hidden "
           f"{report['hidden']}, {report['experts']} experts top-{report['topk']}; {report['micro_batch_size']} x "
           f"{report['seq_length']} tokens per step; {report['gflops_per_token']:.2f} GFLOP/token")
-    print(f"bf16 matmul peak measured {report['measured_bf16_peak_tflops']:.1f} TFLOP/s; datasheet "
+    print(f"bf16 matmul peak measured {report['measured_bf16_peak_tflops']:.3g} TFLOP/s; datasheet "
           f"{report['datasheet_bf16_tflops']}")
     print("checks:", json.dumps(report["checks"]))
     runs = report["runs"]
@@ -267,7 +267,7 @@ def print_report(report: dict):
             continue
         memory = "" if run["peak_memory_gib"] is None else f" | peak {run['peak_memory_gib']:.1f} GiB"
         datasheet = "" if run["mfu_datasheet"] is None else f" | MFU {run['mfu_datasheet']:.1%} of datasheet"
-        print(f"{name:14s} {run['tokens_per_s']:10,.0f} tokens/s | {run['tflops']:7.1f} TFLOP/s | MFU "
+        print(f"{name:14s} {run['tokens_per_s']:10,.0f} tokens/s | {run['tflops']:7.3g} TFLOP/s | MFU "
               f"{run['mfu_measured_peak']:.1%} of measured peak{datasheet}{memory}")
     ours = runs.get("torch", {}).get("tokens_per_s")
     for other in ("local", "transformers"):
