@@ -15,7 +15,7 @@ One process, one device. The slice keeps the A3B width (hidden 2048, 32 query / 
 Timings are --steps steps after --warmup steps. MFU = tokens/s x model FLOPs/token / peak, with
 the FLOPs/token formula of docs/benchmarks.md (6 x active matmul parameters + causal attention).
 
-  python benchmarks/train_gpu.py [--layers 4] [--seq-length 4096] [--micro-batch-size 2]
+  python benchmarks/train_gpu.py [--layers 2] [--seq-length 4096] [--micro-batch-size 2]
   python benchmarks/train_gpu.py --tiny --device cpu          # the same code on a CPU-sized model
 """
 
@@ -36,7 +36,7 @@ DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=2, help="A3B layers in the slice (4 may not fit in 80 GB with Adam state)")
     parser.add_argument("--seq-length", type=int, default=4096)
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)

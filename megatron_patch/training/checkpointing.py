@@ -172,8 +172,11 @@ def load_weights(load_dir, chunks) -> Path:
     from megatron.core import dist_checkpointing
 
     path, _ = resolve_load_dir(load_dir)
-    if not (path / "metadata.json").is_file():
-        raise CheckpointError(f"{path}: not a complete torch_dist checkpoint (no metadata.json)")
+    lora = checkpoint_info(path).get("lora")
+    if lora is not None:
+        # The model here has no adapters: loading would silently give the base model's behaviour.
+        raise CheckpointError(f"{path}: a LoRA checkpoint (rank {lora['rank']} on {' '.join(lora['targets'])}); "
+                              "merge its adapters into the base model first")
     try:
         loaded = dist_checkpointing.load(sharded_state_dict=_model_state(chunks), checkpoint_dir=str(path))
     except Exception as err:  # dist_checkpointing raises several types; the user needs the path and the cause

@@ -34,7 +34,7 @@ def adapters(weights: dict) -> dict:
     return {k: v for k, v in weights.items() if ".adapter." in k}
 
 
-def test_lora_trains_adapters_and_leaves_every_base_weight_bitwise_unchanged(work):
+def test_lora_trains_adapters_and_leaves_every_base_weight_bitwise_unchanged(work, megatron_world):
     root, result = lora_run(work, "full-save")
     assert "LoRA rank 8, alpha 16, dropout 0 on linear_qkv linear_proj linear_fc1 linear_fc2" in result.stdout
     curve = losses(root / "log")
@@ -51,6 +51,13 @@ def test_lora_trains_adapters_and_leaves_every_base_weight_bitwise_unchanged(wor
     for key, tensor in trained.items():
         if key.endswith("linear_out.weight"):
             assert tensor.abs().amax() > 0, key
+    # A model without adapters (e.g. evaluation's) must not load it as if it were the base model.
+    from megatron_patch.models.qwen3.builder import build_gpt_model
+    from megatron_patch.models.qwen3.presets import get_preset
+    from megatron_patch.training.checkpointing import CheckpointError, load_weights
+
+    with pytest.raises(CheckpointError, match="a LoRA checkpoint .rank 8 on linear_qkv"):
+        load_weights(root / "checkpoint", [build_gpt_model(get_preset("tiny-moe"))])
 
 
 def test_adapter_only_checkpoints_resume_exactly_and_ep2_trains_like_ep1(work):
