@@ -30,9 +30,6 @@ import time
 
 import torch
 
-DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0}
-
-
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -81,13 +78,6 @@ def matmul_peak_tflops(device: str) -> float:
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     seconds = timed(lambda: a @ b, 3, 20 if device == "cuda" else 3, device)
     return 2 * n**3 / seconds / 1e12
-
-
-def datasheet_tflops(device: str) -> float | None:
-    if device != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in sorted(DATASHEET_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in name), None)
 
 
 def peak_memory_gib(device: str) -> float | None:
@@ -213,14 +203,15 @@ def main():
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     from megatron_patch.parallel import ParallelLayout, initialize_parallel
     from megatron_patch.patches import apply_patches
-    from megatron_patch.training.metrics import model_flops_per_token
+    from megatron_patch.training.metrics import device_peak_tflops, model_flops_per_token
 
     apply_patches(cpu=args.device == "cpu")
     initialize_parallel(ParallelLayout(), backend="gloo" if args.device == "cpu" else "nccl")
     arch = slice_arch(args)
     tokens = args.micro_batch_size * args.seq_length
     flops_per_token = model_flops_per_token(arch, args.seq_length)
-    measured_peak, datasheet = matmul_peak_tflops(args.device), datasheet_tflops(args.device)
+    measured_peak = matmul_peak_tflops(args.device)
+    datasheet = device_peak_tflops() if args.device == "cuda" else None
     report = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}",
         "torch": torch.__version__, "layers": arch.num_layers, "hidden": arch.hidden_size,

@@ -9,19 +9,12 @@ the adapter keys beside them; a forward hook adds the adapter's output to the li
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from megatron_patch.lora.config import LoraConfigError, LoraSettings
 from megatron_patch.lora.layers import GroupedLoraAdapter, LoraAdapter
 
 ADAPTER_KEY_PART = ".adapter."  # in every adapter parameter's checkpoint key (dense, expert, grouped)
-
-
-@dataclass
-class LoraReport:
-    adapters: int = 0  # adapted linears on this rank (each expert counts)
 
 
 def _add_adapter_output(module, args, output):
@@ -57,7 +50,12 @@ def _check_layout() -> None:
                               "use TP=1 with EP/PP/DP")
 
 
-def apply_lora(chunks, settings: LoraSettings) -> LoraReport:
+def is_adapter_key(key: str) -> bool:
+    """Whether a checkpoint key belongs to a LoRA adapter."""
+    return ADAPTER_KEY_PART in key
+
+
+def apply_lora(chunks, settings: LoraSettings) -> None:
     """Freeze every parameter of ``chunks`` and attach adapters to ``settings.targets``; in place."""
     from megatron.core import parallel_state
     from megatron.core.transformer.moe.experts import SequentialMLP
@@ -67,7 +65,6 @@ def apply_lora(chunks, settings: LoraSettings) -> LoraReport:
     from megatron_patch.models.experts import GroupedGemmExperts
 
     _check_layout()
-    report = LoraReport()
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     for chunk in chunks:
         for parameter in chunk.parameters():
@@ -78,13 +75,11 @@ def apply_lora(chunks, settings: LoraSettings) -> LoraReport:
             for target in ("linear_qkv", "linear_proj"):
                 if target in settings.targets:
                     _attach(getattr(attention, target), settings, f"{prefix}.self_attention.{target}")
-                    report.adapters += 1
             mlp = layer.mlp
             if not isinstance(mlp, MoELayer):
                 for target in ("linear_fc1", "linear_fc2"):
                     if target in settings.targets and hasattr(mlp, target):
                         _attach(getattr(mlp, target), settings, f"{prefix}.mlp.{target}")
-                        report.adapters += 1
                 continue
             if getattr(mlp, "shared_experts", None) is not None:
                 raise LoraConfigError("LoRA on shared experts is not supported (Qwen3-MoE has none)")
@@ -96,7 +91,6 @@ def apply_lora(chunks, settings: LoraSettings) -> LoraReport:
                         if target in settings.targets:
                             _attach(getattr(expert, target), settings,
                                     f"{prefix}.mlp.experts.{first + local}.{target}", expert=True)
-                            report.adapters += 1
             elif isinstance(experts, GroupedGemmExperts):
                 for target, stacked, slot in (("linear_fc1", experts.weight1, "fc1_adapter"),
                                               ("linear_fc2", experts.weight2, "fc2_adapter")):
@@ -108,11 +102,9 @@ def apply_lora(chunks, settings: LoraSettings) -> LoraReport:
                             names, settings.seed, stacked.dtype, stacked.device)
                         _mark_expert_parameters(adapter)
                         setattr(experts, slot, adapter)
-                        report.adapters += count
             else:
                 raise LoraConfigError(f"LoRA: experts module {type(experts).__name__} is not supported "
                                       "(use --transformer-impl torch or local)")
-    return report
 
 
 def trainable_parameter_count(arch, settings: LoraSettings) -> int:

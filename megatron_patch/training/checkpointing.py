@@ -47,11 +47,14 @@ def _model_keys(chunks) -> list[str]:
     return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
 
 
-def _model_state(chunks, keep=None) -> dict:
-    """Each chunk's sharded state dict; ``keep(checkpoint_key)`` selects entries (e.g. LoRA adapters only)."""
-    states = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(chunks), chunks)}
+def _model_state(chunks) -> dict:
+    return {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(chunks), chunks)}
+
+
+def _selected(states: dict, keep=None) -> dict:
+    """The entries of ``_model_state`` whose checkpoint key ``keep`` accepts (all without ``keep``)."""
     if keep is None:
-        return states
+        return dict(states)
     return {key: {name: value for name, value in state.items() if keep(value.key)} for key, state in states.items()}
 
 
@@ -119,9 +122,10 @@ def save_checkpoint(save_dir, iteration: int, chunks, optimizer, scheduler, cons
 
     save_dir = Path(save_dir)
     final = iteration_dir(save_dir, iteration)
-    state = _model_state(chunks, keep)
+    model_state = _model_state(chunks)
+    state = _selected(model_state, keep)
     if save_optim:
-        state["optimizer"] = _optimizer_state(optimizer, _model_state(chunks), is_loading=False)
+        state["optimizer"] = _optimizer_state(optimizer, model_state, is_loading=False)
         if scheduler is not None:
             state["opt_param_scheduler"] = scheduler.state_dict()
         state["rng_state"] = _rng_sharded_object()
@@ -210,9 +214,10 @@ def load_checkpoint(load_dir, chunks, optimizer, scheduler, load_optim: bool = T
     common = dist_checkpointing.load_common_state_dict(str(path))
     info = common.get("megatron_patch", {}) if isinstance(common, dict) else {}
     resume = not release and load_optim and info.get("has_optimizer", False)
-    state = _model_state(chunks, keep)
+    model_state = _model_state(chunks)
+    state = _selected(model_state, keep)
     if resume:
-        state["optimizer"] = _optimizer_state(optimizer, _model_state(chunks), is_loading=True)
+        state["optimizer"] = _optimizer_state(optimizer, model_state, is_loading=True)
         same_world = info.get("world_size") == dist.get_world_size()
         if same_world:
             state["rng_state"] = _rng_sharded_object()

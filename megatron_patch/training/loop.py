@@ -229,12 +229,6 @@ def _iteration_report(config: TrainConfig, iteration: int, step: dict, optimizer
     return values, line
 
 
-def is_adapter_key(key: str) -> bool:
-    from megatron_patch.lora.apply import ADAPTER_KEY_PART
-
-    return ADAPTER_KEY_PART in key
-
-
 def _apply_lora(config: TrainConfig, arch, chunks, rank0: bool):
     """Freeze the model, attach the adapters, and say how much is trained."""
     from megatron_patch.lora.apply import apply_lora, trainable_parameter_count
@@ -254,6 +248,7 @@ def _apply_lora(config: TrainConfig, arch, chunks, rank0: bool):
 
 def _load(config: TrainConfig, chunks, optimizer, scheduler, lora, rank0: bool):
     """--load (base or full checkpoint) and, for LoRA, --lora-load (adapters, optimizer, position)."""
+    from megatron_patch.lora.apply import is_adapter_key
     from megatron_patch.training import checkpointing
 
     loaded = checkpointing.LoadedState()
@@ -396,6 +391,8 @@ def train(config: TrainConfig) -> TrainResult:
         last = iteration == config.train_iters
         stop = config.exit_interval is not None and iteration % config.exit_interval == 0
         if config.save and (last or stop or (config.save_interval and iteration % config.save_interval == 0)):
+            from megatron_patch.lora.apply import is_adapter_key
+
             adapters_only = lora is not None and config.save_lora_only
             extra = {"model": config.model, "seq_length": config.seq_length}
             if lora is not None:
