@@ -97,14 +97,16 @@ def hf_to_megatron(config: ConvertConfig, arch: Qwen3Arch) -> Path:
     return config.save_dir / "release"
 
 
-def megatron_to_hf(config: ConvertConfig, arch: Qwen3Arch, config_dir: Path | None) -> Path:
+def megatron_to_hf(config: ConvertConfig, arch: Qwen3Arch, config_dir: Path | None, delta=None) -> Path:
+    """torch_dist -> HF; ``delta`` (see ``write_hf_safetensors``) changes tensors on the way (LoRA merge)."""
     import json
 
     from megatron_patch.convert.to_hf import write_hf_safetensors
 
     checkpoint_dir = resolve_checkpoint_dir(config.load_dir, config.iteration)
     with StagedOutput(config.save_dir, config.force) as staging, Progress("torch_dist -> hf") as progress:
-        write_hf_safetensors(arch, checkpoint_dir, staging, config.precision, config.max_shard_bytes, progress)
+        write_hf_safetensors(arch, checkpoint_dir, staging, config.precision, config.max_shard_bytes, progress,
+                             delta)
         if dist.get_rank() == 0:
             dtype_name = DTYPE_NAMES[config.precision]
             copied = copy_side_files(config_dir, staging, dtype_name) if config_dir else []
@@ -114,22 +116,31 @@ def megatron_to_hf(config: ConvertConfig, arch: Qwen3Arch, config_dir: Path | No
     return checkpoint_dir
 
 
-def verify(config: ConvertConfig, arch: Qwen3Arch, hf_dir: Path, checkpoint_dir: Path) -> None:
-    """Load both sides and compare logits on a short prompt; raises ConversionError on a mismatch."""
+def verify_memory_shortfall(arch: Qwen3Arch) -> str | None:
+    """Why a logits check of ``arch`` does not fit in this machine's memory (None when it does)."""
     import psutil
-    from megatron.core import dist_checkpointing
 
-    from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
-    from megatron_patch.models.qwen3.parity import compare_with_transformers
-
-    if dist.get_world_size() > 1:
-        print("verify: skipped (it runs in single-process conversions)")
-        return
     # An fp32 Megatron model and up to two transformers models at once.
     needed = arch.parameter_counts()["total"] * 4 * 3
     available = psutil.virtual_memory().available
     if needed > available:
-        print(f"verify: skipped ({needed / 2**30:.0f} GiB needed, {available / 2**30:.0f} GiB available)")
+        return f"{needed / 2**30:.0f} GiB needed, {available / 2**30:.0f} GiB available"
+    return None
+
+
+def verify(config: ConvertConfig, arch: Qwen3Arch, hf_dir: Path, checkpoint_dir: Path) -> None:
+    """Load both sides and compare logits on a short prompt; raises ConversionError on a mismatch."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
+    from megatron_patch.models.qwen3.parity import compare_with_transformers, probe_tokens
+
+    if dist.get_world_size() > 1:
+        print("verify: skipped (it runs in single-process conversions)")
+        return
+    shortfall = verify_memory_shortfall(arch)
+    if shortfall:
+        print(f"verify: skipped ({shortfall})")
         return
     device = "cuda" if config.use_cuda and torch.cuda.is_available() else "cpu"
     model = build_gpt_model(arch, BuildOptions(precision=config.precision, aux_loss_coeff=0.0))
@@ -139,8 +150,7 @@ def verify(config: ConvertConfig, arch: Qwen3Arch, hf_dir: Path, checkpoint_dir:
         strict="raise_unexpected",
     )
     model.load_state_dict(state["model"])
-    tokens = torch.randint(0, arch.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
-    result = compare_with_transformers(arch, hf_dir, tokens, config.precision, device=device, model_chunks=model)
+    result = compare_with_transformers(arch, hf_dir, probe_tokens(arch), config.precision, device=device, model_chunks=model)
     print(f"verify: {result}")
     if not result.passed:
         raise ConversionError(f"verify failed: {result}")

@@ -10,8 +10,8 @@ work independently.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -22,23 +22,16 @@ from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.models.qwen3.builder import PRECISIONS
 from megatron_patch.models.qwen3.mapping import bound_qwen3_mappings
 from megatron_patch.models.sharded_state import address_of, local_slice, shard_bytes
+from megatron_patch.models.weight_mapping import MegatronAddress
 
 __all__ = ["CheckpointContentError", "write_hf_safetensors"]
 
 
 def _stored_region(checkpoint: TorchDistCheckpoint, shard) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
-    """(key, offsets, sizes) of a template shard in the checkpoint.
-
-    Stacked layer keys are the default; checkpoints written with a list-valued
-    ``moe_layer_freq`` (e.g. Pai's ``([1]*48)``) have per-layer keys instead.
-    """
-    offsets = tuple(shard.global_offset)
+    """(key, offsets, sizes) of a template shard in the checkpoint (stacked or per-layer keys)."""
     sizes = (1,) * shard.prepend_axis_num + tuple(shard.local_shape)
-    if checkpoint.global_shape(shard.key) is None and shard.key.startswith("decoder.layers.") and offsets:
-        per_layer = re.sub(r"^decoder\.layers\.", f"decoder.layers.{offsets[0]}.", shard.key)
-        if checkpoint.global_shape(per_layer) is not None:
-            return per_layer, offsets[1:], sizes[1:]
-    return shard.key, offsets, sizes
+    key, offsets = checkpoint.locate(shard.key, tuple(shard.global_offset))
+    return key, offsets, sizes[len(sizes) - len(offsets):]
 
 
 def check_contents(checkpoint: TorchDistCheckpoint, template) -> None:
@@ -62,8 +55,13 @@ def write_hf_safetensors(
     precision: str,
     max_shard_bytes: int,
     progress=None,
+    delta: Callable[[MegatronAddress], torch.Tensor | None] | None = None,
 ) -> list[str]:
-    """Write the HF safetensors of a torch_dist checkpoint; every rank of the default group takes part."""
+    """Write the HF safetensors of a torch_dist checkpoint; every rank of the default group takes part.
+
+    ``delta(address)``, when given, is added to that Megatron tensor in fp32 before it is
+    written (LoRA merge: scale * B @ A); None leaves the tensor as stored.
+    """
     import torch.distributed as dist
 
     dtype = PRECISIONS[precision]
@@ -88,10 +86,17 @@ def write_hf_safetensors(
     if progress is not None:
         progress.start(sum(shard_bytes(s) for group in shards_of.values() for s in group))
     for address, shards in shards_of.items():
-        full = torch.empty(shards[0].global_shape[shards[0].prepend_axis_num :], dtype=dtype)
+        change = delta(address) if delta is not None else None
+        full = torch.empty(shards[0].global_shape[shards[0].prepend_axis_num :],
+                           dtype=dtype if change is None else torch.float32)
         for shard in shards:
             key, offsets, sizes = _stored_region(checkpoint, shard)
-            checkpoint.read(key, offsets, sizes, dtype, out=full[local_slice(shard)])
+            checkpoint.read(key, offsets, sizes, full.dtype, out=full[local_slice(shard)])
+        if change is not None:
+            if change.shape != full.shape:
+                raise CheckpointContentError(f"{address}: the change {tuple(change.shape)} does not fit the "
+                                             f"weight {tuple(full.shape)}")
+            full = (full + change).to(dtype)
         for name, hf_tensor in bound[address].to_hf(full).items():
             writer.write(name, hf_tensor)
             if progress is not None:

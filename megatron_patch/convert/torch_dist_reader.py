@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -89,6 +90,18 @@ class TorchDistCheckpoint:
     def global_shape(self, key: str) -> tuple[int, ...] | None:
         entry = self.tensors.get(key)
         return None if entry is None else tuple(entry.size)
+
+    def locate(self, key: str, offsets: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+        """(stored key, offsets) of a region given in stacked-layer coordinates.
+
+        Stacked layer keys are the default; checkpoints written with a list-valued
+        ``moe_layer_freq`` (e.g. Pai's ``([1]*48)``) have per-layer keys instead.
+        """
+        if key not in self.tensors and key.startswith("decoder.layers.") and offsets:
+            per_layer = re.sub(r"^decoder\.layers\.", f"decoder.layers.{offsets[0]}.", key)
+            if per_layer in self.tensors:
+                return per_layer, offsets[1:]
+        return key, offsets
 
     def read(
         self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], dtype: torch.dtype, out=None

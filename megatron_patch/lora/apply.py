@@ -107,19 +107,26 @@ def apply_lora(chunks, settings: LoraSettings) -> None:
                                       "(use --transformer-impl torch or local)")
 
 
+def adapted_shape(arch, target: str, expert: bool = False) -> tuple[int, int]:
+    """(out, in) features of the weight a target adapts (an expert's, or a dense layer's)."""
+    hidden, q = arch.hidden_size, arch.num_attention_heads * arch.head_dim
+    ffn = arch.moe_ffn_hidden_size if expert else arch.ffn_hidden_size
+    return {
+        "linear_qkv": (q + 2 * arch.num_query_groups * arch.head_dim, hidden),
+        "linear_proj": (hidden, q),
+        "linear_fc1": (2 * ffn, hidden),
+        "linear_fc2": (hidden, ffn),
+    }[target]
+
+
 def trainable_parameter_count(arch, settings: LoraSettings) -> int:
     """Adapter parameters of the whole model (any layout): rank x (in + out) per adapted linear."""
-    rank, hidden = settings.rank, arch.hidden_size
-    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
-    per_layer_attention = {"linear_qkv": hidden + q + 2 * kv, "linear_proj": q + hidden}
     total = 0
     for moe in arch.moe_layer_pattern:
-        total += sum(rank * per_layer_attention[t] for t in settings.targets if t in per_layer_attention)
-        ffn, copies = (arch.moe_ffn_hidden_size, arch.num_experts) if moe else (arch.ffn_hidden_size, 1)
-        if "linear_fc1" in settings.targets:
-            total += copies * rank * (hidden + 2 * ffn)
-        if "linear_fc2" in settings.targets:
-            total += copies * rank * (ffn + hidden)
+        for target in settings.targets:
+            expert = moe and target in ("linear_fc1", "linear_fc2")
+            copies = arch.num_experts if expert else 1
+            total += copies * settings.rank * sum(adapted_shape(arch, target, expert))
     return total
 
 

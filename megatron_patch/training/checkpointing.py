@@ -227,8 +227,8 @@ def load_checkpoint(load_dir, chunks, optimizer, scheduler, load_optim: bool = T
         raise CheckpointError(f"{path}: cannot load into this model ({type(err).__name__}: {err})") from err
     _load_into(chunks, loaded, state, partial=keep is not None)
     if not resume:
-        # The optimizer's main (fp32) copies were made from the initial weights.
-        optimizer.reload_model_params()
+        if optimizer is not None:  # its main (fp32) copies were made from the initial weights
+            optimizer.reload_model_params()
         return LoadedState(source=str(path))
     with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
         optimizer.load_state_dict(loaded["optimizer"])

@@ -396,7 +396,9 @@ def train(config: TrainConfig) -> TrainResult:
             adapters_only = lora is not None and config.save_lora_only
             extra = {"model": config.model, "seq_length": config.seq_length}
             if lora is not None:
-                extra["lora"] = {**lora.describe(), "adapters_only": adapters_only}
+                # The base it was trained on, so that export finds it for an adapter-only save.
+                base = str(Path(config.load).absolute()) if config.load else None
+                extra["lora"] = {**lora.describe(), "adapters_only": adapters_only, "base": base}
             with synchronized_parameters(ddp_chunks):
                 path = checkpointing.save_checkpoint(
                     config.save, iteration, chunks, optimizer, scheduler, batches.consumed_samples,

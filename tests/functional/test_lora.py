@@ -1,12 +1,15 @@
-"""LoRA fine-tuning end to end on CPU: frozen base, adapters trained, adapter-only checkpoints resumed."""
+"""LoRA fine-tuning end to end on CPU: frozen base, adapters trained, adapter-only checkpoints resumed,
+adapters exported merged into HF and as a PEFT adapter."""
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.functional.test_training import converted, losses, saved_weights_of, sft_data, sft_run_flags
-from tests.functional.torchrun import torchrun_module
+from tests.functional.torchrun import _run, torchrun_module
 
 pytestmark = pytest.mark.functional
 LORA_FLAGS = ["--lora-rank", 8, "--lora-alpha", 16, "--lora-target-modules", "all", "--lr", "1e-2"]
@@ -17,12 +20,18 @@ def work(tmp_path_factory):
     return str(tmp_path_factory.mktemp("lora"))
 
 
+_RUNS: dict = {}
+
+
 def lora_run(work, name, nproc=1, extra=(), iterations=5):
-    hf_dir, mcore = converted(work, "tiny-moe")
-    root = Path(work) / name
-    flags = [*sft_run_flags(sft_data(work, 64), hf_dir, root / "log", iterations), *LORA_FLAGS,
-             "--load", mcore, "--save", root / "checkpoint", *extra]
-    return root, torchrun_module(nproc, "megatron_patch.train", *flags)
+    """A LoRA SFT run from the converted tiny MoE, once per name (later tests export its checkpoint)."""
+    if (work, name) not in _RUNS:
+        hf_dir, mcore = converted(work, "tiny-moe")
+        root = Path(work) / name
+        flags = [*sft_run_flags(sft_data(work, 64), hf_dir, root / "log", iterations), *LORA_FLAGS,
+                 "--load", mcore, "--save", root / "checkpoint", *extra]
+        _RUNS[work, name] = root, torchrun_module(nproc, "megatron_patch.train", *flags)
+    return _RUNS[work, name]
 
 
 def model_weights(weights: dict) -> dict:
@@ -64,7 +73,7 @@ def test_adapter_only_checkpoints_resume_exactly_and_ep2_trains_like_ep1(work):
     """EP=2: adapters sharded over experts; stop at 2 with an adapter-only save, resume, compare."""
     ep2 = ["--expert-model-parallel-size", 2, "--save-lora-only"]
     full_root, _ = lora_run(work, "ep2", nproc=2, extra=ep2)
-    one_root, _ = lora_run(work, "ep1")
+    one_root, _ = lora_run(work, "full-save")
     full = losses(full_root / "log")
     assert full == pytest.approx(losses(one_root / "log"), abs=1e-5)
     saved = model_weights(saved_weights_of(full_root / "checkpoint" / "iter_0000005"))
@@ -96,3 +105,119 @@ def test_an_adapter_checkpoint_is_refused_as_base(work):
     flags = [*sft_run_flags(sft_data(work, 64), hf_dir, root / "again", 1), *LORA_FLAGS, "--load", root / "checkpoint"]
     with pytest.raises(AssertionError, match="holds LoRA adapters only; give the base model as --load"):
         torchrun_module(1, "megatron_patch.train", *flags)
+
+
+def export_lora(*args) -> str:
+    return _run([sys.executable, "-m", "megatron_patch.lora", *map(str, args)], timeout=300).stdout
+
+
+@pytest.fixture(scope="module")
+def base_hf(work):
+    """The converted base model back in HF form, fp32: the exact weights the adapters were trained on."""
+    path = Path(work) / "base-hf"
+    if not path.exists():
+        _run([sys.executable, "-m", "megatron_patch.convert", "--mg2hf", "--load-dir", converted(work, "tiny-moe")[1],
+              "--save-dir", path, "--precision", "fp32"], timeout=300)
+    return path
+
+
+def megatron_logits_with_adapters(work, checkpoint, tokens, targets=("all",)):
+    """The training path's model: base from the converted checkpoint, adapters from the LoRA save."""
+    from megatron_patch.lora.apply import apply_lora, is_adapter_key
+    from megatron_patch.lora.config import LoraSettings
+    from megatron_patch.models.logits import forward_logits
+    from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
+    from megatron_patch.models.qwen3.presets import get_preset
+    from megatron_patch.training.checkpointing import load_checkpoint
+
+    arch = get_preset("tiny-moe")
+    model = build_gpt_model(arch, BuildOptions(precision="fp32", aux_loss_coeff=0.0))
+    apply_lora([model], LoraSettings(8, 16.0, targets=targets))
+    load_checkpoint(converted(work, "tiny-moe")[1], [model], None, None, load_optim=False,
+                    keep=lambda key: not is_adapter_key(key))
+    load_checkpoint(checkpoint, [model], None, None, load_optim=False, keep=is_adapter_key)
+    return forward_logits([model.eval()], tokens, vocab_size=arch.vocab_size)
+
+
+def hf_logits(path, tokens, peft_dir=None):
+    from megatron_patch.models.qwen3.hf_model import load_hf_model
+
+    model = load_hf_model(path)
+    if peft_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(peft_dir))
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+def test_merged_hf_model_and_peft_adapter_give_the_megatron_logits(work, base_hf, megatron_world):
+    root, _ = lora_run(work, "full-save")
+    merged, peft_dir = Path(work) / "merged", Path(work) / "peft"
+    printed = export_lora("--adapter", root / "checkpoint", "--merged-out", merged, "--peft-out", peft_dir,
+                          "--precision", "fp32", "--hf-dir", base_hf, "--verify")
+    assert "verify merged: fp32" in printed and "verify PEFT: fp32" in printed
+    from megatron_patch.models.qwen3.presets import get_preset
+
+    tokens = torch.randint(0, get_preset("tiny-moe").vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    ours = megatron_logits_with_adapters(work, root / "checkpoint", tokens)
+    assert (ours - hf_logits(base_hf, tokens)).abs().max() > 0.1  # the adapters change the model
+    torch.testing.assert_close(hf_logits(merged, tokens), ours, rtol=0, atol=1e-4)
+    torch.testing.assert_close(hf_logits(base_hf, tokens, peft_dir), ours, rtol=0, atol=1e-4)
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["peft_type"]) == (8, 16, "LORA")
+    assert sorted(config["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                       "up_proj", "down_proj"])
+    # Only the adapted weights changed in the merge.
+    from safetensors.torch import load_file
+
+    before, after = load_file(base_hf / "model.safetensors"), load_file(merged / "model.safetensors")
+    assert sorted(before) == sorted(after)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed <= {name for name in before if name.endswith("_proj.weight")}  # not norms, router, embeddings
+    assert {name for name in before if ".self_attn." in name and name.endswith("_proj.weight")} <= changed
+
+
+def test_peft_adapter_of_expert_gate_up_only_loads(work, base_hf, megatron_world):
+    """peft 0.21.2 mis-keys gate/up adapters of fused experts unless down_proj is adapted too:
+    the export adds a zero down_proj adapter, so these adapters are applied, not silently dropped."""
+    from megatron_patch.models.qwen3.presets import get_preset
+
+    root, _ = lora_run(work, "gate-up", iterations=2, extra=["--lora-target-modules", "gate_proj"])
+    peft_dir = Path(work) / "peft-gate-up"
+    export_lora("--adapter", root / "checkpoint", "--peft-out", peft_dir, "--precision", "fp32")
+    tokens = torch.randint(0, get_preset("tiny-moe").vocab_size, (1, 24), generator=torch.Generator().manual_seed(4))
+    ours = megatron_logits_with_adapters(work, root / "checkpoint", tokens, targets=("linear_fc1",))
+    assert (ours - hf_logits(base_hf, tokens)).abs().max() > 1e-3
+    torch.testing.assert_close(hf_logits(base_hf, tokens, peft_dir), ours, rtol=0, atol=1e-4)
+
+
+def test_an_adapter_trained_at_ep2_exports_as_at_ep1(work):
+    """The EP=2 save holds adapters only: its base is the --load recorded at training time."""
+    from safetensors.torch import load_file
+
+    exports = {}
+    for name, nproc, extra in (("ep2", 2, ["--expert-model-parallel-size", 2, "--save-lora-only"]),
+                               ("full-save", 1, [])):
+        root, _ = lora_run(work, name, nproc=nproc, extra=extra)
+        out = Path(work) / f"export-{name}"
+        export_lora("--adapter", root / "checkpoint", "--merged-out", out / "merged", "--peft-out", out / "peft",
+                    "--precision", "fp32")
+        exports[name] = {part: load_file(next((out / part).glob("*.safetensors"))) for part in ("merged", "peft")}
+    for part in ("merged", "peft"):
+        ep2, ep1 = exports["ep2"][part], exports["full-save"][part]
+        assert sorted(ep2) == sorted(ep1)
+        for name, tensor in ep1.items():
+            # The adapters themselves differ by reduction order only (see the EP=2 training test).
+            torch.testing.assert_close(ep2[name], tensor, rtol=0, atol=1e-4, msg=name)
+
+
+def test_export_refuses_what_it_cannot_export(work):
+    _, mcore = converted(work, "tiny-moe")
+    with pytest.raises(AssertionError, match="not a LoRA checkpoint"):
+        export_lora("--adapter", mcore, "--peft-out", Path(work) / "never")
+    root, _ = lora_run(work, "refused", extra=["--save-lora-only"], iterations=1)
+    with pytest.raises(AssertionError, match="base checkpoint .*missing-base does not exist"):
+        export_lora("--adapter", root / "checkpoint", "--merged-out", Path(work) / "never",
+                    "--base", Path(work) / "missing-base")
+    assert not (Path(work) / "never").exists()

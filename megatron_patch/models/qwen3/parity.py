@@ -46,6 +46,11 @@ class ParityResult:
         )
 
 
+def probe_tokens(arch: Qwen3Arch, length: int = 32) -> torch.Tensor:
+    """A fixed random prompt [1, length] for logits checks."""
+    return torch.randint(0, arch.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+
+
 @torch.no_grad()
 def compare_with_transformers(
     arch: Qwen3Arch,
