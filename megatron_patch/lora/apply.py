@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from megatron_patch.lora.config import LoraConfigError, LoraSettings
-from megatron_patch.lora.layers import GroupedLoraAdapter, LoraAdapter
+from megatron_patch.lora.layers import GroupedLoraAdapter, LoraAdapter, TpSplit
 
 ADAPTER_KEY_PART = ".adapter."  # in every adapter parameter's checkpoint key (dense, expert, grouped)
 
@@ -30,24 +30,56 @@ def _mark_expert_parameters(adapter) -> None:
         parameter.allreduce = parallel_state.get_expert_model_parallel_world_size() == 1
 
 
-def _attach(linear, settings: LoraSettings, name: str, expert: bool = False) -> None:
-    weight = linear.weight
-    out_features, in_features = weight.shape
+def _split_of(linear) -> TpSplit:
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    kind = "column" if isinstance(linear, ColumnParallelLinear) else "row" if isinstance(linear, RowParallelLinear) \
+        else None
+    if kind is None:
+        raise LoraConfigError(f"LoRA: {type(linear).__name__} is not a Megatron-Core parallel linear "
+                              "(the Transformer-Engine spec is not supported; use --transformer-impl torch or local)")
+    return TpSplit(kind, linear.tp_group, bool(getattr(linear, "sequence_parallel", False)),
+                   bool(getattr(linear, "explicit_expert_comm", False)))
+
+
+def _with_sharded_adapter(linear, split: TpSplit, glu: bool) -> None:
+    """Checkpoint the adapter factor that is split over TP as a TP-sharded tensor ([gate; up] halves
+    for a gated fc1's B, as for its weight), so the saved adapter is the same at every layout.
+
+    Megatron's parallel linears save every other parameter of theirs as replicated; this wraps the
+    instance's ``sharded_state_dict`` and replaces that one entry.
+    """
+    original = linear.sharded_state_dict
+    part, axis = ("linear_out", 0) if split.kind == "column" else ("linear_in", 1)
+
+    def sharded_state_dict(prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+        from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
+
+        state = original(prefix, sharded_offsets, metadata)
+        key = f"{prefix}adapter.{part}.weight"
+        replicated = state[key]
+        sharded = make_tp_sharded_tensor_for_checkpoint(
+            replicated.data, key, axis, prepend_offsets=sharded_offsets, tp_group=split.group,
+            dp_cp_group=metadata["dp_cp_group"])
+        sharded.replica_id = (*sharded.replica_id[:2], replicated.replica_id[2])
+        state[key] = apply_swiglu_sharded_factory(sharded, sharded_offsets) if glu else sharded
+        return state
+
+    linear.sharded_state_dict = sharded_state_dict
+
+
+def _attach(linear, settings: LoraSettings, name: str, glu: bool, expert: bool = False) -> None:
+    split = _split_of(linear)
+    out_local, in_local = linear.weight.shape
+    out_features = out_local * (split.size if split.kind == "column" else 1)
+    in_features = in_local * (split.size if split.kind == "row" else 1)
     linear.adapter = LoraAdapter(in_features, out_features, settings.rank, settings.scale, settings.dropout,
-                                 name, settings.seed, weight.dtype, weight.device)
+                                 name, settings.seed, linear.weight.dtype, linear.weight.device, split)
     if expert:
         _mark_expert_parameters(linear.adapter)
+    _with_sharded_adapter(linear, split, glu)
     linear.register_forward_hook(_add_adapter_output)
-
-
-def _check_layout() -> None:
-    from megatron.core import parallel_state
-
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    etp = parallel_state.get_expert_tensor_parallel_world_size()
-    if tp > 1 or etp > 1:
-        raise LoraConfigError(f"LoRA with tensor parallelism (TP {tp}, ETP {etp}) is not supported yet; "
-                              "use TP=1 with EP/PP/DP")
 
 
 def is_adapter_key(key: str) -> bool:
@@ -64,9 +96,9 @@ def apply_lora(chunks, settings: LoraSettings) -> None:
 
     from megatron_patch.models.experts import GroupedGemmExperts
 
-    _check_layout()
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     for chunk in chunks:
+        gated = chunk.config.gated_linear_unit
         for parameter in chunk.parameters():
             parameter.requires_grad_(False)
         for layer in (m for m in chunk.modules() if isinstance(m, TransformerLayer)):
@@ -74,12 +106,12 @@ def apply_lora(chunks, settings: LoraSettings) -> None:
             attention = layer.self_attention
             for target in ("linear_qkv", "linear_proj"):
                 if target in settings.targets:
-                    _attach(getattr(attention, target), settings, f"{prefix}.self_attention.{target}")
+                    _attach(getattr(attention, target), settings, f"{prefix}.self_attention.{target}", glu=False)
             mlp = layer.mlp
             if not isinstance(mlp, MoELayer):
                 for target in ("linear_fc1", "linear_fc2"):
                     if target in settings.targets and hasattr(mlp, target):
-                        _attach(getattr(mlp, target), settings, f"{prefix}.mlp.{target}")
+                        _attach(getattr(mlp, target), settings, f"{prefix}.mlp.{target}", glu=gated and target == "linear_fc1")
                 continue
             if getattr(mlp, "shared_experts", None) is not None:
                 raise LoraConfigError("LoRA on shared experts is not supported (Qwen3-MoE has none)")
@@ -90,16 +122,20 @@ def apply_lora(chunks, settings: LoraSettings) -> None:
                     for target in ("linear_fc1", "linear_fc2"):
                         if target in settings.targets:
                             _attach(getattr(expert, target), settings,
-                                    f"{prefix}.mlp.experts.{first + local}.{target}", expert=True)
+                                    f"{prefix}.mlp.experts.{first + local}.{target}", glu=gated and target == "linear_fc1", expert=True)
             elif isinstance(experts, GroupedGemmExperts):
-                for target, stacked, slot in (("linear_fc1", experts.weight1, "fc1_adapter"),
-                                              ("linear_fc2", experts.weight2, "fc2_adapter")):
+                tp = experts.tp_group.size()
+                for target, stacked, slot, kind in (("linear_fc1", experts.weight1, "fc1_adapter", "column"),
+                                                    ("linear_fc2", experts.weight2, "fc2_adapter", "row")):
                     if target in settings.targets:
-                        count, out_features, in_features = stacked.shape
+                        count, out_local, in_local = stacked.shape
+                        split = TpSplit(kind, experts.tp_group, expert=True)
+                        out_features, in_features = (out_local * tp, in_local) if kind == "column" else \
+                            (out_local, in_local * tp)
                         names = [f"{prefix}.mlp.experts.{first + e}.{target}" for e in range(count)]
                         adapter = GroupedLoraAdapter(
                             count, in_features, out_features, settings.rank, settings.scale, settings.dropout,
-                            names, settings.seed, stacked.dtype, stacked.device)
+                            names, settings.seed, stacked.dtype, stacked.device, split)
                         _mark_expert_parameters(adapter)
                         setattr(experts, slot, adapter)
             else:

@@ -152,12 +152,15 @@ class GroupedGemmExperts(MegatronModule):
             )
             adapter = self.fc1_adapter if name == "linear_fc1" else self.fc2_adapter
             for part, tensor in ({} if adapter is None else adapter.stacked_weights()).items():
-                # What SequentialMLP writes for an adapter on each expert linear: a per-expert tensor.
+                # What SequentialMLP writes for an adapter on each expert linear: a per-expert tensor,
+                # split over expert TP where the linear is (fc1's B by rows, fc2's A by columns).
+                split = tp_axis if part == ("linear_out.weight" if tp_axis == 0 else "linear_in.weight") else None
+                split_glu = glu and split is not None
                 state[f"{prefix}{'fc1' if name == 'linear_fc1' else 'fc2'}_adapter.{part}"] = ShardedTensorFactory(
                     key=f"{prefix}experts.{name}.adapter.{part}", data=tensor,
-                    build_fn=lambda key, t, replica_id, flat: self._expert_shards(
-                        key, t, flat, None, False, sharded_offsets, metadata),
-                    merge_fn=lambda parts: self._merge_expert_shards(parts, False),
+                    build_fn=lambda key, t, replica_id, flat, a=split, g=split_glu: self._expert_shards(
+                        key, t, flat, a, g, sharded_offsets, metadata),
+                    merge_fn=lambda parts, g=split_glu: self._merge_expert_shards(parts, g),
                     replica_id=(0, 0, self.dp_group.rank()),
                 )
             for local, offsets in self._expert_offsets(sharded_offsets):

@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.functional.test_training import converted, losses, saved_weights_of, sft_data, sft_run_flags
-from tests.functional.torchrun import _run, torchrun_module
+from tests.functional.test_training import (
+    converted,
+    losses,
+    read_metrics,
+    saved_weights_of,
+    sft_data,
+    sft_run_flags,
+)
+from tests.functional.torchrun import _run, torchrun, torchrun_module
 
 pytestmark = pytest.mark.functional
 LORA_FLAGS = ["--lora-rank", 8, "--lora-alpha", 16, "--lora-target-modules", "all", "--lr", "1e-2"]
@@ -23,10 +30,10 @@ def work(tmp_path_factory):
 _RUNS: dict = {}
 
 
-def lora_run(work, name, nproc=1, extra=(), iterations=5):
-    """A LoRA SFT run from the converted tiny MoE, once per name (later tests export its checkpoint)."""
+def lora_run(work, name, nproc=1, extra=(), iterations=5, preset="tiny-moe"):
+    """A LoRA SFT run from a converted tiny model, once per name (later tests export its checkpoint)."""
     if (work, name) not in _RUNS:
-        hf_dir, mcore = converted(work, "tiny-moe")
+        hf_dir, mcore = converted(work, preset)
         root = Path(work) / name
         flags = [*sft_run_flags(sft_data(work, 64), hf_dir, root / "log", iterations), *LORA_FLAGS,
                  "--load", mcore, "--save", root / "checkpoint", *extra]
@@ -105,6 +112,45 @@ def test_an_adapter_checkpoint_is_refused_as_base(work):
     flags = [*sft_run_flags(sft_data(work, 64), hf_dir, root / "again", 1), *LORA_FLAGS, "--load", root / "checkpoint"]
     with pytest.raises(AssertionError, match="holds LoRA adapters only; give the base model as --load"):
         torchrun_module(1, "megatron_patch.train", *flags)
+
+
+def first_grad_norm(root) -> float:
+    return next(r["grad_norm"] for r in read_metrics(root / "log") if "grad_norm" in r)
+
+
+def test_tensor_parallel_lora_trains_like_one_process(work):
+    """Dense TP=2 with sequence parallelism: A whole and B split by rows on qkv/fc1, A split by
+    columns and B whole on proj/fc2; the gradient norm sees every reduction (SP sums)."""
+    one, _ = lora_run(work, "dense-1", preset="tiny-dense")
+    tp2, _ = lora_run(work, "dense-tp2-sp", nproc=2, preset="tiny-dense",
+                      extra=["--tensor-model-parallel-size", 2, "--sequence-parallel"])
+    expected, got = losses(one / "log"), losses(tp2 / "log")
+    assert expected[5] < expected[1] - 0.1
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert first_grad_norm(tp2) == pytest.approx(first_grad_norm(one), rel=1e-6)
+
+
+@pytest.mark.parametrize("preset, run, layout", [
+    ("tiny-dense", "dense-1", ["--tp", 2]),
+    ("tiny-moe", "full-save", ["--tp", 2, "--ep", 2, "--sp"]),
+    ("tiny-moe", "full-save", ["--tp", 2, "--etp", 2, "--sp"]),
+    ("tiny-moe", "full-save", ["--tp", 2, "--etp", 2, "--sp", "--transformer-impl", "local"]),
+], ids=["dense-tp2", "moe-tp2-ep2-sp", "moe-tp2-etp2-sp-grouped", "moe-tp2-etp2-sp-sequential"])
+def test_trained_adapters_load_and_save_at_tensor_parallel_layouts(work, tmp_path, preset, run, layout):
+    """Adapters trained in one process, loaded at TP/ETP=2: the same logits, and saved again
+    they are the same tensors ([gate; up] halves of fc1's B and the TP splits in place)."""
+    root, _ = lora_run(work, run, preset=preset)
+    hf_dir, mcore = converted(work, preset)
+    flags = ["--hf-dir", hf_dir, "--torch-dist", mcore, "--lora-checkpoint", root / "checkpoint"]
+    torchrun(1, "lora", *flags, "--out", tmp_path / "one.pt", "--save-dir", tmp_path / "one")
+    torchrun(2, "lora", *flags, *layout, "--out", tmp_path / "two.pt", "--save-dir", tmp_path / "two")
+    torch.testing.assert_close(torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt"), rtol=0, atol=1e-4)
+    source = adapters(saved_weights_of(root / "checkpoint" / "iter_0000005"))
+    for name in ("one", "two"):
+        again = model_weights(saved_weights_of(tmp_path / name / "iter_0000001"))
+        assert sorted(again) == sorted(source)
+        for key, tensor in source.items():
+            assert torch.equal(again[key], tensor), (name, key)
 
 
 def export_lora(*args) -> str:

@@ -4,6 +4,8 @@
   train:  a few steps on a fixed batch with DDP + distributed optimizer; save the loss per step.
   train-save: train, then save a checkpoint as the training loop does (model + optimizer +
           iteration, tracker file) under --save-dir and the trained model's logits to --out.
+  lora:   the base from --torch-dist plus the adapters of the LoRA save --lora-checkpoint, at the
+          given layout: save the logits to --out and the adapters again (adapter-only) under --save-dir.
 The model comes from --hf-dir, or from a torch_dist checkpoint with --torch-dist.
 """
 
@@ -16,7 +18,7 @@ import torch.distributed as dist
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["logits", "train", "train-save"])
+    parser.add_argument("mode", choices=["logits", "train", "train-save", "lora"])
     parser.add_argument("--hf-dir", required=True, help="HF dir (weights, or only config.json with --torch-dist)")
     parser.add_argument("--torch-dist", help="load the weights from this torch_dist checkpoint dir instead")
     parser.add_argument("--save-dir", help="train-save: Megatron save dir")
@@ -24,6 +26,10 @@ def main():
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--etp", type=int, default=1, help="expert TP")
+    parser.add_argument("--sp", action="store_true", help="sequence parallelism")
+    parser.add_argument("--transformer-impl", default="auto")
+    parser.add_argument("--lora-checkpoint", help="lora: the LoRA save whose adapters to load")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dispatcher", default="alltoall")
     args = parser.parse_args()
@@ -40,11 +46,21 @@ def main():
     from megatron_patch.parallel import ParallelLayout, initialize_parallel
     from megatron_patch.training.steps import train_on_fixed_batch
 
-    layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep)
+    layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sequence_parallel=args.sp)
     initialize_parallel(layout, seed=1234)
     arch = Qwen3Arch.from_hf_dir(args.hf_dir)
-    model = build_gpt_model(arch, BuildOptions(layout=layout, aux_loss_coeff=0.0, moe_dispatcher=args.dispatcher))
-    if args.torch_dist:
+    model = build_gpt_model(arch, BuildOptions(layout=layout, aux_loss_coeff=0.0, moe_dispatcher=args.dispatcher,
+                                                   transformer_impl=args.transformer_impl))
+    if args.mode == "lora":
+        from megatron_patch.lora.apply import apply_lora, is_adapter_key
+        from megatron_patch.lora.config import LoraSettings
+        from megatron_patch.training.checkpointing import checkpoint_info, load_checkpoint
+
+        saved = checkpoint_info(args.lora_checkpoint)["lora"]
+        apply_lora([model], LoraSettings(saved["rank"], saved["alpha"], targets=tuple(saved["targets"])))
+        load_checkpoint(args.torch_dist, [model], None, None, load_optim=False, keep=lambda k: not is_adapter_key(k))
+        load_checkpoint(args.lora_checkpoint, [model], None, None, load_optim=False, keep=is_adapter_key)
+    elif args.torch_dist:
         from megatron.core import dist_checkpointing
 
         state = dist_checkpointing.load(
@@ -58,10 +74,14 @@ def main():
 
     writer = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
     writer = writer and parallel_state.get_data_parallel_rank() == 0
-    if args.mode == "logits":
+    if args.mode in ("logits", "lora"):
         logits = forward_logits(model, tokens[:, :32], vocab_size=arch.vocab_size)
         if writer:
             torch.save(logits, args.out)
+        if args.mode == "lora":
+            from megatron_patch.training.checkpointing import save_checkpoint
+
+            save_checkpoint(args.save_dir, 1, [model], None, None, 0, save_optim=False, keep=is_adapter_key)
     elif args.mode == "train":
         losses, _ = train_on_fixed_batch(model, tokens, steps=args.steps, lr=3e-3)
         if writer:
