@@ -24,7 +24,11 @@ class TrainConfigError(ValueError):
 
 
 def _opt(default, help: str, flag: str | None = None, **argparse_kwargs):
-    return field(default=default, metadata={"help": help, "flag": flag, **argparse_kwargs})
+    """A setting with its help text; a type as ``default`` (``list``) makes a fresh empty value per config."""
+    metadata = {"help": help, "flag": flag, **argparse_kwargs}
+    if isinstance(default, type):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -187,7 +191,9 @@ class TrainConfig:
         return self.train_iters if self.lr_decay_iters is None else self.lr_decay_iters
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain values (tuples as lists), as YAML writes and --config reads them."""
+        return {key: list(value) if isinstance(value, tuple) else value
+                for key, value in dataclasses.asdict(self).items()}
 
 
 def _flag(name: str) -> str:
