@@ -258,6 +258,29 @@ def test_an_adapter_trained_at_ep2_exports_as_at_ep1(work):
             torch.testing.assert_close(ep2[name], tensor, rtol=0, atol=1e-4, msg=name)
 
 
+def test_two_adapters_of_one_base_export_and_load_side_by_side(work, base_hf, megatron_world):
+    """Two adapter-only saves trained from the same base (one at EP=2): each exports with the base
+    it recorded, and peft holds both on one HF base, each giving its own Megatron logits."""
+    from peft import PeftModel
+
+    from megatron_patch.models.qwen3.hf_model import load_hf_model
+    from megatron_patch.models.qwen3.presets import get_preset
+
+    runs = {"task_a": lora_run(work, "ep2", nproc=2, extra=["--expert-model-parallel-size", 2, "--save-lora-only"])[0],
+            "task_b": lora_run(work, "refused", extra=["--save-lora-only"], iterations=1)[0]}
+    for name, root in runs.items():
+        export_lora("--adapter", root / "checkpoint", "--peft-out", Path(work) / f"side-{name}", "--precision", "fp32")
+    model = PeftModel.from_pretrained(load_hf_model(base_hf), str(Path(work) / "side-task_a"), adapter_name="task_a")
+    model.load_adapter(str(Path(work) / "side-task_b"), adapter_name="task_b")
+    tokens = torch.randint(0, get_preset("tiny-moe").vocab_size, (1, 24), generator=torch.Generator().manual_seed(5))
+    expected = {name: megatron_logits_with_adapters(work, root / "checkpoint", tokens) for name, root in runs.items()}
+    assert (expected["task_a"] - expected["task_b"]).abs().max() > 1e-2
+    for name in runs:
+        model.set_adapter(name)
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=tokens).logits, expected[name], rtol=0, atol=1e-4, msg=name)
+
+
 def test_export_refuses_what_it_cannot_export(work):
     _, mcore = converted(work, "tiny-moe")
     with pytest.raises(AssertionError, match="not a LoRA checkpoint"):
