@@ -23,11 +23,12 @@ def _add_adapter_output(module, args, output):
 
 
 def _mark_expert_parameters(adapter) -> None:
-    """As Megatron-Core marks expert weights: with EP, DDP reduces them over the expert-data-parallel group."""
-    from megatron.core import parallel_state
+    """As expert weights are marked: DDP reduces them over the expert-data-parallel group unless it is the dense one."""
+    from megatron_patch.patches.expert_grads import expert_params_reduce_with_dense
 
+    shared = expert_params_reduce_with_dense()
     for parameter in adapter.parameters():
-        parameter.allreduce = parallel_state.get_expert_model_parallel_world_size() == 1
+        parameter.allreduce = shared
 
 
 def _split_of(linear) -> TpSplit:

@@ -64,6 +64,8 @@ class GroupedGemmExperts(MegatronModule):
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, get_expert_parallel_rng_tracker_name
 
+        from megatron_patch.patches.expert_grads import expert_params_reduce_with_dense
+
         if config.add_bias_linear:
             raise ValueError("GroupedGemmExperts: expert biases are not supported (Qwen3 has none)")
         if config.fp8 or getattr(config, "fp4", None):
@@ -88,7 +90,7 @@ class GroupedGemmExperts(MegatronModule):
                         init_method(weight.data[expert])
             # As ColumnParallelLinear / RowParallelLinear mark expert weights (one axis later: experts first).
             set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=partition_dim + 1, stride=1)
-            weight.allreduce = not config.expert_model_parallel_size > 1
+            weight.allreduce = expert_params_reduce_with_dense()  # see patches/expert_grads.py
             return weight
 
         self.weight1 = stacked(fc1_rows, config.hidden_size, config.init_method, partition_dim=0)

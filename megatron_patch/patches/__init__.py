@@ -13,6 +13,8 @@
    torch's Adam (no Apex/TE) can load a checkpoint before its first step.
 6. ``patch_torch_norm_sequence_parallel`` (always): the local norms accept
    sequence parallelism (their weights' gradients reduced over TP, as TE's are).
+7. ``patch_expert_gradient_groups`` (always): with EP = 1 and ETP != TP, expert
+   gradients are reduced over the expert-data-parallel group, not the dense one.
 
 Each patch names the upstream code it works around in its module docstring.
 All are idempotent.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from megatron_patch.patches.cuda_on_cpu import cuda_on_cpu_active, patch_cuda_on_cpu
+from megatron_patch.patches.expert_grads import patch_expert_gradient_groups
 from megatron_patch.patches.moe import patch_alltoall_splits_on_cpu, patch_te_general_gemm
 from megatron_patch.patches.optimizer_state import patch_distributed_optimizer_loading
 from megatron_patch.patches.rng import patch_cuda_rng
@@ -42,6 +45,7 @@ def apply_patches(cpu: bool | None = None) -> None:
         patch_alltoall_splits_on_cpu()
     patch_distributed_optimizer_loading()
     patch_torch_norm_sequence_parallel()
+    patch_expert_gradient_groups()
 
 
 def running_on_cpu() -> bool:
@@ -56,6 +60,7 @@ __all__ = [
     "patch_cuda_on_cpu",
     "patch_cuda_rng",
     "patch_distributed_optimizer_loading",
+    "patch_expert_gradient_groups",
     "patch_te_general_gemm",
     "patch_torch_norm_sequence_parallel",
     "running_on_cpu",

@@ -118,16 +118,20 @@ def first_grad_norm(root) -> float:
     return next(r["grad_norm"] for r in read_metrics(root / "log") if "grad_norm" in r)
 
 
-def test_tensor_parallel_lora_trains_like_one_process(work):
-    """Dense TP=2 with sequence parallelism: A whole and B split by rows on qkv/fc1, A split by
-    columns and B whole on proj/fc2; the gradient norm sees every reduction (SP sums)."""
-    one, _ = lora_run(work, "dense-1", preset="tiny-dense")
-    tp2, _ = lora_run(work, "dense-tp2-sp", nproc=2, preset="tiny-dense",
-                      extra=["--tensor-model-parallel-size", 2, "--sequence-parallel"])
-    expected, got = losses(one / "log"), losses(tp2 / "log")
+@pytest.mark.parametrize("preset, baseline, name, layout", [
+    ("tiny-dense", "dense-1", "dense-tp2-sp", ["--tensor-model-parallel-size", 2, "--sequence-parallel"]),
+    ("tiny-moe", "full-save", "moe-etp2", ["--expert-tensor-parallel-size", 2]),
+])
+def test_tensor_parallel_lora_trains_like_one_process(work, preset, baseline, name, layout):
+    """Dense TP=2 with SP: A whole and B split by rows on qkv/fc1, A split by columns and B whole
+    on proj/fc2; expert TP=2: the experts' adapters split the same way, their whole factor's
+    gradient summed over expert TP. The gradient norm sees every reduction."""
+    one, _ = lora_run(work, baseline, preset=preset)
+    two, _ = lora_run(work, name, nproc=2, preset=preset, extra=layout)
+    expected, got = losses(one / "log"), losses(two / "log")
     assert expected[5] < expected[1] - 0.1
     assert got == pytest.approx(expected, abs=1e-4)
-    assert first_grad_norm(tp2) == pytest.approx(first_grad_norm(one), rel=1e-6)
+    assert first_grad_norm(two) == pytest.approx(first_grad_norm(one), rel=1e-6)
 
 
 @pytest.mark.parametrize("preset, run, layout", [

@@ -50,6 +50,9 @@ LAYOUT_FLAGS = {
     "moe-1": (1, "tiny-moe", []),
     "moe-dp2": (2, "tiny-moe", []),
     "moe-ep2": (2, "tiny-moe", ["--expert-model-parallel-size", 2]),
+    # Expert TP without TP: expert gradients reduce over their own data-parallel group
+    # (patches/expert_grads.py), which Megatron-Core 0.16.1 would take for the dense one.
+    "moe-etp2": (2, "tiny-moe", ["--expert-tensor-parallel-size", 2]),
     "moe-pp2": (2, "tiny-moe", ["--pipeline-model-parallel-size", 2]),
     # Two chunks of one layer per stage (interleaved schedule), and stages of 1 and 3 layers.
     "moe-pp2-vp": (2, "tiny-moe", ["--pipeline-model-parallel-size", 2, "--num-layers-per-virtual-pipeline-stage", 1]),
@@ -130,7 +133,7 @@ ROUTING_DRIFT = 5e-3
 
 
 @pytest.mark.parametrize("name, baseline, tolerance", [
-    ("moe-dp2", "moe-1", 1e-4), ("moe-ep2", "moe-1", 1e-4), ("moe-pp2", "moe-1", 1e-4),
+    ("moe-dp2", "moe-1", 1e-4), ("moe-ep2", "moe-1", 1e-4), ("moe-etp2", "moe-1", 1e-4), ("moe-pp2", "moe-1", 1e-4),
     ("moe-pp2-vp", "moe-1", 1e-4), ("moe-pp2-first1", "moe-1", 1e-4), ("moe-recompute", "moe-1", 1e-4),
     ("moe-local-mbs2", "moe-mbs2", 1e-4), ("moe-pp2-mbs2", "moe-mbs2", 1e-4),
     ("moe-tp2-ep2-sp", "moe-1", ROUTING_DRIFT), ("dense-tp2", "dense-1", 1e-4), ("dense-tp2-sp", "dense-1", 1e-4),
