@@ -28,11 +28,16 @@ class _MaxTree:
         return node - self.size
 
     def set(self, index: int, value: int) -> None:
+        tree = self.tree
         node = index + self.size
-        self.tree[node] = value
+        tree[node] = value
         node //= 2
         while node:
-            self.tree[node] = max(self.tree[2 * node], self.tree[2 * node + 1])
+            left, right = tree[2 * node], tree[2 * node + 1]
+            best = left if left >= right else right
+            if tree[node] == best:  # unchanged here, so above too
+                break
+            tree[node] = best
             node //= 2
 
 
