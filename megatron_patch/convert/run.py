@@ -150,7 +150,8 @@ def verify(config: ConvertConfig, arch: Qwen3Arch, hf_dir: Path, checkpoint_dir:
         strict="raise_unexpected",
     )
     model.load_state_dict(state["model"])
-    result = compare_with_transformers(arch, hf_dir, probe_tokens(arch), config.precision, device=device, model_chunks=model)
+    result = compare_with_transformers(arch, hf_dir, probe_tokens(arch), config.precision, device=device,
+                                       model_chunks=model)
     print(f"verify: {result}")
     if not result.passed:
         raise ConversionError(f"verify failed: {result}")

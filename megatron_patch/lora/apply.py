@@ -73,8 +73,7 @@ def _with_sharded_adapter(linear, split: TpSplit, glu: bool) -> None:
 def _attach(linear, settings: LoraSettings, name: str, glu: bool, expert: bool = False) -> None:
     split = _split_of(linear)
     out_local, in_local = linear.weight.shape
-    out_features = out_local * (split.size if split.kind == "column" else 1)
-    in_features = in_local * (split.size if split.kind == "row" else 1)
+    in_features, out_features = split.whole(in_local, out_local)
     linear.adapter = LoraAdapter(in_features, out_features, settings.rank, settings.scale, settings.dropout,
                                  name, settings.seed, linear.weight.dtype, linear.weight.device, split)
     if expert:
@@ -112,7 +111,8 @@ def apply_lora(chunks, settings: LoraSettings) -> None:
             if not isinstance(mlp, MoELayer):
                 for target in ("linear_fc1", "linear_fc2"):
                     if target in settings.targets and hasattr(mlp, target):
-                        _attach(getattr(mlp, target), settings, f"{prefix}.mlp.{target}", glu=gated and target == "linear_fc1")
+                        _attach(getattr(mlp, target), settings, f"{prefix}.mlp.{target}",
+                                glu=gated and target == "linear_fc1")
                 continue
             if getattr(mlp, "shared_experts", None) is not None:
                 raise LoraConfigError("LoRA on shared experts is not supported (Qwen3-MoE has none)")
@@ -122,17 +122,15 @@ def apply_lora(chunks, settings: LoraSettings) -> None:
                 for local, expert in enumerate(experts.local_experts):
                     for target in ("linear_fc1", "linear_fc2"):
                         if target in settings.targets:
-                            _attach(getattr(expert, target), settings,
-                                    f"{prefix}.mlp.experts.{first + local}.{target}", glu=gated and target == "linear_fc1", expert=True)
+                            _attach(getattr(expert, target), settings, f"{prefix}.mlp.experts.{first + local}.{target}",
+                                    glu=gated and target == "linear_fc1", expert=True)
             elif isinstance(experts, GroupedGemmExperts):
-                tp = experts.tp_group.size()
                 for target, stacked, slot, kind in (("linear_fc1", experts.weight1, "fc1_adapter", "column"),
                                                     ("linear_fc2", experts.weight2, "fc2_adapter", "row")):
                     if target in settings.targets:
                         count, out_local, in_local = stacked.shape
                         split = TpSplit(kind, experts.tp_group, expert=True)
-                        out_features, in_features = (out_local * tp, in_local) if kind == "column" else \
-                            (out_local, in_local * tp)
+                        in_features, out_features = split.whole(in_local, out_local)
                         names = [f"{prefix}.mlp.experts.{first + e}.{target}" for e in range(count)]
                         adapter = GroupedLoraAdapter(
                             count, in_features, out_features, settings.rank, settings.scale, settings.dropout,

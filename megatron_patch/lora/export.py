@@ -31,7 +31,8 @@ from megatron_patch.models.weight_mapping import MegatronAddress
 
 # The base weights an adapter can sit on, and the target that names them.
 _ADAPTED_WEIGHT = re.compile(
-    r"^decoder\.layers\.(?:self_attention|mlp|mlp\.experts\.experts)\.(linear_qkv|linear_proj|linear_fc1|linear_fc2)\.weight$"
+    r"^decoder\.layers\.(?:self_attention|mlp|mlp\.experts\.experts)\."
+    r"(linear_qkv|linear_proj|linear_fc1|linear_fc2)\.weight$"
 )
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -79,7 +80,8 @@ class AdapterCheckpoint:
         stored, offsets = self.reader.locate(key, leading)
         shape = self.reader.global_shape(stored)
         if shape is None:
-            raise ExportError(f"{self.path}: adapter tensor {key} is missing (trained on {' '.join(self.settings.targets)})")
+            raise ExportError(f"{self.path}: adapter tensor {key} is missing "
+                              f"(trained on {' '.join(self.settings.targets)})")
         inner = shape[len(offsets):]
         if len(inner) != 2:
             raise ExportError(f"{self.path}: adapter tensor {stored} has shape {shape}; expected one [.., r, in/out] "

@@ -98,6 +98,14 @@ class TpSplit:
             return in_features // self.size, out_features
         return in_features, out_features
 
+    def whole(self, in_local: int, out_local: int) -> tuple[int, int]:
+        """The global (in, out) of a linear whose local features are given."""
+        if self.kind == "column":
+            return in_local, out_local * self.size
+        if self.kind == "row":
+            return in_local * self.size, out_local
+        return in_local, out_local
+
     def local_a(self, a: torch.Tensor) -> torch.Tensor:
         """This rank's part of a whole A [.., r, in]."""
         if self.kind != "row" or self.size == 1:
