@@ -13,7 +13,6 @@ names and renamed when complete. Bad lines stop the run with file:line, or with
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,12 +37,25 @@ def _init_worker(tokenizer_dir: str) -> None:
     _WORKER_TOKENIZER = Qwen3Tokenizer.from_dir(tokenizer_dir)
 
 
-def _encode(texts: list[str]) -> list[list[int]]:
-    eod = _WORKER_TOKENIZER.eod
-    return [ids + [eod] for ids in _WORKER_TOKENIZER.encode_batch(texts)]
+def _encode(texts: list[str]):
+    """(ids, lengths): the documents' ids, each followed by EOD, concatenated (int32), and their lengths.
+
+    Two arrays per batch rather than a list per document: a worker's results cross to the parent
+    process as a few buffers, not thousands of small pickled lists.
+    """
+    import numpy as np
+
+    documents = _WORKER_TOKENIZER.encode_batch(texts)
+    lengths = np.array([len(ids) + 1 for ids in documents], dtype=np.int64)
+    ids = np.empty(int(lengths.sum()), dtype=np.int32)
+    ends = np.cumsum(lengths)
+    ids[ends - 1] = _WORKER_TOKENIZER.eod
+    for document, end, length in zip(documents, ends.tolist(), lengths.tolist()):
+        ids[end - length:end - 1] = document
+    return ids, lengths
 
 
-def _text_batches(inputs, key: str, skip_bad_lines: bool, summary: Summary, batch_size: int = 256):
+def _text_batches(inputs, key: str, skip_bad_lines: bool, summary: Summary, batch_size: int):
     from megatron_patch.data.records import ReadStats, RecordError, iter_records
 
     batch = []
@@ -73,29 +85,19 @@ def build(inputs, tokenizer_dir, output_prefix, key: str = "text", workers: int 
     from tqdm import tqdm
 
     from megatron_patch.data.indexed import staged_indexed_datasets
+    from megatron_patch.data.workers import mapped_in_order, records_per_batch
 
     summary = Summary()
-    batches = _text_batches(inputs, key, skip_bad_lines, summary)
-    pool = None
-    try:
-        with staged_indexed_datasets(output_prefix, {"": np.int32}) as builders:
-            if workers > 1:
-                # imap keeps document order, so the output does not depend on the worker count.
-                pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (str(tokenizer_dir),))
-                encoded = pool.imap(_encode, batches)
-            else:
-                _init_worker(str(tokenizer_dir))
-                encoded = map(_encode, batches)
-            with tqdm(unit=" docs", desc="tokenizing", mininterval=1.0, disable=None) as bar:
-                for documents in encoded:
-                    for ids in documents:
-                        builders[""].add_document(np.asarray(ids, dtype=np.int32), [len(ids)])
-                        summary.documents += 1
-                        summary.tokens += len(ids)
-                    bar.update(len(documents))
-    finally:
-        if pool is not None:
-            pool.terminate()
+    batches = _text_batches(inputs, key, skip_bad_lines, summary, batch_size=records_per_batch(workers))
+    with staged_indexed_datasets(output_prefix, {"": np.int32}) as builders, \
+            mapped_in_order(_encode, batches, workers, _init_worker, (str(tokenizer_dir),)) as encoded, \
+            tqdm(unit=" docs", desc="tokenizing", mininterval=1.0, disable=None) as bar:
+        for ids, lengths in encoded:
+            for end, length in zip(np.cumsum(lengths).tolist(), lengths.tolist()):
+                builders[""].add_document(ids[end - length:end], [length])
+            summary.documents += len(lengths)
+            summary.tokens += len(ids)
+            bar.update(len(lengths))
     return summary
 
 

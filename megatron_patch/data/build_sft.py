@@ -119,51 +119,40 @@ def _record_batches(inputs, summary: SftSummary, batch_size: int):
 def encode_samples(inputs, tokenizer_dir, fmt, seq_length, overlong, enable_thinking, last_turn_only,
                    skip_bad_lines, summary: SftSummary, workers: int = 1) -> list[tuple]:
     """(ids, mask) numpy arrays of every usable sample, in input order whatever the number of workers."""
-    import multiprocessing
+    from megatron_patch.data.workers import mapped_in_order, records_per_batch
 
+    batches = _record_batches(inputs, summary, batch_size=records_per_batch(workers))
+    init_args = (str(tokenizer_dir), fmt, enable_thinking, last_turn_only)
+    with mapped_in_order(_encode_batch, batches, workers, _init_worker, init_args) as encoded:
+        return _usable_samples(_results(encoded), seq_length, overlong, skip_bad_lines, summary)
+
+
+def _usable_samples(results, seq_length, overlong, skip_bad_lines, summary: SftSummary) -> list[tuple]:
+    """Applies the bad-line and over-long policies to ("ok"/"bad", ...) results, counting each case."""
     from megatron_patch.data.records import RecordError
 
-    # Loaded here first, so that a bad directory fails before any work.
-    _init_worker(str(tokenizer_dir), fmt, enable_thinking, last_turn_only)
-    # tokenizers' encode_batch costs more per token in small batches (measured on the Qwen3 tokenizer,
-    # relative to one call on 20k samples: 256 1.23x, 1024 1.07x, 4096 1.00x); several workers
-    # get smaller batches so that the work still splits evenly.
-    batches = _record_batches(inputs, summary, batch_size=max(1024, 4096 // workers))
-    pool = None
-    if workers > 1:
-        # Workers start from a small server process, not forked from this one: forking a large
-        # parent (a training job's, a benchmark's) cost two workers 10-20 % of their speed.
-        pool = multiprocessing.get_context("forkserver").Pool(
-            workers, initializer=_init_worker, initargs=(str(tokenizer_dir), fmt, enable_thinking, last_turn_only))
-        results = _results(pool.imap(_encode_batch, batches))
-    else:
-        results = _results(map(_encode_batch, batches))
     samples = []
     limit = seq_length + 1  # tokens of a sample that yield at most seq_length training positions
-    try:
-        for kind, first, second in results:
-            if kind == "bad":
-                if not skip_bad_lines:
-                    raise RecordError(f"{first}: {second}; fix it or pass --skip-bad-lines")
-                summary.skipped_bad += 1
-                if len(summary.problems) < 5:
-                    summary.problems.append(f"{first}: {second}")
+    for kind, first, second in results:
+        if kind == "bad":
+            if not skip_bad_lines:
+                raise RecordError(f"{first}: {second}; fix it or pass --skip-bad-lines")
+            summary.skipped_bad += 1
+            if len(summary.problems) < 5:
+                summary.problems.append(f"{first}: {second}")
+            continue
+        ids, mask = first, second
+        if len(ids) > limit:
+            if overlong == "skip":
+                summary.skipped_overlong += 1
                 continue
-            ids, mask = first, second
-            if len(ids) > limit:
-                if overlong == "skip":
-                    summary.skipped_overlong += 1
-                    continue
-                ids, mask = ids[:limit], mask[:limit]
-                summary.truncated += 1
-            # The first token is never a label (labels shift inside a sample).
-            if not mask[1:].any():
-                summary.skipped_no_target += 1
-                continue
-            samples.append((ids, mask))
-    finally:
-        if pool is not None:
-            pool.terminate()
+            ids, mask = ids[:limit], mask[:limit]
+            summary.truncated += 1
+        # The first token is never a label (labels shift inside a sample).
+        if not mask[1:].any():
+            summary.skipped_no_target += 1
+            continue
+        samples.append((ids, mask))
     return samples
 
 

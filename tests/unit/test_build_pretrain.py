@@ -38,7 +38,7 @@ def test_documents_read_back_through_megatron(tokenizer, tmp_path):
 
 
 def test_two_workers_write_the_same_bytes(tmp_path):
-    source = write_jsonl(tmp_path / "a.jsonl", DOCUMENTS * 120)  # several batches
+    source = write_jsonl(tmp_path / "a.jsonl", DOCUMENTS * 500)  # two batches for each of two workers
     assert build("--input", source, "--output-prefix", tmp_path / "one") == 0
     assert build("--input", source, "--output-prefix", tmp_path / "two", "--workers", "2") == 0
     for suffix in (".bin", ".idx"):
@@ -118,3 +118,12 @@ def test_toolkit_script_runs_on_a_directory(tokenizer, tmp_path):
     assert len(IndexedDataset(str(tmp_path / "out" / "corpus"))) == len(DOCUMENTS)
     result = subprocess.run(["bash", str(script), "in"], capture_output=True, text=True)
     assert result.returncode == 2 and "usage: run_make_pretraining_dataset_megatron.sh INPUT" in result.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_bad_tokenizer_directory_is_named(workers, tmp_path, capsys):
+    source = write_jsonl(tmp_path / "a.jsonl", DOCUMENTS)
+    assert build_main(["--tokenizer", str(tmp_path), "--input", str(source), "--output-prefix", str(tmp_path / "out"),
+                       "--workers", str(workers)]) == 2
+    assert f"error: {tmp_path / 'tokenizer.json'}: not found" in capsys.readouterr().err
+    assert not list(tmp_path.glob("out*"))

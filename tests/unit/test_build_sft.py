@@ -150,9 +150,23 @@ def test_script_arguments_match_readme():
 
 
 def test_two_workers_write_the_same_bytes(tmp_path):
-    source = write_jsonl(tmp_path / "train.jsonl", records(300, seed=11))
+    source = write_jsonl(tmp_path / "train.jsonl", records(2100, seed=11))  # two batches with two workers
     common = ["--input", source, "--seq-length", 256, "--packing"]
     assert build(*common, "--output-prefix", tmp_path / "one") == 0
     assert build(*common, "--output-prefix", tmp_path / "two", "--workers", 2) == 0
     for name in ("{}.bin", "{}.idx", "{}_loss_mask.bin", "{}_loss_mask.idx"):
         assert (tmp_path / name.format("one")).read_bytes() == (tmp_path / name.format("two")).read_bytes()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("count", [3, 0])
+def test_a_bad_tokenizer_directory_is_named(workers, count, tmp_path, capsys):
+    # With workers the tokenizer loads only in them; its error must still reach the user, also for
+    # an input without records.
+    source = write_jsonl(tmp_path / "train.jsonl", records(count))
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    assert build_main(["--tokenizer", str(not_a_model), "--input", str(source), "--seq-length", "64",
+                       "--output-prefix", str(tmp_path / "out" / "sft"), "--workers", str(workers)]) == 2
+    assert f"error: {not_a_model / 'tokenizer.json'}: not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
