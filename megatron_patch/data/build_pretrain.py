@@ -45,13 +45,14 @@ def _encode(texts: list[str]):
     """
     import numpy as np
 
+    from megatron_patch.data.workers import spans
+
     documents = _WORKER_TOKENIZER.encode_batch(texts)
     lengths = np.array([len(ids) + 1 for ids in documents], dtype=np.int64)
     ids = np.empty(int(lengths.sum()), dtype=np.int32)
-    ends = np.cumsum(lengths)
-    ids[ends - 1] = _WORKER_TOKENIZER.eod
-    for document, end, length in zip(documents, ends.tolist(), lengths.tolist()):
-        ids[end - length:end - 1] = document
+    for document, span in zip(documents, spans(lengths)):
+        ids[span.start:span.stop - 1] = document
+        ids[span.stop - 1] = _WORKER_TOKENIZER.eod
     return ids, lengths
 
 
@@ -85,7 +86,7 @@ def build(inputs, tokenizer_dir, output_prefix, key: str = "text", workers: int 
     from tqdm import tqdm
 
     from megatron_patch.data.indexed import staged_indexed_datasets
-    from megatron_patch.data.workers import mapped_in_order, records_per_batch
+    from megatron_patch.data.workers import mapped_in_order, records_per_batch, spans
 
     summary = Summary()
     batches = _text_batches(inputs, key, skip_bad_lines, summary, batch_size=records_per_batch(workers))
@@ -93,8 +94,8 @@ def build(inputs, tokenizer_dir, output_prefix, key: str = "text", workers: int 
             mapped_in_order(_encode, batches, workers, _init_worker, (str(tokenizer_dir),)) as encoded, \
             tqdm(unit=" docs", desc="tokenizing", mininterval=1.0, disable=None) as bar:
         for ids, lengths in encoded:
-            for end, length in zip(np.cumsum(lengths).tolist(), lengths.tolist()):
-                builders[""].add_document(ids[end - length:end], [length])
+            for span, length in zip(spans(lengths), lengths.tolist()):
+                builders[""].add_document(ids[span], [length])
             summary.documents += len(lengths)
             summary.tokens += len(ids)
             bar.update(len(lengths))

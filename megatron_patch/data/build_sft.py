@@ -87,11 +87,10 @@ def _encode_batch(batch: list[tuple[str, object]]):
 
 def _results(encoded_batches):
     """("ok", ids, mask) or ("bad", where, reason) per record, in input order."""
-    import numpy as np
+    from megatron_patch.data.workers import spans
 
     for bad, ids, masks, lengths in encoded_batches:
-        ends = np.cumsum(lengths).tolist()
-        samples = ((ids[end - length:end], masks[end - length:end]) for end, length in zip(ends, lengths.tolist()))
+        samples = ((ids[span], masks[span]) for span in spans(lengths))
         bad_at = {index: (where, reason) for index, where, reason in bad}
         for index in range(len(lengths) + len(bad)):
             if index in bad_at:

@@ -17,6 +17,15 @@ def records_per_batch(workers: int) -> int:
     return max(1024, 4096 // max(workers, 1))
 
 
+def spans(lengths):
+    """The slice of each piece in an array that concatenates pieces of these ``lengths`` (a numpy
+    array): workers send a batch's samples as one array and their lengths, not one object each."""
+    import numpy as np
+
+    ends = np.cumsum(lengths).tolist()
+    return (slice(end - length, end) for end, length in zip(ends, lengths.tolist()))
+
+
 @contextmanager
 def mapped_in_order(function, batches, workers: int, initializer, initargs: tuple):
     """Yields an iterator of ``function(batch)`` over ``batches``, in their order.
