@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-complete
 # A CPU build from local disk on the dev/CI machines; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup test test-unit test-functional demo bench bench-convert lock clean
+.PHONY: setup lint test test-unit test-functional demo bench bench-convert lock clean
 
 setup: $(STAMP)
 
@@ -21,8 +21,13 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(BIN)/python -c 'import megatron.core, transformers, megatron_patch; print("megatron-core", megatron.core.__version__, "| transformers", transformers.__version__)'
 	touch $(STAMP)
 
+# ruff, configured in pyproject.toml ([tool.ruff]); CI runs it before the tests.
+lint: setup
+	$(BIN)/ruff check .
+
+# Everything CI runs; --durations names the slowest tests, so a newcomer sees where the time goes.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit

@@ -89,7 +89,8 @@ def main():
     apply_patches()
     initialize_parallel(ParallelLayout())
     print(f"machine: {platform.processor() or 'cpu'}, {os.cpu_count()} cores, "
-          f"{psutil.virtual_memory().total / 2**30:.0f} GiB; torch {torch.__version__}; {args.nproc} converter processes")
+          f"{psutil.virtual_memory().total / 2**30:.0f} GiB; torch {torch.__version__}; "
+          f"{args.nproc} converter processes")
     rows = []
     for layers in args.layers:
         shutil.rmtree(args.workdir, ignore_errors=True)

@@ -73,7 +73,8 @@ def main():
     big = computed(args.preset, args.rank, args.targets)
     print(f"{big['preset']} rank {big['rank']} on {' '.join(big['targets'])}: {big['adapter_parameters']:,} adapter "
           f"parameters of {big['model_parameters']:,} ({big['fraction']:.3%})")
-    print(f"  optimizer + fp32 grads: {big['optimizer_gib_lora']:.2f} GiB (LoRA) vs {big['optimizer_gib_full']:.1f} GiB "
+    print(f"  optimizer + fp32 grads: {big['optimizer_gib_lora']:.2f} GiB (LoRA) vs "
+          f"{big['optimizer_gib_full']:.1f} GiB "
           f"(full); adapter checkpoint {big['adapter_checkpoint_gib_bf16']:.2f} GiB in bf16")
     tiny = computed("tiny-moe", args.rank, args.targets)
     small = measured(args.rank, args.targets)

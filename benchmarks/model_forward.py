@@ -64,7 +64,7 @@ def main():
             hf_model(input_ids=inputs, labels=labels).loss.backward()
 
         hf_seconds = time_steps(hf_step, 1, args.steps, args.device)
-        del hf_model
+        hf_model = None  # frees the model before the next measurement (the closure holds the name)
 
         from megatron_patch.patches import apply_patches
 
@@ -86,7 +86,8 @@ def main():
 
         our_seconds = time_steps(our_step, 1, args.steps, args.device)
 
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    cpu_name = f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name
     print(f"device: {device_name}; torch {torch.__version__}; {args.precision}; batch {args.batch} x seq {args.seq}")
     print(f"model: hidden {arch.hidden_size}, {arch.num_layers} layers, {arch.num_experts} experts top-{arch.moe_topk}")
     print(f"transformers  {tokens_per_step / hf_seconds:10.0f} tokens/s  ({hf_seconds * 1e3:.0f} ms/step)")

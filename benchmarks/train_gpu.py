@@ -30,10 +30,12 @@ import time
 
 import torch
 
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--layers", type=int, default=2, help="A3B layers in the slice (4 may not fit in 80 GB with Adam state)")
+    parser.add_argument("--layers", type=int, default=2,
+                        help="A3B layers in the slice (4 may not fit in 80 GB with Adam state)")
     parser.add_argument("--seq-length", type=int, default=4096)
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
@@ -144,8 +146,7 @@ def check_gpu_paths(device: str) -> dict:
 
 def run_ours(arch, args, impl: str, profile: bool) -> dict:
     from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
-    from megatron_patch.training.steps import (
-        OptimizerSettings, build_optimizer, lm_batch, train_step, wrap_with_ddp)
+    from megatron_patch.training.steps import OptimizerSettings, build_optimizer, lm_batch, train_step, wrap_with_ddp
 
     reset_memory(args.device)
     model = build_gpt_model(arch, BuildOptions(precision="bf16", transformer_impl=impl, moe_dispatcher="alltoall"))
@@ -162,7 +163,7 @@ def run_ours(arch, args, impl: str, profile: bool) -> dict:
     result = {"seconds_per_step": seconds, "peak_memory_gib": peak_memory_gib(args.device)}
     if profile:
         result["profile"] = profile_table(step, args.device)
-    del model, chunks, optimizer
+    model = chunks = optimizer = None  # free them before the next measurement (closures hold the names)
     return result
 
 
@@ -182,7 +183,7 @@ def run_transformers(arch, args) -> dict:
     seconds = timed(step, args.warmup, args.steps, args.device)
     result = {"seconds_per_step": seconds, "peak_memory_gib": peak_memory_gib(args.device),
               "experts_implementation": getattr(config, "_experts_implementation", None)}
-    del model
+    model = None  # free it before the next measurement (the closure holds the name)
     return result
 
 

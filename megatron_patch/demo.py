@@ -8,7 +8,11 @@ Each stage runs the command a user would run:
 4. SFT with examples/qwen3/run_mcore_qwen3.sh (CPU, gloo), starting from the converted weights;
 5. torch_dist -> HF with the converter;
 6. the HF model's loss on the training conversations (transformers, loss mask applied), before
-   and after: it must have fallen.
+   and after: it must have fallen;
+7. the loss and expert-load plots of the run (python -m megatron_patch.plot).
+
+Everything stays in the work directory (default ``runs/demo/``, replaced by the next demo run)
+and the last lines say where.
 """
 
 from __future__ import annotations
@@ -19,12 +23,22 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from megatron_patch.data.chat import messages_from_record, tokenize_conversations
+from megatron_patch.data.tokenizer import Qwen3Tokenizer, bundled_qwen3_tokenizer_dir
+from megatron_patch.models.qwen3.hf_model import load_hf_model, save_random_hf_checkpoint
+from megatron_patch.models.qwen3.presets import get_preset
+from megatron_patch.plot import plot_run
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = Path(__file__).resolve().parent / "resources" / "demo_sft.jsonl"
+DEFAULT_WORK_DIR = Path("runs/demo")
+# Marks a directory the demo made, so that the next demo run may replace it (and nothing else).
+MARKER = ".megatron_patch-demo"
 
 
 def _run(stage: str, command: list[str], env: dict | None = None) -> None:
@@ -42,12 +56,6 @@ def _run(stage: str, command: list[str], env: dict | None = None) -> None:
 
 def sft_loss(hf_dir: Path, records_path: Path, tokenizer_dir: Path) -> float:
     """Per-token loss of an HF model on the assistant tokens of the given conversations."""
-    import torch
-
-    from megatron_patch.data.chat import messages_from_record, tokenize_conversations
-    from megatron_patch.data.tokenizer import Qwen3Tokenizer
-    from megatron_patch.models.qwen3.hf_model import load_hf_model
-
     tokenizer = Qwen3Tokenizer.from_dir(tokenizer_dir)
     records = [json.loads(line) for line in records_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     samples = tokenize_conversations(tokenizer, [messages_from_record(r) for r in records])
@@ -70,48 +78,51 @@ def main(argv=None) -> int:
     parser.add_argument("--model-size", default="tiny-moe", help="a preset name (default: tiny-moe)")
     parser.add_argument("--iterations", type=int, default=40, help="SFT iterations in stage 4 (default 40)")
     parser.add_argument("--nproc", type=int, default=1, help="CPU processes for training (MP_NPROC; EP = nproc)")
-    parser.add_argument("--work-dir", type=Path, help="keep everything here (default: a temporary directory)")
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
+                        help=f"keep everything here (default {DEFAULT_WORK_DIR}); a previous demo's is replaced")
     args = parser.parse_args(argv)
-
-    from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
-    from megatron_patch.models.qwen3.hf_model import save_random_hf_checkpoint
-    from megatron_patch.models.qwen3.presets import get_preset
+    work = args.work_dir.absolute()
+    if work.exists() and any(work.iterdir()):
+        if not (work / MARKER).exists():
+            parser.error(f"--work-dir {work} is not empty and not a previous demo's directory")
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    (work / MARKER).touch()
 
     arch = get_preset(args.model_size)
     counts = arch.parameter_counts()
     print(f"[demo] model {args.model_size}: {counts['total']:,} parameters, {counts['active']:,} active per token")
     started = time.perf_counter()
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="megatron_patch-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
     python = sys.executable
     tokenizer_dir = bundled_qwen3_tokenizer_dir()
     hf_dir, data, mcore, run, hf_out = (work / n for n in ("hf", "data", "mcore", "run", "hf-trained"))
-    try:
-        save_random_hf_checkpoint(arch, hf_dir)
-        for path in tokenizer_dir.iterdir():
-            if path.is_file() and path.name != "config.json":
-                shutil.copy(path, hf_dir / path.name)
-        print(f"[demo] 1. random HF checkpoint with the Qwen3 tokenizer: {hf_dir}")
-        _run("2. SFT data", ["bash", REPO / "toolkits/sft_data_preprocessing/run_build_idxmap_sft_dataset.sh",
-                             DEMO_DATA, "Qwen3Tokenizer", 128, data / "sft", hf_dir, "true"])
-        _run("3. HF -> torch_dist", [python, "-m", "megatron_patch.convert", "--load-dir", hf_dir,
-                                     "--save-dir", mcore, "--force"])
-        nproc = args.nproc
-        _run("4. SFT", ["bash", REPO / "examples/qwen3/run_mcore_qwen3.sh", "dsw", hf_dir, 1, 4, "3e-3", "3e-4",
-                        128, 128, "fp32", 1, 1, 1, 1, nproc, "false", "true", "false", "true", "none", "false",
-                        args.iterations, data / "sft", data / "sft", mcore, args.iterations, 2, run],
-             env={"MP_SFT_PACKING": "true", "MP_NPROC": str(nproc), "MP_SAVE_OPTIM": "false"})
-        checkpoints = sorted((run / "checkpoint").iterdir())
-        _run("5. torch_dist -> HF", [python, "-m", "megatron_patch.convert", "--mg2hf", "--load-dir", checkpoints[-1],
-                                     "--save-dir", hf_out, "--hf-dir", hf_dir, "--force"])
-        before = sft_loss(hf_dir, DEMO_DATA, tokenizer_dir)
-        after = sft_loss(hf_out, DEMO_DATA, tokenizer_dir)
-        print(f"[demo] 6. HF model's loss on the training conversations (assistant tokens): "
-              f"before {before:.4f} -> after {after:.4f}")
-        print(f"[demo] done in {time.perf_counter() - started:.0f}s; plot it: python -m megatron_patch.plot {run}")
-    finally:
-        if args.work_dir is None:
-            shutil.rmtree(work, ignore_errors=True)
+    save_random_hf_checkpoint(arch, hf_dir)
+    for path in tokenizer_dir.iterdir():
+        if path.is_file() and path.name != "config.json":
+            shutil.copy(path, hf_dir / path.name)
+    print(f"[demo] 1. random HF checkpoint with the Qwen3 tokenizer: {hf_dir}")
+    _run("2. SFT data", ["bash", REPO / "toolkits/sft_data_preprocessing/run_build_idxmap_sft_dataset.sh",
+                         DEMO_DATA, "Qwen3Tokenizer", 128, data / "sft", hf_dir, "true"])
+    _run("3. HF -> torch_dist", [python, "-m", "megatron_patch.convert", "--load-dir", hf_dir,
+                                 "--save-dir", mcore, "--force"])
+    nproc = args.nproc
+    _run("4. SFT", ["bash", REPO / "examples/qwen3/run_mcore_qwen3.sh", "dsw", hf_dir, 1, 4, "3e-3", "3e-4",
+                    128, 128, "fp32", 1, 1, 1, 1, nproc, "false", "true", "false", "true", "none", "false",
+                    args.iterations, data / "sft", data / "sft", mcore, args.iterations, 2, run],
+         env={"MP_SFT_PACKING": "true", "MP_NPROC": str(nproc), "MP_SAVE_OPTIM": "false"})
+    checkpoints = sorted((run / "checkpoint").iterdir())
+    _run("5. torch_dist -> HF", [python, "-m", "megatron_patch.convert", "--mg2hf", "--load-dir", checkpoints[-1],
+                                 "--save-dir", hf_out, "--hf-dir", hf_dir, "--force"])
+    before = sft_loss(hf_dir, DEMO_DATA, tokenizer_dir)
+    after = sft_loss(hf_out, DEMO_DATA, tokenizer_dir)
+    print(f"[demo] 6. HF model's loss on the training conversations (assistant tokens): "
+          f"before {before:.4f} -> after {after:.4f}")
+    plots = [image for path in sorted(run.rglob("metrics.jsonl")) for image in plot_run(path)]
+    print(f"[demo] 7. plots: {', '.join(str(p) for p in plots)}")
+    print(f"[demo] done in {time.perf_counter() - started:.0f}s; everything is in {work}:")
+    for label, path in (("HF start", hf_dir), ("SFT data", data), ("torch_dist start", mcore),
+                        ("training run (checkpoints, log, tensorboard)", run), ("trained HF model", hf_out)):
+        print(f"[demo]   {label}: {path}")
     return 0 if after < before else 1
 
 

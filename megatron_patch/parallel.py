@@ -45,14 +45,21 @@ class ParallelLayout:
             expert_tensor_parallel_size=self.etp,
         )
 
-    def validate(self, world_size: int) -> None:
-        dp = self.data_parallel_size(world_size)
+    def world_problems(self, world_size: int) -> list[str]:
+        """Why ``world_size`` processes cannot hold this layout (empty when they can)."""
+        if world_size % self.model_parallel_size:
+            return [f"{world_size} processes (GPUs per node x nodes; MP_NPROC on CPU) are not divisible by "
+                    f"TP*PP*CP = {self.model_parallel_size}"]
         # Megatron-Core lays experts over the DP*CP*TP ranks of a pipeline stage.
-        expert_ranks = dp * self.cp * self.tp
+        expert_ranks = world_size // self.pp
         if expert_ranks % (self.ep * self.etp):
-            raise ValueError(
-                f"EP*ETP = {self.ep * self.etp} does not divide the {expert_ranks} ranks of a pipeline stage"
-            )
+            return [f"EP*ETP = {self.ep * self.etp} does not divide the {expert_ranks} ranks of a pipeline stage"]
+        return []
+
+    def validate(self, world_size: int) -> None:
+        problems = self.world_problems(world_size)
+        if problems:
+            raise ValueError(problems[0])
 
 
 def free_port() -> int:

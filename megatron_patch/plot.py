@@ -2,9 +2,10 @@
 
 RUN_DIR is a training log directory (the one holding metrics.jsonl) or any directory above it,
 e.g. run_mcore_qwen3.sh's OUTPUT_BASEPATH: every metrics.jsonl below it is plotted. Writes
-loss.png (training and validation loss per iteration) and, for MoE models, expert_load.png
-(share of routed tokens per layer and expert, summed over the run; a balanced router is flat)
-beside each metrics.jsonl.
+loss.png (training and validation loss per iteration, and the learning rate on a second axis)
+and, for MoE models, expert_load.png (share of routed tokens per layer and expert, summed over
+the run; a balanced router is flat) beside each metrics.jsonl. Each plot is titled with the
+run's name.
 """
 
 from __future__ import annotations
@@ -13,6 +14,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display is needed, or wanted, on a cluster node
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import numpy as np  # noqa: E402
+
+# Directory names that say where logs go, not which run they are.
+_GENERIC_DIRS = ("log", "logs", "tensorboard")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -26,27 +36,38 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
+def run_name(metrics_path: Path) -> str:
+    """The run a metrics.jsonl belongs to: its directory, or the one above a generic ``log/``."""
+    folder = metrics_path.parent
+    while folder.name.lower() in _GENERIC_DIRS and folder.parent != folder:
+        folder = folder.parent
+    return folder.name or str(folder)
+
+
 def plot_run(metrics_path: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     records = read_metrics(metrics_path)
+    name = run_name(metrics_path)
     written = []
     train = [(r["iteration"], r["loss"]) for r in records if "loss" in r]
     valid = [(r["iteration"], r["valid_loss"]) for r in records if "valid_loss" in r]
+    rates = [(r["iteration"], r["lr"]) for r in records if r.get("lr") is not None]
     figure, axes = plt.subplots(figsize=(7, 4))
+    lines = []
     if train:
-        axes.plot(*zip(*train), label="training loss")
+        lines += axes.plot(*zip(*train), label="training loss")
     if valid:
-        axes.plot(*zip(*valid), "o-", label="validation loss")
+        lines += axes.plot(*zip(*valid), "o-", label="validation loss")
     axes.set_xlabel("iteration")
     axes.set_ylabel("loss (per token)")
-    axes.set_title(metrics_path.parent.name[:80], fontsize=8)
+    axes.set_title(name[:100], fontsize=8)
     axes.grid(alpha=0.3)
-    axes.legend()
+    if rates:
+        lr_axes = axes.twinx()
+        lines += lr_axes.plot(*zip(*rates), color="tab:gray", linestyle="--", linewidth=1, label="learning rate")
+        lr_axes.set_ylabel("learning rate")
+        lr_axes.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    if lines:
+        axes.legend(lines, [line.get_label() for line in lines], fontsize=8)
     figure.tight_layout()
     figure.savefig(metrics_path.parent / "loss.png", dpi=120)
     plt.close(figure)
@@ -59,7 +80,7 @@ def plot_run(metrics_path: Path) -> list[Path]:
         image = axes.imshow(load, aspect="auto", cmap="viridis")
         axes.set_xlabel("expert")
         axes.set_ylabel("layer")
-        axes.set_title(f"share of routed tokens (balanced = {1 / load.shape[1]:.4f})", fontsize=9)
+        axes.set_title(f"{name[:80]}\nshare of routed tokens (balanced = {1 / load.shape[1]:.4f})", fontsize=8)
         figure.colorbar(image, ax=axes)
         figure.tight_layout()
         figure.savefig(metrics_path.parent / "expert_load.png", dpi=120)

@@ -9,45 +9,44 @@ resolved settings without training.
 from __future__ import annotations
 
 import os
-import sys
+
+import torch.distributed as dist
+import yaml
+
+from megatron_patch.errors import exit_on_input_error
+from megatron_patch.patches.warnings import silence_upstream_warnings
+from megatron_patch.training.config import TrainConfig, parse_config
 
 
-def main(argv=None) -> int:
-    import yaml
-
-    from megatron_patch.training.config import TrainConfigError, parse_config
-
-    try:
-        config, print_only = parse_config(argv)
-        if print_only:
-            config.check()
-            print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
-            return 0
-    except TrainConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-    from megatron_patch.data.records import RecordError
-    from megatron_patch.training.checkpointing import CheckpointError
-    from megatron_patch.training.data import DataConfigError
+def _train(config: TrainConfig, rank: int) -> None:
+    # Entry point: Megatron-Core (~5 s to import) only after the settings parsed.
     from megatron_patch.training.loop import train
 
-    rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        print("megatron_patch.train settings:\n" + yaml.safe_dump(config.to_dict(), sort_keys=False), flush=True)
     try:
         result = train(config)
-    except (TrainConfigError, CheckpointError, DataConfigError, RecordError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     finally:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:
         print(f"done: iterations {result.start_iteration}..{result.last_iteration}", flush=True)
-    return 0
+
+
+def main(argv=None) -> int:
+    silence_upstream_warnings()
+    parsed = []
+    status = exit_on_input_error(lambda: parsed.append(parse_config(argv)))
+    if status:
+        return status
+    config, print_only = parsed[0]
+    if print_only:
+        status = exit_on_input_error(config.check)
+        if not status:
+            print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return status
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print("megatron_patch.train settings:\n" + yaml.safe_dump(config.to_dict(), sort_keys=False), flush=True)
+    return exit_on_input_error(lambda: _train(config, rank))
 
 
 if __name__ == "__main__":

@@ -20,27 +20,24 @@ directory appears only when complete.
 from __future__ import annotations
 
 import argparse
-import re
-import sys
 from pathlib import Path
 
-from megatron_patch.convert.config import PRECISIONS, ConvertConfig
+from megatron_patch.convert.config import ConvertConfig
+from megatron_patch.errors import exit_on_input_error
+from megatron_patch.models.choices import PRECISIONS
 from megatron_patch.parallel import ParallelLayout
-
-def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)")
-    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[match.group(2).upper()]
-    return int(float(match.group(1)) * scale)
+from megatron_patch.patches import apply_patches, silence_upstream_warnings
+from megatron_patch.units import parse_size
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m megatron_patch.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m megatron_patch.convert", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--load-dir", type=Path, required=True, help="HF model dir, or torch_dist dir with --mg2hf")
-    parser.add_argument("--save-dir", type=Path, required=True, help="output dir; must be empty or absent unless --force")
+    parser.add_argument("--save-dir", type=Path, required=True,
+                        help="output dir; must be empty or absent unless --force")
     parser.add_argument("--mg2hf", action="store_true", help="convert torch_dist -> HF (default: HF -> torch_dist)")
     parser.add_argument("--hf-dir", type=Path, help="with --mg2hf: HF dir whose config/tokenizer files to use")
     parser.add_argument("--model-size", default="auto",
@@ -58,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         "torch_dist checkpoints load at any layout; these sizes are checked against the model and recorded",
     )
     for flag, field in [("tensor", "tp"), ("pipeline", "pp"), ("expert", "ep"), ("expert-tensor", "etp")]:
-        layout.add_argument(f"--{flag}-model-parallel-size" if flag != "expert-tensor" else "--expert-tensor-parallel-size",
-                            type=int, default=1, dest=field, metavar="N")
+        name = "--expert-tensor-parallel-size" if flag == "expert-tensor" else f"--{flag}-model-parallel-size"
+        layout.add_argument(name, type=int, default=1, dest=field, metavar="N")
     return parser
 
 
@@ -71,22 +68,12 @@ def parse_config(argv=None) -> ConvertConfig:
 
 def main(argv=None) -> int:
     config = parse_config(argv)
-    from megatron_patch.patches import apply_patches
+    silence_upstream_warnings()
+    # Entry point: Megatron-Core (~5 s to import) only after the arguments are known to be good.
+    from megatron_patch.convert.run import convert
 
     apply_patches()
-    from megatron_patch.convert.run import convert
-    from megatron_patch.convert.output import ConversionError
-    from megatron_patch.convert.to_hf import CheckpointContentError
-    from megatron_patch.models.hf_checkpoint import HFCheckpointError
-    from megatron_patch.models.qwen3.arch import ConfigError
-    from megatron_patch.models.weight_mapping import MappingError
-
-    try:
-        convert(config)
-    except (ConversionError, ConfigError, MappingError, HFCheckpointError, CheckpointContentError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_on_input_error(lambda: convert(config))
 
 
 if __name__ == "__main__":

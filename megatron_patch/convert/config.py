@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_patch.models.qwen3.arch import Qwen3Arch
-from megatron_patch.models.qwen3.builder import PRECISIONS as _PRECISION_DTYPES
+from megatron_patch.errors import InputError
 from megatron_patch.parallel import ParallelLayout
 
-PRECISIONS = tuple(_PRECISION_DTYPES)
-DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+class ConversionError(InputError):
+    """A conversion that cannot be done as asked; the message names the file or setting."""
 
 
 @dataclass(frozen=True)
@@ -29,19 +29,3 @@ class ConvertConfig:
     # The layout the checkpoint is meant for (Pai's MODEL_PARALLEL_ARGS). torch_dist does not
     # depend on it; it is checked against the model and recorded in the checkpoint.
     layout: ParallelLayout = ParallelLayout()
-
-
-def layout_problems(arch: Qwen3Arch, layout: ParallelLayout) -> list[str]:
-    """Why ``arch`` cannot run at ``layout`` (empty when it can)."""
-    problems = []
-    if arch.num_query_groups % layout.tp:
-        problems.append(f"TP={layout.tp} does not divide num_key_value_heads={arch.num_query_groups}")
-    if arch.num_layers % layout.pp:
-        problems.append(f"PP={layout.pp} does not divide num_hidden_layers={arch.num_layers}")
-    if arch.is_moe and arch.num_experts % layout.ep:
-        problems.append(f"EP={layout.ep} does not divide num_experts={arch.num_experts}")
-    if arch.is_moe and arch.moe_ffn_hidden_size % layout.etp:
-        problems.append(f"ETP={layout.etp} does not divide moe_intermediate_size={arch.moe_ffn_hidden_size}")
-    if not arch.is_moe and layout.ep > 1:
-        problems.append(f"EP={layout.ep} needs an MoE model")
-    return problems

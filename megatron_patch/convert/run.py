@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from megatron_patch import __version__
-from megatron_patch.convert.config import DTYPE_NAMES, ConvertConfig, layout_problems
-from megatron_patch.convert.output import (
-    TRACKER_FILE,
-    ConversionError,
-    StagedOutput,
-    copy_side_files,
-    resolve_checkpoint_dir,
-)
+from megatron_patch.checkpoints import StagedOutput, copy_side_files, load_weights, resolve_checkpoint, write_tracker
+from megatron_patch.convert.config import ConversionError, ConvertConfig
+from megatron_patch.convert.to_hf import write_hf_safetensors
+from megatron_patch.convert.to_megatron import write_torch_dist
+from megatron_patch.models.choices import DTYPE_NAMES
+from megatron_patch.models.layout_check import layout_problems
 from megatron_patch.models.qwen3.arch import Qwen3Arch
+from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
+from megatron_patch.models.qwen3.parity import compare_with_transformers, probe_tokens
 from megatron_patch.models.qwen3.presets import get_preset
+from megatron_patch.parallel import ParallelLayout, initialize_parallel
 
 
 class Progress:
@@ -38,7 +40,7 @@ class Progress:
             self.bar.update(tensor.numel() * tensor.element_size())
             self.bar.set_postfix(tensors=self.tensors, refresh=False)
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -75,9 +77,7 @@ def resolve_arch(config: ConvertConfig) -> tuple[Qwen3Arch, Path | None]:
 
 
 def hf_to_megatron(config: ConvertConfig, arch: Qwen3Arch) -> Path:
-    from megatron_patch.convert.to_megatron import write_torch_dist
-
-    with StagedOutput(config.save_dir, config.force) as staging, Progress("hf -> torch_dist") as progress:
+    with StagedOutput(config.save_dir, config.force, "SAVE_DIR") as staging, Progress("hf -> torch_dist") as progress:
         release = staging / "release"
         if dist.get_rank() == 0:
             release.mkdir()
@@ -92,19 +92,15 @@ def hf_to_megatron(config: ConvertConfig, arch: Qwen3Arch) -> Path:
             progress=progress,
         )
         if dist.get_rank() == 0:
-            (staging / TRACKER_FILE).write_text("release")
+            write_tracker(staging, "release")
             copy_side_files(config.load_dir, staging, DTYPE_NAMES[config.precision])
     return config.save_dir / "release"
 
 
 def megatron_to_hf(config: ConvertConfig, arch: Qwen3Arch, config_dir: Path | None, delta=None) -> Path:
     """torch_dist -> HF; ``delta`` (see ``write_hf_safetensors``) changes tensors on the way (LoRA merge)."""
-    import json
-
-    from megatron_patch.convert.to_hf import write_hf_safetensors
-
-    checkpoint_dir = resolve_checkpoint_dir(config.load_dir, config.iteration)
-    with StagedOutput(config.save_dir, config.force) as staging, Progress("torch_dist -> hf") as progress:
+    checkpoint_dir = resolve_checkpoint(config.load_dir, config.iteration).path
+    with StagedOutput(config.save_dir, config.force, "SAVE_DIR") as staging, Progress("torch_dist -> hf") as progress:
         write_hf_safetensors(arch, checkpoint_dir, staging, config.precision, config.max_shard_bytes, progress,
                              delta)
         if dist.get_rank() == 0:
@@ -130,11 +126,6 @@ def verify_memory_shortfall(arch: Qwen3Arch) -> str | None:
 
 def verify(config: ConvertConfig, arch: Qwen3Arch, hf_dir: Path, checkpoint_dir: Path) -> None:
     """Load both sides and compare logits on a short prompt; raises ConversionError on a mismatch."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
-    from megatron_patch.models.qwen3.parity import compare_with_transformers, probe_tokens
-
     if dist.get_world_size() > 1:
         print("verify: skipped (it runs in single-process conversions)")
         return
@@ -144,12 +135,7 @@ def verify(config: ConvertConfig, arch: Qwen3Arch, hf_dir: Path, checkpoint_dir:
         return
     device = "cuda" if config.use_cuda and torch.cuda.is_available() else "cpu"
     model = build_gpt_model(arch, BuildOptions(precision=config.precision, aux_loss_coeff=0.0))
-    state = dist_checkpointing.load(
-        sharded_state_dict={"model": model.sharded_state_dict()},
-        checkpoint_dir=str(checkpoint_dir),
-        strict="raise_unexpected",
-    )
-    model.load_state_dict(state["model"])
+    load_weights(checkpoint_dir, [model])
     result = compare_with_transformers(arch, hf_dir, probe_tokens(arch), config.precision, device=device,
                                        model_chunks=model)
     print(f"verify: {result}")
@@ -158,8 +144,6 @@ def verify(config: ConvertConfig, arch: Qwen3Arch, hf_dir: Path, checkpoint_dir:
 
 
 def convert(config: ConvertConfig) -> None:
-    from megatron_patch.parallel import ParallelLayout, initialize_parallel
-
     # The canonical layout: every process holds the whole (meta) template; work is split by bytes.
     initialize_parallel(ParallelLayout())
     arch, config_dir = resolve_arch(config)

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_patch.models.choices import PRECISIONS
 from megatron_patch.models.qwen3.arch import Qwen3Arch
-from megatron_patch.models.qwen3.builder import PRECISIONS, BuildOptions, build_gpt_model
+from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
 from megatron_patch.models.qwen3.mapping import bound_qwen3_mappings
 from megatron_patch.models.sharded_state import address_of, shard_bytes
 from megatron_patch.models.weight_mapping import MegatronAddress

@@ -10,21 +10,20 @@ work independently.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
+import torch.distributed as dist
 
+from megatron_patch.checkpoints import CheckpointError, TorchDistCheckpoint
 from megatron_patch.convert.template import balance_by_bytes, checkpoint_template, plan_hf_tensors
-from megatron_patch.convert.torch_dist_reader import CheckpointContentError, TorchDistCheckpoint
+from megatron_patch.models.choices import PRECISIONS
 from megatron_patch.models.hf_checkpoint import StreamingSafetensorsWriter
 from megatron_patch.models.qwen3.arch import Qwen3Arch
-from megatron_patch.models.qwen3.builder import PRECISIONS
 from megatron_patch.models.qwen3.mapping import bound_qwen3_mappings
 from megatron_patch.models.sharded_state import address_of, local_slice, shard_bytes
 from megatron_patch.models.weight_mapping import MegatronAddress
-
-__all__ = ["CheckpointContentError", "write_hf_safetensors"]
 
 
 def _stored_region(checkpoint: TorchDistCheckpoint, shard) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
@@ -40,10 +39,10 @@ def check_contents(checkpoint: TorchDistCheckpoint, template) -> None:
         key, offsets, sizes = _stored_region(checkpoint, shard)
         stored = checkpoint.global_shape(key)
         if stored is None:
-            raise CheckpointContentError(f"{checkpoint.path}: tensor {key} is missing (checkpoint of another model?)")
+            raise CheckpointError(f"{checkpoint.path}: tensor {key} is missing (checkpoint of another model?)")
         needed = tuple(shard.global_shape[len(shard.global_shape) - len(stored):])
         if stored != needed:
-            raise CheckpointContentError(
+            raise CheckpointError(
                 f"{checkpoint.path}: tensor {key} has shape {stored} in the checkpoint, the config needs {needed}"
             )
 
@@ -62,8 +61,6 @@ def write_hf_safetensors(
     ``delta(address)``, when given, is added to that Megatron tensor in fp32 before it is
     written (LoRA merge: scale * B @ A); None leaves the tensor as stored.
     """
-    import torch.distributed as dist
-
     dtype = PRECISIONS[precision]
     checkpoint = TorchDistCheckpoint(checkpoint_dir)
     template = checkpoint_template(arch, precision)
@@ -71,7 +68,7 @@ def write_hf_safetensors(
     bound = {b.address: b for b in bound_qwen3_mappings(arch)}
     unmapped = [a for a in template.addresses() if a not in bound]
     if unmapped:
-        raise CheckpointContentError(f"the model has {unmapped[0]}, which the Qwen3 mapping does not produce")
+        raise CheckpointError(f"the model has {unmapped[0]}, which the Qwen3 mapping does not produce")
 
     writer = StreamingSafetensorsWriter(output_dir, plan_hf_tensors(arch, precision, template), max_shard_bytes)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -94,7 +91,7 @@ def write_hf_safetensors(
             checkpoint.read(key, offsets, sizes, full.dtype, out=full[local_slice(shard)])
         if change is not None:
             if change.shape != full.shape:
-                raise CheckpointContentError(f"{address}: the change {tuple(change.shape)} does not fit the "
+                raise CheckpointError(f"{address}: the change {tuple(change.shape)} does not fit the "
                                              f"weight {tuple(full.shape)}")
             full = (full + change).to(dtype)
         for name, hf_tensor in bound[address].to_hf(full).items():

@@ -12,14 +12,14 @@ many layers the model has. With several processes, each writes the chunks
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from megatron_patch.convert.template import balance_by_bytes, checkpoint_template, plan_hf_tensors
+from megatron_patch.models.choices import PRECISIONS
 from megatron_patch.models.qwen3.arch import Qwen3Arch
-from megatron_patch.models.qwen3.builder import PRECISIONS
 from megatron_patch.models.qwen3.loading import hf_weight_source
 from megatron_patch.models.sharded_state import address_of, local_slice, shard_bytes
 from megatron_patch.models.weight_mapping import MappingError, MegatronAddress

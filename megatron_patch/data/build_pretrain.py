@@ -17,6 +17,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_patch.data.indexed import staged_indexed_datasets
+from megatron_patch.data.records import ReadStats, RecordError, iter_records
+from megatron_patch.data.tokenizer import Qwen3Tokenizer, TokenizerError
+from megatron_patch.data.workers import mapped_in_order, records_per_batch, spans
+
 _WORKER_TOKENIZER = None
 
 
@@ -32,7 +37,6 @@ class Summary:
 
 def _init_worker(tokenizer_dir: str) -> None:
     global _WORKER_TOKENIZER
-    from megatron_patch.data.tokenizer import Qwen3Tokenizer
 
     _WORKER_TOKENIZER = Qwen3Tokenizer.from_dir(tokenizer_dir)
 
@@ -45,8 +49,6 @@ def _encode(texts: list[str]):
     """
     import numpy as np
 
-    from megatron_patch.data.workers import spans
-
     documents = _WORKER_TOKENIZER.encode_batch(texts)
     lengths = np.array([len(ids) + 1 for ids in documents], dtype=np.int64)
     ids = np.empty(int(lengths.sum()), dtype=np.int32)
@@ -57,8 +59,6 @@ def _encode(texts: list[str]):
 
 
 def _text_batches(inputs, key: str, skip_bad_lines: bool, summary: Summary, batch_size: int):
-    from megatron_patch.data.records import ReadStats, RecordError, iter_records
-
     batch = []
     for path in inputs:
         stats = ReadStats()
@@ -81,12 +81,10 @@ def _text_batches(inputs, key: str, skip_bad_lines: bool, summary: Summary, batc
         yield batch
 
 
-def build(inputs, tokenizer_dir, output_prefix, key: str = "text", workers: int = 1, skip_bad_lines: bool = False) -> Summary:
+def build(inputs, tokenizer_dir, output_prefix, key: str = "text", workers: int = 1,
+          skip_bad_lines: bool = False) -> Summary:
     import numpy as np
     from tqdm import tqdm
-
-    from megatron_patch.data.indexed import staged_indexed_datasets
-    from megatron_patch.data.workers import mapped_in_order, records_per_batch, spans
 
     summary = Summary()
     batches = _text_batches(inputs, key, skip_bad_lines, summary, batch_size=records_per_batch(workers))
@@ -113,11 +111,9 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed lines")
     args = parser.parse_args(argv)
 
-    from megatron_patch.data.records import RecordError
-    from megatron_patch.data.tokenizer import TokenizerError
-
     try:
-        summary = build(args.input, args.tokenizer, args.output_prefix, args.json_key, args.workers, args.skip_bad_lines)
+        summary = build(args.input, args.tokenizer, args.output_prefix, args.json_key, args.workers,
+                        args.skip_bad_lines)
     except (RecordError, TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -21,6 +21,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_patch.data.chat import SampleError, messages_from_record, tokenize_conversations
+from megatron_patch.data.indexed import staged_indexed_datasets
+from megatron_patch.data.packing import first_fit_decreasing
+from megatron_patch.data.records import RecordError, iter_raw_records, parse_record
+from megatron_patch.data.tokenizer import Qwen3Tokenizer, TokenizerError
+from megatron_patch.data.workers import mapped_in_order, records_per_batch, spans
+
 MASK_SUFFIX = "_loss_mask"
 
 
@@ -50,8 +57,6 @@ _WORKER: dict = {}
 
 
 def _init_worker(tokenizer_dir: str, fmt: str, enable_thinking: bool, last_turn_only: bool) -> None:
-    from megatron_patch.data.tokenizer import Qwen3Tokenizer
-
     _WORKER.update(tokenizer=Qwen3Tokenizer.from_dir(tokenizer_dir), fmt=fmt, enable_thinking=enable_thinking,
                    last_turn_only=last_turn_only)
 
@@ -64,9 +69,6 @@ def _encode_batch(batch: list[tuple[str, object]]):
     process as a few buffers, not thousands of small pickled objects.
     """
     import numpy as np
-
-    from megatron_patch.data.chat import SampleError, messages_from_record, tokenize_conversations
-    from megatron_patch.data.records import RecordError, parse_record
 
     bad, conversations = [], []
     for index, (where, raw) in enumerate(batch):
@@ -87,8 +89,6 @@ def _encode_batch(batch: list[tuple[str, object]]):
 
 def _results(encoded_batches):
     """("ok", ids, mask) or ("bad", where, reason) per record, in input order."""
-    from megatron_patch.data.workers import spans
-
     for bad, ids, masks, lengths in encoded_batches:
         samples = ((ids[span], masks[span]) for span in spans(lengths))
         bad_at = {index: (where, reason) for index, where, reason in bad}
@@ -101,8 +101,6 @@ def _results(encoded_batches):
 
 def _record_batches(inputs, summary: SftSummary, batch_size: int):
     # Lines go to the workers unparsed: JSON decoding is part of the parallel work.
-    from megatron_patch.data.records import iter_raw_records
-
     batch = []
     for path in inputs:
         for item in iter_raw_records(path):
@@ -118,7 +116,6 @@ def _record_batches(inputs, summary: SftSummary, batch_size: int):
 def encode_samples(inputs, tokenizer_dir, fmt, seq_length, overlong, enable_thinking, last_turn_only,
                    skip_bad_lines, summary: SftSummary, workers: int = 1) -> list[tuple]:
     """(ids, mask) numpy arrays of every usable sample, in input order whatever the number of workers."""
-    from megatron_patch.data.workers import mapped_in_order, records_per_batch
 
     batches = _record_batches(inputs, summary, batch_size=records_per_batch(workers))
     init_args = (str(tokenizer_dir), fmt, enable_thinking, last_turn_only)
@@ -128,8 +125,6 @@ def encode_samples(inputs, tokenizer_dir, fmt, seq_length, overlong, enable_thin
 
 def _usable_samples(results, seq_length, overlong, skip_bad_lines, summary: SftSummary) -> list[tuple]:
     """Applies the bad-line and over-long policies to ("ok"/"bad", ...) results, counting each case."""
-    from megatron_patch.data.records import RecordError
-
     samples = []
     limit = seq_length + 1  # tokens of a sample that yield at most seq_length training positions
     for kind, first, second in results:
@@ -159,9 +154,6 @@ def build(inputs, tokenizer_dir, output_prefix, seq_length: int, packing: bool =
           overlong: str = "truncate", enable_thinking: bool = True, last_turn_only: bool = False,
           skip_bad_lines: bool = False, workers: int = 1) -> SftSummary:
     import numpy as np
-
-    from megatron_patch.data.indexed import staged_indexed_datasets
-    from megatron_patch.data.packing import first_fit_decreasing
 
     summary = SftSummary()
     samples = encode_samples(inputs, tokenizer_dir, fmt, seq_length, overlong, enable_thinking, last_turn_only,
@@ -205,9 +197,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.seq_length < 2:
         parser.error("--seq-length must be at least 2")
-
-    from megatron_patch.data.records import RecordError
-    from megatron_patch.data.tokenizer import TokenizerError
 
     try:
         summary = build(args.input, args.tokenizer, args.output_prefix, args.seq_length, args.packing, args.format,

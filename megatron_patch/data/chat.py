@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_patch.errors import InputError
+
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
     "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -28,7 +30,7 @@ SHAREGPT_ROLES = {
 }
 
 
-class SampleError(ValueError):
+class SampleError(InputError):
     """A record that is not a usable conversation; the message names the problem."""
 
 
@@ -46,7 +48,8 @@ def detect_format(record: dict) -> str:
         return "sharegpt"
     if "instruction" in record or "output" in record:
         return "alpaca"
-    raise SampleError(f"unknown record format (keys {sorted(record)[:6]}); expected messages, conversations or instruction/output")
+    raise SampleError(f"unknown record format (keys {sorted(record)[:6]}); "
+                      "expected messages, conversations or instruction/output")
 
 
 def _text(value, what: str) -> str:

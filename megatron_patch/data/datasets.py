@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from megatron_patch.data.build_sft import MASK_SUFFIX
+from megatron_patch.data.chat import SampleError, messages_from_record, tokenize_conversation
+from megatron_patch.data.records import ReadStats, RecordError, iter_records
 
 
 def pack_samples(samples: list[tuple[list[int], list[int]]], seq_length: int, pad_id: int) -> dict:
@@ -48,7 +50,10 @@ def pack_samples(samples: list[tuple[list[int], list[int]]], seq_length: int, pa
 
 
 def attention_mask_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_length: int) -> torch.Tensor:
-    """[1, 1, S, S] boolean mask (True = masked): causal and never across segments. For paths without varlen attention."""
+    """[1, 1, S, S] boolean mask (True = masked): causal and never across segments.
+
+    For paths without varlen attention.
+    """
     segment = torch.zeros(seq_length, dtype=torch.long)
     for index, (start, end) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
         segment[start:end] = index
@@ -89,8 +94,6 @@ class RawJsonSftDataset(torch.utils.data.Dataset):
 
     def __init__(self, paths, tokenizer, seq_length: int, fmt: str = "auto", enable_thinking: bool = True,
                  last_turn_only: bool = False):
-        from megatron_patch.data.chat import SampleError, messages_from_record
-        from megatron_patch.data.records import ReadStats, RecordError, iter_records
 
         self.conversations = []
         for path in paths if isinstance(paths, (list, tuple)) else [paths]:
@@ -106,8 +109,6 @@ class RawJsonSftDataset(torch.utils.data.Dataset):
         return len(self.conversations)
 
     def samples(self, index: int) -> list[tuple[list[int], list[int]]]:
-        from megatron_patch.data.chat import tokenize_conversation
-
         ids, mask = tokenize_conversation(
             self.tokenizer, self.conversations[index], self.enable_thinking, self.last_turn_only
         )

@@ -18,7 +18,8 @@ def staged_indexed_datasets(output_prefix: str | Path, dtypes: dict[str, type]):
     output_prefix = Path(output_prefix)
     output_prefix.parent.mkdir(parents=True, exist_ok=True)
     staging = output_prefix.with_name(f".{output_prefix.name}.incomplete")
-    builders = {suffix: IndexedDatasetBuilder(f"{staging}{suffix}.bin", dtype=dtype) for suffix, dtype in dtypes.items()}
+    builders = {suffix: IndexedDatasetBuilder(f"{staging}{suffix}.bin", dtype=dtype)
+                for suffix, dtype in dtypes.items()}
     try:
         yield builders
         for suffix, builder in builders.items():

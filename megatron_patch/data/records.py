@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+
+from megatron_patch.errors import InputError
 
 
-class RecordError(ValueError):
+class RecordError(InputError):
     """A bad input record; the message starts with ``file:line``."""
 
 

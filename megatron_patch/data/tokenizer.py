@@ -12,10 +12,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_patch.errors import InputError
+
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     pass
 
 
@@ -41,7 +43,7 @@ class Qwen3Tokenizer:
     chat_template: str | None
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "Qwen3Tokenizer":
+    def from_dir(cls, path: str | Path) -> Qwen3Tokenizer:
         from tokenizers import Tokenizer
 
         path = Path(path)

@@ -27,7 +27,15 @@ import torch.distributed as dist
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from megatron_patch.checkpoints import load_weights
+from megatron_patch.data.tokenizer import Qwen3Tokenizer, bundled_qwen3_tokenizer_dir
 from megatron_patch.evaluation.tasks import EvalDataError
+from megatron_patch.models.layout_check import RunFeatures, layout_problems
+from megatron_patch.models.logits import forward_logits
+from megatron_patch.models.qwen3.arch import Qwen3Arch
+from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model, resolve_transformer_impl
+from megatron_patch.parallel import ParallelLayout, initialize_parallel
+from megatron_patch.patches import apply_patches
 
 
 def _model_dir(load: Path) -> Path:
@@ -41,18 +49,12 @@ def _model_dir(load: Path) -> Path:
 
 @register_model("megatron")
 class MegatronLM(TemplateLM):
-    def __init__(self, load: str, tokenizer: str | None = None, batch_size: int | str = 1, max_length: int | None = None,
+    def __init__(self, load: str, tokenizer: str | None = None, batch_size: int | str = 1,
+                 max_length: int | None = None,
                  max_gen_toks: int = 256, precision: str = "fp32", tensor_model_parallel_size: int = 1,
                  pipeline_model_parallel_size: int = 1, expert_model_parallel_size: int = 1,
                  device: str | None = None, **_ignored):
         super().__init__()
-        from megatron_patch.data.tokenizer import Qwen3Tokenizer, bundled_qwen3_tokenizer_dir
-        from megatron_patch.models.qwen3.arch import Qwen3Arch
-        from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
-        from megatron_patch.parallel import ParallelLayout, initialize_parallel
-        from megatron_patch.patches import apply_patches
-        from megatron_patch.training.checkpointing import load_weights
-
         load_path = Path(load)
         model_dir = _model_dir(load_path)
         self.arch = Qwen3Arch.from_hf_dir(model_dir)
@@ -69,6 +71,9 @@ class MegatronLM(TemplateLM):
         apply_patches(cpu=not cuda)
         layout = ParallelLayout(tp=int(tensor_model_parallel_size), pp=int(pipeline_model_parallel_size),
                                 ep=int(expert_model_parallel_size))
+        problems = layout_problems(self.arch, layout, resolve_transformer_impl(), RunFeatures(inference=True))
+        if problems:
+            raise EvalDataError(f"{load_path}: {problems[0]}")
         initialize_parallel(layout, backend="nccl" if cuda else "gloo")
         chunk = build_gpt_model(self.arch, BuildOptions(layout=layout, precision=precision))
         if cuda:
@@ -166,8 +171,6 @@ class MegatronLM(TemplateLM):
         where a score is read. With PP > 1 the last stage sends the result to the others.
         """
         from megatron.core import parallel_state
-
-        from megatron_patch.models.logits import forward_logits
 
         tokens = tokens.to(self.device_name)
         with _project_only(self.chunks[-1], rows, positions):

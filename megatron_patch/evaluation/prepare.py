@@ -23,7 +23,10 @@ from pathlib import Path
 
 from megatron_patch.evaluation.tasks import SUITES, EvalDataError, Suite, builtin_subjects
 
-HEADERS = {"cmmlu": ["Question", "A", "B", "C", "D", "Answer"], "ceval-valid": ["question", "A", "B", "C", "D", "answer"]}
+HEADERS = {
+    "cmmlu": ["Question", "A", "B", "C", "D", "Answer"],
+    "ceval-valid": ["question", "A", "B", "C", "D", "answer"],
+}
 
 
 def _unpack(source: Path, scratch: Path) -> Path:

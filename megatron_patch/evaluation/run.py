@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_patch.evaluation.tasks import EvalDataError, check_data, select, write_task_configs
+from megatron_patch.models.choices import DTYPE_NAMES, PRECISIONS
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -64,22 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("model_path", help="HF model directory or torch_dist checkpoint directory")
     parser.add_argument("data_dir", help="directory with cmmlu/ and ceval/ (official CSV layouts)")
     parser.add_argument("tasks", help="cmmlu, ceval-valid (ceval), or subject tasks, comma-separated")
-    parser.add_argument("--num-fewshot", type=int, help="few-shot examples from the dev split (default 0, as lm-eval)")
-    parser.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default 8)")
-    parser.add_argument("--limit", type=float, help="at most this many questions per subject (a fraction if < 1)")
-    parser.add_argument("--output-path", help="write results.json (and samples with --log-samples) here")
-    parser.add_argument("--log-samples", action="store_true", help="also write every request and its scores")
-    parser.add_argument("--apply-chat-template", action="store_true", help="prompt through the chat template")
+    parser.add_argument("--num-fewshot", "--num_fewshot", "-f", type=int,
+                        help="few-shot examples from the dev split (default 0, as lm-eval)")
+    parser.add_argument("--batch-size", "--batch_size", "-b", type=int, default=8,
+                        help="requests per forward pass (default 8)")
+    parser.add_argument("--limit", "-L", type=float, help="at most this many questions per subject (a fraction if < 1)")
+    parser.add_argument("--output-path", "--output_path", "-o",
+                        help="write results.json (and samples with --log-samples) here")
+    parser.add_argument("--log-samples", "--log_samples", "-s", action="store_true",
+                        help="also write every request and its scores")
+    parser.add_argument("--apply-chat-template", "--apply_chat_template", action="store_true",
+                        help="prompt through the chat template")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS))
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1, help="torch_dist models (torchrun)")
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="torch_dist models (torchrun)")
     parser.add_argument("--expert-model-parallel-size", type=int, default=1, help="torch_dist models (torchrun)")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: beside the model, else the bundled Qwen3)")
     parser.add_argument("--allow-missing-subjects", action="store_true",
                         help="evaluate the subjects that have data files instead of stopping at the first gap")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model-args", default="", help="extra k=v,k=v for the lm-eval model")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of lm-eval's samplers")
+    parser.add_argument("--model-args", "--model_args", default="", help="extra k=v,k=v for the lm-eval model")
     return parser
 
 
@@ -94,7 +100,7 @@ def parse_args(argv=None) -> EvalConfig:
 
 def _model(config: EvalConfig, kind: str):
     """lm-eval model name and arguments for MODEL_PATH."""
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[config.precision]
+    dtype = DTYPE_NAMES[config.precision]
     if kind == "hf":
         args = {"pretrained": config.model_path, "dtype": dtype}
     else:

@@ -15,13 +15,15 @@ columns the prompts use so the two splits load together.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import yaml
 
+from megatron_patch.errors import InputError
 
-class EvalDataError(ValueError):
+
+class EvalDataError(InputError):
     """Missing or unusable evaluation data; the message says what is missing and what to do."""
 
 
@@ -70,7 +72,7 @@ def builtin_subjects(suite: Suite) -> dict[str, str]:
     return _builtin_subjects(suite.group)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _builtin_subjects(group: str) -> dict[str, str]:
     # Read once per process: 67 / 52 YAML files, asked for by every task name and data check.
     suite = SUITES[group]
@@ -139,8 +141,8 @@ def check_data(data_dir: str | Path, selection: Selection, allow_missing: bool =
     if missing and not allow_missing:
         shown = ", ".join(str(p) for p in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise EvalDataError(f"missing {len(missing)} data file(s): {shown}; run python -m "
-                            f"megatron_patch.evaluation.prepare to check the download, or pass --allow-missing-subjects "
-                            f"to evaluate the subjects that are there")
+                            "megatron_patch.evaluation.prepare to check the download, or pass "
+                            "--allow-missing-subjects to evaluate the subjects that are there")
     kept = {}
     for group, subjects in selection.subjects.items():
         present = tuple(s for s in subjects if all(p.is_file() for p in SUITES[group].files(data_dir, s).values()))

@@ -20,11 +20,12 @@ complete. Bad input: one line on stderr, exit status 2.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from megatron_patch.convert.__main__ import parse_size
-from megatron_patch.convert.config import PRECISIONS
+from megatron_patch.errors import exit_on_input_error
+from megatron_patch.models.choices import PRECISIONS
+from megatron_patch.patches import apply_patches, silence_upstream_warnings
+from megatron_patch.units import parse_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,21 +54,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.merged_out is None and args.peft_out is None:
         parser.error("nothing to write: give --merged-out and/or --peft-out")
-    from megatron_patch.patches import apply_patches
+    silence_upstream_warnings()
+    # Entry point: Megatron-Core (~5 s to import) only after the arguments are known to be good.
+    from megatron_patch.lora.export import ExportSettings, export
 
     apply_patches()
-    from megatron_patch.convert.output import ConversionError
-    from megatron_patch.convert.to_hf import CheckpointContentError
-    from megatron_patch.lora.run import ExportSettings, export
-    from megatron_patch.models.qwen3.arch import ConfigError
-    from megatron_patch.training.checkpointing import CheckpointError
-
-    try:
-        export(ExportSettings(**vars(args)))
-    except (ConversionError, CheckpointContentError, CheckpointError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_on_input_error(lambda: export(ExportSettings(**vars(args))))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import torch
 
 from megatron_patch.lora.config import LoraConfigError, LoraSettings
 from megatron_patch.lora.layers import GroupedLoraAdapter, LoraAdapter, TpSplit
+from megatron_patch.models.experts import GroupedGemmExperts
+from megatron_patch.patches.expert_grads import expert_params_reduce_with_dense
 
 ADAPTER_KEY_PART = ".adapter."  # in every adapter parameter's checkpoint key (dense, expert, grouped)
 
@@ -24,8 +26,6 @@ def _add_adapter_output(module, args, output):
 
 def _mark_expert_parameters(adapter) -> None:
     """As expert weights are marked: DDP reduces them over the expert-data-parallel group unless it is the dense one."""
-    from megatron_patch.patches.expert_grads import expert_params_reduce_with_dense
-
     shared = expert_params_reduce_with_dense()
     for parameter in adapter.parameters():
         parameter.allreduce = shared
@@ -93,8 +93,6 @@ def apply_lora(chunks, settings: LoraSettings) -> None:
     from megatron.core.transformer.moe.experts import SequentialMLP
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.transformer_layer import TransformerLayer
-
-    from megatron_patch.models.experts import GroupedGemmExperts
 
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     for chunk in chunks:

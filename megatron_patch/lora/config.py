@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_patch.errors import InputError
+
 MEGATRON_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 HF_ALIASES = {
     "q_proj": "linear_qkv", "k_proj": "linear_qkv", "v_proj": "linear_qkv", "o_proj": "linear_proj",
@@ -17,7 +19,7 @@ HF_ALIASES = {
 }
 
 
-class LoraConfigError(ValueError):
+class LoraConfigError(InputError):
     """Invalid LoRA settings; the message names the setting."""
 
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_patch.patches.expert_grads import expert_params_reduce_with_dense
+
 _PER_EXPERT_KEY = re.compile(r"local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.(weight|_extra_state)$")
 
 
@@ -63,8 +65,6 @@ class GroupedGemmExperts(MegatronModule):
         super().__init__(config=config)
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, get_expert_parallel_rng_tracker_name
-
-        from megatron_patch.patches.expert_grads import expert_params_reduce_with_dense
 
         if config.add_bias_linear:
             raise ValueError("GroupedGemmExperts: expert biases are not supported (Qwen3 has none)")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_patch.errors import InputError
+
 INDEX_FILE = "model.safetensors.index.json"
 
 _DTYPES = {
@@ -25,7 +27,7 @@ _DTYPES = {
 }
 
 
-class HFCheckpointError(ValueError):
+class HFCheckpointError(InputError):
     pass
 
 
@@ -151,7 +153,8 @@ class StreamingSafetensorsWriter:
             size += nbytes
         count = len(groups)
         self.files: list[str] = [
-            "model.safetensors" if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)
+            "model.safetensors" if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
+            for i in range(1, count + 1)
         ]
         self._location: dict[str, tuple[str, int, tuple[int, ...], torch.dtype]] = {}
         self._headers: list[tuple[str, bytes, int]] = []
@@ -159,7 +162,8 @@ class StreamingSafetensorsWriter:
             header, offset = {"__metadata__": {"format": "pt"}}, 0
             for name, shape, dtype in group:
                 nbytes = _numel(shape) * dtype.itemsize
-                header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape),
+                                "data_offsets": [offset, offset + nbytes]}
                 self._location[name] = (file, offset, tuple(shape), dtype)
                 offset += nbytes
             encoded = json.dumps(header, separators=(",", ":")).encode()

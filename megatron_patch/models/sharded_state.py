@@ -11,7 +11,7 @@ here or in any model file.
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 

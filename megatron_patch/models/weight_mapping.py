@@ -12,10 +12,13 @@ the global layer and expert index. How a full tensor is cut for a rank
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Protocol
 
 import torch
+
+from megatron_patch.errors import InputError
 
 
 @dataclass(frozen=True, order=True)
@@ -167,7 +170,7 @@ def bind(
     return bound
 
 
-class MappingError(ValueError):
+class MappingError(InputError):
     """HF tensors that do not match what the mapping expects."""
 
 
@@ -183,9 +186,11 @@ def check_hf_names(bound: Sequence[BoundMapping], hf_names: Iterable[str], sourc
     missing = sorted(set(expected) - present)
     extra = sorted(present - set(expected))
     if missing:
-        raise MappingError(f"{source}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise MappingError(f"{source}: missing tensor {missing[0]}{more}")
     if extra:
-        raise MappingError(f"{source}: unexpected tensor {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise MappingError(f"{source}: unexpected tensor {extra[0]}{more}")
 
 
 def megatron_tensors_from_hf(

@@ -17,25 +17,51 @@
    gradients are reduced over the expert-data-parallel group, not the dense one.
 
 Each patch names the upstream code it works around in its module docstring.
-All are idempotent.
+All are idempotent. ``apply_patches`` first silences known upstream warnings
+(``warnings.py``) and says once when the installed Megatron-Core is not a version
+the patches were checked on.
 """
 
 from __future__ import annotations
 
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
 import torch
 
-from megatron_patch.patches.cuda_on_cpu import cuda_on_cpu_active, patch_cuda_on_cpu
+from megatron_patch.patches.cuda_on_cpu import patch_cuda_on_cpu
 from megatron_patch.patches.expert_grads import patch_expert_gradient_groups
 from megatron_patch.patches.moe import patch_alltoall_splits_on_cpu, patch_te_general_gemm
 from megatron_patch.patches.optimizer_state import patch_distributed_optimizer_loading
 from megatron_patch.patches.rng import patch_cuda_rng
 from megatron_patch.patches.torch_norm import patch_torch_norm_sequence_parallel
+from megatron_patch.patches.warnings import silence_upstream_warnings
 
 CHECKED_MEGATRON_CORE_VERSIONS = ("0.16.1",)
 
 
+_version_reported = False
+
+
+def unchecked_megatron_core_version() -> str | None:
+    """The installed Megatron-Core version when the patches were not checked on it (None when they were)."""
+    try:
+        installed = version("megatron-core")
+    except PackageNotFoundError:
+        return "not installed"
+    return None if installed in CHECKED_MEGATRON_CORE_VERSIONS else installed
+
+
 def apply_patches(cpu: bool | None = None) -> None:
     """Apply every patch this process needs; ``cpu=None`` means "when CUDA is absent"."""
+    global _version_reported
+    silence_upstream_warnings()
+    unchecked = unchecked_megatron_core_version()
+    if unchecked and not _version_reported:
+        _version_reported = True
+        print(f"warning: megatron-core {unchecked}: megatron_patch's patches were checked on "
+              f"{', '.join(CHECKED_MEGATRON_CORE_VERSIONS)}; each patch checks its target, but a changed "
+              "upstream may need a changed patch (megatron_patch/patches/)", file=sys.stderr, flush=True)
     patch_te_general_gemm()
     if cpu is None:
         cpu = not torch.cuda.is_available()
@@ -48,11 +74,6 @@ def apply_patches(cpu: bool | None = None) -> None:
     patch_expert_gradient_groups()
 
 
-def running_on_cpu() -> bool:
-    """True when Megatron-Core's CUDA calls are being redirected to the CPU."""
-    return cuda_on_cpu_active()
-
-
 __all__ = [
     "CHECKED_MEGATRON_CORE_VERSIONS",
     "apply_patches",
@@ -63,5 +84,6 @@ __all__ = [
     "patch_expert_gradient_groups",
     "patch_te_general_gemm",
     "patch_torch_norm_sequence_parallel",
-    "running_on_cpu",
+    "silence_upstream_warnings",
+    "unchecked_megatron_core_version",
 ]

@@ -17,7 +17,8 @@ wrong and the resumed losses drift from the uninterrupted run's from the second 
 The patch fills empty torch-Adam states with zero moments and ``step`` 0 (what the first
 ``step()`` would create) before ``sharded_state_dict(is_loading=True)`` runs (the checkpoint
 then overwrites the moments), and after ``load_state_dict`` gives each state its own ``step``
-tensor holding the saved step (the one Megatron-Core keeps in the param groups). Applied everywhere (the GPU machine has neither Apex nor Transformer-Engine either).
+tensor holding the saved step (the one Megatron-Core keeps in the param groups). Applied
+everywhere (the GPU machine has neither Apex nor Transformer-Engine either).
 Checked on megatron-core 0.16.1.
 """
 

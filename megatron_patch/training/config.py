@@ -13,13 +13,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_patch.models import TRANSFORMER_IMPLS
+from megatron_patch.errors import InputError
+from megatron_patch.lora.config import LoraConfigError, LoraSettings
+from megatron_patch.models.choices import RECOMPUTE_MODES, TRAINING_PRECISIONS, TRANSFORMER_IMPLS
 
-RECOMPUTE_CHOICES = ("none", "sel", "full", "offload")
-PRECISION_CHOICES = ("fp32", "bf16", "fp16", "fp8")
 
-
-class TrainConfigError(ValueError):
+class TrainConfigError(InputError):
     """An invalid setting; the message names it."""
 
 
@@ -34,7 +33,8 @@ def _opt(default, help: str, flag: str | None = None, **argparse_kwargs):
 @dataclass
 class TrainConfig:
     # Model and tokenizer
-    model: str = _opt("tiny-moe", "preset name (0.6B ... 32B, A3B, A22B, tiny-moe, tiny-dense) or an HF model directory")
+    model: str = _opt("tiny-moe", "preset name (0.6B ... 32B, A3B, A22B, tiny-moe, tiny-dense) or an HF model "
+                                  "directory")
     tokenizer: str | None = _opt(None, "HF tokenizer directory (default: the HF model directory, the --load directory "
                                        "if it holds tokenizer files, else the bundled Qwen3 tokenizer)")
     transformer_impl: str = _opt("auto", "attention/experts modules: transformer_engine (TE spec), torch (SDPA and "
@@ -54,9 +54,10 @@ class TrainConfig:
     micro_batch_size: int = _opt(1, "sequences per micro-batch per data-parallel rank")
     global_batch_size: int = _opt(8, "sequences per optimizer step (micro-batch x micro-batches x DP)")
     seq_length: int = _opt(128, "training sequence length")
-    max_padding_length: int | None = _opt(None, "raw JSON SFT: pad/truncate samples to this length (default seq-length)")
+    max_padding_length: int | None = _opt(None, "raw JSON SFT: pad/truncate samples to this length "
+                                                "(default seq-length)")
     # Precision, optimizer, schedule
-    precision: str = _opt("bf16", "parameter/compute precision", choices=PRECISION_CHOICES)
+    precision: str = _opt("bf16", "parameter/compute precision", choices=TRAINING_PRECISIONS)
     lr: float = _opt(1e-5, "peak learning rate")
     min_lr: float = _opt(1e-6, "final learning rate of the cosine decay")
     lr_decay_style: str = _opt("cosine", "learning-rate decay", choices=("cosine", "linear", "constant"))
@@ -87,7 +88,7 @@ class TrainConfig:
     lora_load: str | None = _opt(None, "resume from an adapter checkpoint (--save-lora-only); --load gives the base")
     # Recompute
     recompute: str = _opt("none", "activation recompute: none, sel (core attention), full (whole layers), "
-                                  "offload (activations to CPU)", choices=RECOMPUTE_CHOICES)
+                                  "offload (activations to CPU)", choices=tuple(RECOMPUTE_MODES))
     recompute_num_layers: int = _opt(1, "full: layers per recompute group; offload: layers offloaded (MP_AC_LAYERS)")
     # Data
     train_mode: str = _opt("pretrain", "pretrain (every token trained) or finetune (SFT: loss mask, per-token loss)",
@@ -106,7 +107,8 @@ class TrainConfig:
                                   "or one of our saves (resumes)")
     save: str | None = _opt(None, "checkpoint directory (iter_XXXXXXX/ and latest_checkpointed_iteration.txt)")
     save_interval: int | None = _opt(None, "save every N iterations (and at the end)")
-    save_optim: bool = _opt(True, "save optimizer state, LR schedule and RNG with the weights (needed for exact resume)")
+    save_optim: bool = _opt(True, "save optimizer state, LR schedule and RNG with the weights "
+                                  "(needed for exact resume)")
     load_optim: bool = _opt(True, "restore optimizer state, LR schedule, RNG and data position when resuming")
     exit_interval: int | None = _opt(None, "stop (after saving) once the iteration is a multiple of this")
     # Logging and validation
@@ -133,12 +135,6 @@ class TrainConfig:
             fail("--lr-warmup-iters must be >= 0")
         if self.min_lr > self.lr:
             fail(f"--min-lr {self.min_lr} is above --lr {self.lr}")
-        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
-            fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
-        if self.decoder_first_pipeline_num_layers is not None and self.pipeline_model_parallel_size == 1:
-            fail("--decoder-first-pipeline-num-layers (MP_PP0_LAYERS) needs --pipeline-model-parallel-size > 1")
-        if self.num_layers_per_virtual_pipeline_stage is not None and self.pipeline_model_parallel_size < 2:
-            fail("--num-layers-per-virtual-pipeline-stage (MP_VP) needs --pipeline-model-parallel-size > 1")
         if self.context_parallel_size > 1 and self.sft_packing:
             fail("--sft-packing is not supported with --context-parallel-size > 1")
         if self.dataset_type == "raw" and self.train_mode != "finetune":
@@ -165,8 +161,6 @@ class TrainConfig:
         if self.lora_rank == 0 and (self.save_lora_only or self.lora_load):
             fail("--save-lora-only and --lora-load need --lora-rank > 0 (MP_LORA_RANK)")
         if self.lora_rank:
-            from megatron_patch.lora.config import LoraConfigError, LoraSettings
-
             try:
                 LoraSettings(self.lora_rank, self.lora_alpha, self.lora_dropout, tuple(self.lora_target_modules))
             except LoraConfigError as err:
@@ -174,11 +168,10 @@ class TrainConfig:
             if self.lora_load and not self.load:
                 fail("--lora-load needs --load (the base model the adapters belong to)")
         if world_size is not None:
-            model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
-            if world_size % model_parallel:
-                fail(f"{world_size} processes (GPUs per node x nodes; MP_NPROC on CPU) are not divisible by "
-                     f"TP*PP*CP = {model_parallel}")
-            dp = world_size // model_parallel
+            model_parallel = (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+                              * self.context_parallel_size)
+            # An indivisible world is reported by the layout check (models/layout_check.py).
+            dp = max(world_size // model_parallel, 1)
             if self.global_batch_size % (self.micro_batch_size * dp):
                 fail(f"--global-batch-size {self.global_batch_size} is not a multiple of "
                      f"--micro-batch-size {self.micro_batch_size} x data-parallel size {dp}")

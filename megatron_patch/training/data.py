@@ -15,10 +15,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatron_patch.data.datasets import attention_mask_from_cu_seqlens
+from megatron_patch.data.datasets import (
+    RawJsonSftDataset,
+    SftIdxmapDataset,
+    attention_mask_from_cu_seqlens,
+    pretrain_datasets,
+)
+from megatron_patch.errors import InputError
 
 
-class DataConfigError(ValueError):
+class DataConfigError(InputError):
     """Data settings that do not work; the message names the path or setting."""
 
 
@@ -61,11 +67,11 @@ def build_datasets(config, tokenizer):
     """(train, valid or None) datasets yielding tokens, labels, loss_mask, position_ids, cu_seqlens."""
     from pathlib import Path
 
-    from megatron_patch.data.datasets import RawJsonSftDataset, SftIdxmapDataset, pretrain_datasets
-
     if config.dataset_type == "raw":
         train = RawJsonSftDataset(config.data_path, tokenizer, config.seq_length)
-        valid = RawJsonSftDataset(config.valid_data_path, tokenizer, config.seq_length) if config.valid_data_path else None
+        valid = None
+        if config.valid_data_path:
+            valid = RawJsonSftDataset(config.valid_data_path, tokenizer, config.seq_length)
         return train, valid
     prefixes, weights = _weighted_prefixes(config.data_path)
     for prefix in prefixes:

@@ -22,8 +22,11 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from megatron_patch.models import TRANSFORMER_IMPLS
+from megatron_patch.errors import InputError
+from megatron_patch.models.choices import RECOMPUTE_MODES, TRAINING_PRECISIONS, TRANSFORMER_IMPLS
 from megatron_patch.parallel import free_port
+from megatron_patch.training.config import TrainConfigError, parse_config
+from megatron_patch.training.preflight import check_run, resolve_model, resolved_transformer_impl
 
 POSITIONALS = (
     "ENV", "MODEL_SIZE", "BATCH_SIZE", "GLOBAL_BATCH_SIZE", "LR", "MIN_LR", "SEQ_LEN", "PAD_LEN", "PR",
@@ -51,7 +54,7 @@ FLAG_SOURCES = {
 }
 
 
-class LaunchError(ValueError):
+class LaunchError(InputError):
     """A bad argument; the message names it."""
 
 
@@ -112,11 +115,11 @@ def plan(arguments: list[str], env: dict | None = None, cuda_devices: int | None
     v = dict(zip(POSITIONALS, arguments))
     if v["ENV"] not in ("dsw", "dlc"):
         raise LaunchError(f"{_name('ENV')} must be dsw (one node) or dlc (multi-node), got {v['ENV']!r}")
-    if v["PR"] not in ("fp16", "bf16", "fp8", "fp32"):
-        raise LaunchError(f"{_name('PR')} must be fp16, bf16, fp8 or fp32, got {v['PR']!r}")
+    if v["PR"] not in TRAINING_PRECISIONS:
+        raise LaunchError(f"{_name('PR')} must be one of {', '.join(TRAINING_PRECISIONS)}, got {v['PR']!r}")
     ac = "none" if v["AC"] == "false" else v["AC"]
-    if ac not in ("full", "sel", "none", "offload"):
-        raise LaunchError(f"{_name('AC')} must be full, sel, none or offload, got {v['AC']!r}")
+    if ac not in RECOMPUTE_MODES:
+        raise LaunchError(f"{_name('AC')} must be one of {', '.join(RECOMPUTE_MODES)}, got {v['AC']!r}")
     micro, gbs, seq = _int(v, "BATCH_SIZE"), _int(v, "GLOBAL_BATCH_SIZE"), _int(v, "SEQ_LEN")
     pad = _int(v, "PAD_LEN")
     lr, min_lr = _float(v, "LR"), _float(v, "MIN_LR")
@@ -162,7 +165,9 @@ def plan(arguments: list[str], env: dict | None = None, cuda_devices: int | None
     cuda_devices = _cuda_device_count() if cuda_devices is None else cuda_devices
     device = "cuda" if cuda_devices > 0 else "cpu"
     if device == "cuda":
-        per_node = cuda_devices if v["ENV"] == "dsw" else int(env.get("KUBERNETES_CONTAINER_RESOURCE_GPU") or cuda_devices)
+        per_node = cuda_devices
+        if v["ENV"] == "dlc":
+            per_node = int(env.get("KUBERNETES_CONTAINER_RESOURCE_GPU") or cuda_devices)
     else:
         per_node = _env_int(env, "MP_NPROC") or 1
     if v["ENV"] == "dlc":
@@ -180,7 +185,8 @@ def plan(arguments: list[str], env: dict | None = None, cuda_devices: int | None
         "--lr-decay-style", "cosine", "--weight-decay", 0.01, "--adam-beta1", 0.9, "--adam-beta2", 0.95,
         "--clip-grad", 1.0, "--init-method-std", 0.008, "--log-interval", 1,
         "--eval-interval", 10000, "--eval-iters", 10, "--save-interval", save_interval,
-        "--save", os.path.join(out, "checkpoint", name), "--tensorboard-dir", os.path.join(out, "tensorboard", f"{name}_{stamp}"),
+        "--save", os.path.join(out, "checkpoint", name),
+        "--tensorboard-dir", os.path.join(out, "tensorboard", f"{name}_{stamp}"),
         "--log-dir", os.path.join(out, "log", name), "--train-mode", "finetune" if sft else "pretrain",
         "--dataset-type", dataset_type, "--device", device,
         "--sequence-parallel" if sp and tp > 1 else "--no-sequence-parallel",
@@ -223,14 +229,10 @@ def plan(arguments: list[str], env: dict | None = None, cuda_devices: int | None
 
 def _check(flags: list[str], world_size: int) -> None:
     """The trainer's own checks, run here before anything starts, with Pai's argument names."""
-    from megatron_patch.training.config import TrainConfigError, parse_config
-    from megatron_patch.training.loop import check_model_fit, resolve_model, resolved_transformer_impl
-
     try:
         config, _ = parse_config(flags)
-        config.check(world_size)
         arch, _ = resolve_model(config.model)
-        check_model_fit(config, arch, resolved_transformer_impl(config))
+        check_run(config, arch, resolved_transformer_impl(config), world_size)
     except TrainConfigError as err:
         raise LaunchError(_with_positional_names(str(err))) from None
 

@@ -43,10 +43,17 @@ def offline_env(**extra) -> dict:
     return {**env, "HF_ENDPOINT": "http://127.0.0.1:9", "OMP_NUM_THREADS": "2", **extra}
 
 
-def run_eval(model_dir, out_dir, *extra, nproc=1) -> dict:
+# The same options in our spelling and in lm-eval's own (run_eval.sh takes both).
+OPTIONS = {"ours": ["--num-fewshot", "2", "--batch-size", "4", "--output-path", "{out}", "--log-samples"],
+           "lm-eval": ["--num_fewshot", "2", "-b", "4", "-o", "{out}", "--log_samples", "--model_args", "",
+                       "--seed", "0"]}
+
+
+def run_eval(model_dir, out_dir, *extra, nproc=1, spelling="ours") -> dict:
+    options = [option.format(out=out_dir) for option in OPTIONS[spelling]]
     result = subprocess.run(
-        ["bash", str(SCRIPT), str(model_dir), str(DATA), TASKS, "--allow-missing-subjects", "--num-fewshot", "2",
-         "--batch-size", "4", "--output-path", str(out_dir), "--log-samples", *map(str, extra)],
+        ["bash", str(SCRIPT), str(model_dir), str(DATA), TASKS, "--allow-missing-subjects", *options,
+         *map(str, extra)],
         capture_output=True, text=True, timeout=600, cwd="/", env=offline_env(MP_NPROC=str(nproc)),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -92,9 +99,9 @@ def test_megatron_model_on_torch_dist_matches_hf_model_on_its_export(models, tmp
 
 @pytest.fixture(scope="module")
 def one_process(models, tmp_path_factory):
-    """(results, per-request scores) of the megatron model in one process."""
+    """(results, per-request scores) of the megatron model in one process, options in lm-eval's spelling."""
     out_dir = tmp_path_factory.mktemp("eval-one-process")
-    return run_eval(models[1], out_dir), request_scores(out_dir)
+    return run_eval(models[1], out_dir, spelling="lm-eval"), request_scores(out_dir)
 
 
 @pytest.mark.parametrize("flags", [["--pipeline-model-parallel-size", 2], ["--tensor-model-parallel-size", 2],
@@ -132,7 +139,8 @@ def test_prepare_installs_a_download_and_names_what_is_missing(tmp_path):
     data_dir = tmp_path / "data"
     status = prepare([str(data_dir), "--cmmlu", str(archive), "--ceval", str(DATA / "ceval")])
     assert status == 1  # 2 of 67 and 2 of 52 subjects
-    assert (data_dir / "cmmlu" / "test" / "agronomy.csv").read_bytes() == (DATA / "cmmlu/test/agronomy.csv").read_bytes()
+    copied = (data_dir / "cmmlu" / "test" / "agronomy.csv").read_bytes()
+    assert copied == (DATA / "cmmlu/test/agronomy.csv").read_bytes()
     assert (data_dir / "ceval" / "val" / "computer_network_val.csv").is_file()
 
 

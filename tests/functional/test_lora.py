@@ -68,9 +68,9 @@ def test_lora_trains_adapters_and_leaves_every_base_weight_bitwise_unchanged(wor
         if key.endswith("linear_out.weight"):
             assert tensor.abs().amax() > 0, key
     # A model without adapters (e.g. evaluation's) must not load it as if it were the base model.
+    from megatron_patch.checkpoints import CheckpointError, load_weights
     from megatron_patch.models.qwen3.builder import build_gpt_model
     from megatron_patch.models.qwen3.presets import get_preset
-    from megatron_patch.training.checkpointing import CheckpointError, load_weights
 
     with pytest.raises(CheckpointError, match="a LoRA checkpoint .rank 8 on linear_qkv"):
         load_weights(root / "checkpoint", [build_gpt_model(get_preset("tiny-moe"))])

@@ -21,7 +21,7 @@ def _build(module, *args):
     subprocess.run([sys.executable, "-m", module, *map(str, args)], check=True, capture_output=True, cwd=REPO)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sft_data(root: str, records: int, packing: bool = True) -> str:
     """build_sft output (seq 128) of the first ``records`` bundled conversations; the JSONL is beside it."""
     folder = Path(root) / f"sft{records}{'' if packing else '-unpacked'}"
@@ -82,7 +82,7 @@ def sft_run_flags(data, model, log_dir, iterations=5):
             "--train-iters", iterations, "--split", "100,0,0", "--log-dir", log_dir]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def converted(work: str, preset: str) -> tuple[str, str]:
     """(HF dir, its torch_dist conversion): a start that is the same in every layout.
 
@@ -98,7 +98,7 @@ def converted(work: str, preset: str) -> tuple[str, str]:
     return str(hf_dir), str(mcore)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def layout_curve(work: str, name: str) -> dict[int, float]:
     nproc, preset, extra = LAYOUT_FLAGS[name]
     hf_dir, mcore = converted(work, preset)
@@ -114,7 +114,7 @@ def saved_weights(work: str, name: str) -> dict:
 
 
 def saved_weights_of(path) -> dict:
-    from megatron_patch.convert.torch_dist_reader import TorchDistCheckpoint
+    from megatron_patch.checkpoints import TorchDistCheckpoint
 
     checkpoint = TorchDistCheckpoint(path)
     weights = {}
@@ -181,7 +181,7 @@ def test_stop_and_resume_continues_with_the_same_losses(work):
     result = torchrun_module(2, "megatron_patch.train", *flags, "--load", root / "checkpoint")
     assert "resuming at iteration 2" in result.stdout
     resumed = losses(root / "log")  # the log holds both runs: 1, 2, then 3, 4, 5
-    assert [i for i in resumed] == [1, 2, 3, 4, 5]
+    assert list(resumed) == [1, 2, 3, 4, 5]
     for iteration in (3, 4, 5):
         assert abs(resumed[iteration] - full[iteration]) < 1e-6, (iteration, resumed, full)
 
@@ -253,9 +253,17 @@ def test_pretraining_on_idxmap_reports_validation(work):
 
 def test_demo_pipeline_lowers_the_hf_models_loss(tmp_path):
     """HF -> torch_dist -> SFT (run_mcore_qwen3.sh) -> HF; the HF model's loss on the data falls."""
-    result = subprocess.run([sys.executable, "-m", "megatron_patch.demo", "--iterations", "12", "--work-dir", tmp_path],
+    demo = [sys.executable, "-m", "megatron_patch.demo", "--iterations", "12", "--work-dir", tmp_path / "demo"]
+    result = subprocess.run(demo,
                             capture_output=True, text=True, timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     line = next(line for line in result.stdout.splitlines() if "before" in line and "after" in line)
     before, after = (float(x) for x in line.split("before ")[1].split(" -> after "))
     assert after < before - 1.0, line
+    # The demo keeps what it made where it says, with the run's plots.
+    work = tmp_path / "demo"
+    for folder in ("hf", "mcore", "run/checkpoint", "hf-trained"):
+        assert str(work / folder) in result.stdout and any((work / folder).iterdir()), folder
+    (log_dir,) = (work / "run" / "log").iterdir()
+    for image in ("loss.png", "expert_load.png"):
+        assert (log_dir / image).stat().st_size > 1000 and str(log_dir / image) in result.stdout

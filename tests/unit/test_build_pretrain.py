@@ -108,11 +108,13 @@ def test_toolkit_script_runs_on_a_directory(tokenizer, tmp_path):
 
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    script = Path(__file__).resolve().parents[2] / "toolkits" / "pretrain_data_preprocessing" / "run_make_pretraining_dataset_megatron.sh"
+    toolkit = Path(__file__).resolve().parents[2] / "toolkits" / "pretrain_data_preprocessing"
+    script = toolkit / "run_make_pretraining_dataset_megatron.sh"
     (tmp_path / "in").mkdir()
     write_jsonl(tmp_path / "in" / "a.jsonl", DOCUMENTS[:2], key="content")
     write_jsonl(tmp_path / "in" / "b.jsonl", DOCUMENTS[2:], key="content")
-    result = subprocess.run(["bash", str(script), "in", str(bundled_qwen3_tokenizer_dir()), "out/corpus", "content", "2"],
+    arguments = ["in", str(bundled_qwen3_tokenizer_dir()), "out/corpus", "content", "2"]
+    result = subprocess.run(["bash", str(script), *arguments],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(IndexedDataset(str(tmp_path / "out" / "corpus"))) == len(DOCUMENTS)

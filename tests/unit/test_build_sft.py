@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from megatron_patch.data.build_sft import MASK_SUFFIX, main as build_main
+from megatron_patch.data.build_sft import MASK_SUFFIX
+from megatron_patch.data.build_sft import main as build_main
 from megatron_patch.data.chat import messages_from_record, tokenize_conversation
 from megatron_patch.data.packing import first_fit_decreasing
 from megatron_patch.data.tokenizer import Qwen3Tokenizer, bundled_qwen3_tokenizer_dir
@@ -126,14 +127,15 @@ def test_toolkit_script(tmp_path):
     import subprocess
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "toolkits" / "sft_data_preprocessing" / "run_build_idxmap_sft_dataset.sh"
+    script = Path(__file__).resolve().parents[2] / "toolkits/sft_data_preprocessing/run_build_idxmap_sft_dataset.sh"
     write_jsonl(tmp_path / "train.jsonl", records(12))
     result = subprocess.run(["bash", str(script), "train.jsonl", "Qwen3Tokenizer", "128", "out/sft",
                              str(bundled_qwen3_tokenizer_dir()), "true"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert sum(len(document) for document in read_back(tmp_path / "out" / "sft")) == 12
-    result = subprocess.run(["bash", str(script), "a", "GPT2Tokenizer", "128", "b", "c"], capture_output=True, text=True)
+    result = subprocess.run(["bash", str(script), "a", "GPT2Tokenizer", "128", "b", "c"], capture_output=True,
+                            text=True)
     assert result.returncode == 2 and "TOKENIZER must be Qwen3Tokenizer" in result.stderr
 
 

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from megatron_patch.models.qwen3.builder import (
     BuildOptions,

@@ -151,7 +151,8 @@ def test_bad_directories(megatron_world, hf_checkpoints, tmp_path, capsys):
     llama = tmp_path / "llama"
     shutil.copytree(hf_dir, llama)
     config = json.loads((llama / "config.json").read_text())
-    (llama / "config.json").write_text(json.dumps(config | {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    llama_config = config | {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    (llama / "config.json").write_text(json.dumps(llama_config))
     assert convert("--load-dir", llama, "--save-dir", tmp_path / "x") == 2
     assert "unsupported architecture ['LlamaForCausalLM']" in capsys.readouterr().err
 

@@ -52,5 +52,6 @@ def test_script_rejects_bad_arguments(hf_checkpoints, tmp_path):
     env = {**os.environ, "MODEL_PARALLEL_ARGS": "--expert-model-parallel-size 3"}
     result = run_script("auto", hf_dir, tmp_path / "out", "false", "false", "bf16", env=env)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "error: MODEL_PARALLEL_ARGS: EP=3 does not divide num_experts=8"
+    expected = "error: MODEL_PARALLEL_ARGS: --expert-model-parallel-size 3 does not divide the 8 experts"
+    assert result.stderr.strip().splitlines()[-1] == expected
     assert not (tmp_path / "out").exists()

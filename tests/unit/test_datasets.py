@@ -12,7 +12,8 @@ from megatron_patch.data.datasets import (
     attention_mask_from_cu_seqlens,
     pack_samples,
 )
-from megatron_patch.data.inspect import TRAINED_CLOSE, TRAINED_OPEN, main as inspect_main
+from megatron_patch.data.show_sample import TRAINED_CLOSE, TRAINED_OPEN
+from megatron_patch.data.show_sample import main as inspect_main
 from megatron_patch.data.tokenizer import Qwen3Tokenizer, bundled_qwen3_tokenizer_dir
 from tests.unit.test_build_sft import records, write_jsonl
 

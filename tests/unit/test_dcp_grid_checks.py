@@ -45,7 +45,12 @@ def test_same_verdict_as_torch(shards, overlapping):
 
 def test_global_plan_check_reports_the_same_problems(megatron_world, tmp_path):
     from torch.distributed.checkpoint import default_planner
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorProperties, TensorStorageMetadata
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
 
     def metadata(boxes, size=(3, 4, 16, 16)):
         chunks = [ChunkStorageMetadata(offsets=o, sizes=s) for o, s in boxes]

@@ -1,16 +1,19 @@
 """Each runtime patch of Megatron-Core does what its docstring says, and applying twice is harmless."""
 
+import importlib.metadata
+
 import torch
 
 from megatron_patch import patches
 from megatron_patch.patches import apply_patches, patch_cuda_on_cpu, patch_cuda_rng, patch_te_general_gemm
+from megatron_patch.patches.cuda_on_cpu import cuda_on_cpu_active
 
 
 def test_apply_patches_is_idempotent(megatron_world):
     apply_patches()
     apply_patches()
     assert patch_cuda_on_cpu() is False and patch_cuda_rng() is False and patch_te_general_gemm() is False
-    assert patches.running_on_cpu() == (not torch.cuda.is_available())
+    assert cuda_on_cpu_active() == (not torch.cuda.is_available())
 
 
 def test_cuda_placements_land_on_cpu(megatron_world):
@@ -72,3 +75,16 @@ def test_alltoall_split_sizes_become_host_arrays(megatron_world):
     assert isinstance(splits, np.ndarray) and splits.tolist() == [3, 5]
     counts = torch.tensor([1, 2])
     assert token_dispatcher.maybe_move_tensor_to_cpu(counts) is counts  # as_numpy=False: untouched
+
+
+def test_apply_patches_says_when_megatron_core_is_not_a_checked_version(monkeypatch, capsys):
+
+    installed = importlib.metadata.version("megatron-core")
+    assert patches.unchecked_megatron_core_version() is None  # the pinned version is a checked one
+    monkeypatch.setattr(patches, "CHECKED_MEGATRON_CORE_VERSIONS", ("0.0.0",))
+    monkeypatch.setattr(patches, "_version_reported", False)
+    assert patches.unchecked_megatron_core_version() == installed
+    patches.apply_patches()
+    patches.apply_patches()
+    err = capsys.readouterr().err
+    assert err.count(f"megatron-core {installed}: megatron_patch's patches were checked on 0.0.0") == 1

@@ -78,9 +78,9 @@ def test_packed_attention_equals_each_sample_alone(megatron_world):
 
 def expert_modules(config, num_experts):
     from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.transformer.moe.experts import SequentialMLP
-    from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.experts import SequentialMLP
 
     groups = ProcessGroupCollection.use_mpu_process_groups()
     submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)

@@ -3,8 +3,8 @@
 import torch
 
 from megatron_patch.models.qwen3.builder import build_gpt_model
-from megatron_patch.training.steps import train_on_fixed_batch
 from tests.conftest import TINY_MOE
+from tests.helpers import train_on_fixed_batch
 
 
 def test_a_few_steps_lower_the_loss(megatron_world):

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from megatron_patch.models.qwen3.arch import ConfigError, Qwen3Arch
+from megatron_patch.models.qwen3.builder import build_transformer_config, padded_vocab_size
 from megatron_patch.models.qwen3.presets import PRESETS, get_preset
 
 
@@ -23,8 +24,6 @@ def resolve_arch(model: str) -> Qwen3Arch:
 
 
 def describe(arch: Qwen3Arch) -> dict:
-    from megatron_patch.models.qwen3.builder import build_transformer_config, padded_vocab_size
-
     config = build_transformer_config(arch)
     keys = ["num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
             "ffn_hidden_size", "normalization", "layernorm_epsilon", "qk_layernorm", "gated_linear_unit",

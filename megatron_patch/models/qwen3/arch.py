@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_patch.errors import InputError
+
 DENSE_ARCHITECTURE = "Qwen3ForCausalLM"
 MOE_ARCHITECTURE = "Qwen3MoeForCausalLM"
 _MODEL_TYPES = {DENSE_ARCHITECTURE: "qwen3", MOE_ARCHITECTURE: "qwen3_moe"}
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """An HF config that does not describe a supported Qwen3 model."""
 
 
@@ -93,7 +95,7 @@ class Qwen3Arch:
         "decoder_sparse_step",
     )
 
-    def shape_differences(self, other: "Qwen3Arch") -> list[str]:
+    def shape_differences(self, other: Qwen3Arch) -> list[str]:
         """Fields that change tensor shapes or layer structure and differ, as 'name: mine != other'."""
         return [
             f"{name}: {getattr(self, name)} != {getattr(other, name)}"
@@ -101,13 +103,13 @@ class Qwen3Arch:
             if getattr(self, name) != getattr(other, name)
         ]
 
-    def replace(self, **changes) -> "Qwen3Arch":
+    def replace(self, **changes) -> Qwen3Arch:
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ HF config
 
     @classmethod
-    def from_hf_config(cls, config: dict[str, Any], source: str = "config") -> "Qwen3Arch":
+    def from_hf_config(cls, config: dict[str, Any], source: str = "config") -> Qwen3Arch:
         """Read a ``config.json`` dict of Qwen3ForCausalLM or Qwen3MoeForCausalLM."""
         architectures = config.get("architectures") or []
         model_type = config.get("model_type")
@@ -130,7 +132,8 @@ class Qwen3Arch:
         if rope_theta is None:
             raise ConfigError(f"{source}: missing field rope_theta / rope_parameters.rope_theta")
         rope_scaling = config.get("rope_scaling") or {}
-        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type")) or rope_parameters.get("rope_type", "default")
+        rope_type = (rope_scaling.get("rope_type", rope_scaling.get("type"))
+                     or rope_parameters.get("rope_type", "default"))
         if rope_type != "default":
             raise ConfigError(f"{source}: rope scaling {rope_type!r} is not supported yet")
         if config.get("attention_bias"):
@@ -175,7 +178,7 @@ class Qwen3Arch:
         )
 
     @classmethod
-    def from_hf_dir(cls, path: str | Path) -> "Qwen3Arch":
+    def from_hf_dir(cls, path: str | Path) -> Qwen3Arch:
         config_path = Path(path) / "config.json"
         try:
             config = json.loads(config_path.read_text())

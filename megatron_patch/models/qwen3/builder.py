@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from megatron_patch.models import TRANSFORMER_IMPLS
+from megatron_patch.models.attention import SdpaAttention
+from megatron_patch.models.choices import PRECISIONS, TRANSFORMER_IMPLS
+from megatron_patch.models.experts import GroupedGemmExperts
 from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.parallel import ParallelLayout
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Megatron-LM's default; the padded size depends only on the vocabulary, not on
 # TP, so a checkpoint written at one TP loads at another (151936 = 128 * 1187).
 VOCAB_PAD_MULTIPLE = 128
@@ -180,9 +181,6 @@ def _with_torch_kernels(layer):
     from megatron.core.transformer.moe.experts import SequentialMLP
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    from megatron_patch.models.attention import SdpaAttention
-    from megatron_patch.models.experts import GroupedGemmExperts
-
     attention = layer.self_attention
     attention = dataclasses.replace(
         attention, submodules=dataclasses.replace(attention.submodules, core_attention=SdpaAttention)
@@ -194,7 +192,8 @@ def _with_torch_kernels(layer):
     return dataclasses.replace(layer, self_attention=attention, mlp=mlp)
 
 
-def build_gpt_model(arch: Qwen3Arch, options: BuildOptions = BuildOptions(), vp_stage: int | None = None, **config_overrides):
+def build_gpt_model(arch: Qwen3Arch, options: BuildOptions = BuildOptions(), vp_stage: int | None = None,
+                    **config_overrides):
     """One Megatron-Core ``GPTModel`` chunk of ``arch`` for this rank's pipeline stage.
 
     Needs ``megatron_patch.parallel.initialize_parallel`` to have run.

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from megatron_patch.models.choices import PRECISIONS
 from megatron_patch.models.logits import forward_logits
 from megatron_patch.models.qwen3.arch import Qwen3Arch
-from megatron_patch.models.qwen3.builder import PRECISIONS, BuildOptions, build_gpt_model
+from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
 from megatron_patch.models.qwen3.hf_model import load_hf_model
 from megatron_patch.models.qwen3.loading import load_hf_weights
 

@@ -44,7 +44,7 @@ def main():
     from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
     from megatron_patch.models.qwen3.loading import load_hf_weights
     from megatron_patch.parallel import ParallelLayout, initialize_parallel
-    from megatron_patch.training.steps import train_on_fixed_batch
+    from tests.helpers import train_on_fixed_batch
 
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sequence_parallel=args.sp)
     initialize_parallel(layout, seed=1234)
@@ -52,9 +52,10 @@ def main():
     model = build_gpt_model(arch, BuildOptions(layout=layout, aux_loss_coeff=0.0, moe_dispatcher=args.dispatcher,
                                                    transformer_impl=args.transformer_impl))
     if args.mode == "lora":
+        from megatron_patch.checkpoints import checkpoint_info
         from megatron_patch.lora.apply import apply_lora, is_adapter_key
         from megatron_patch.lora.config import LoraSettings
-        from megatron_patch.training.checkpointing import checkpoint_info, load_checkpoint
+        from megatron_patch.training.checkpointing import load_checkpoint
 
         saved = checkpoint_info(args.lora_checkpoint)["lora"]
         apply_lora([model], LoraSettings(saved["rank"], saved["alpha"], targets=tuple(saved["targets"])))

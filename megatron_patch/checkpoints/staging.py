@@ -8,16 +8,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_patch.checkpoints.layout import CheckpointError
+
 # Copied beside converted weights (Pai copies *.json and merges.txt): config, tokenizer, chat template.
 SIDE_FILE_PATTERNS = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
     "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "*.tiktoken", "*.model",
 )
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-
-
-class ConversionError(Exception):
-    """Bad input: one line for the user, exit status 2."""
 
 
 def _is_rank0() -> bool:
@@ -34,17 +31,20 @@ class StagedOutput:
 
     A run that fails or is killed never leaves anything at the final path; a
     stale staging directory is removed by the next run. An existing non-empty
-    final directory is replaced only with ``force``.
+    final directory is replaced only with ``force``. Every rank of the default
+    group (if any) enters and leaves together; rank 0 does the file work.
     """
 
-    def __init__(self, final: str | Path, force: bool = False):
+    def __init__(self, final: str | Path, force: bool = False, label: str = "output directory"):
         self.final = Path(final).absolute()
         self.staging = self.final.with_name(f".{self.final.name}.incomplete")
         self.force = force
+        self.label = label  # how the user named the destination (SAVE_DIR, --peft-out, ...)
 
     def __enter__(self) -> Path:
         if self.final.exists() and (not self.final.is_dir() or any(self.final.iterdir())) and not self.force:
-            raise ConversionError(f"{self.final} is not empty; choose another SAVE_DIR or pass --force to replace it")
+            raise CheckpointError(f"{self.final} is not empty; choose another {self.label} or pass --force "
+                                  "to replace it")
         if _is_rank0():
             if self.staging.exists():
                 shutil.rmtree(self.staging)
@@ -88,20 +88,3 @@ def copy_side_files(source: str | Path, destination: str | Path, dtype_name: str
         config[key] = dtype_name
         config_path.write_text(json.dumps(config, indent=2) + "\n")
     return copied
-
-
-def resolve_checkpoint_dir(load_dir: str | Path, iteration: str | None = None) -> Path:
-    """The torch_dist directory inside a Megatron save dir (tracker file), or ``load_dir`` itself."""
-    load_dir = Path(load_dir)
-    if (load_dir / "metadata.json").is_file():
-        return load_dir
-    tracker = load_dir / TRACKER_FILE
-    if iteration is None:
-        if not tracker.is_file():
-            raise ConversionError(f"{load_dir}: no {TRACKER_FILE} and no metadata.json (not a torch_dist checkpoint)")
-        iteration = tracker.read_text().strip()
-    name = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
-    path = load_dir / name
-    if not (path / "metadata.json").is_file():
-        raise ConversionError(f"{path}: not a torch_dist checkpoint (metadata.json missing)")
-    return path

@@ -1,7 +1,7 @@
 """Show one training sample exactly as training will see it.
 
-  python -m megatron_patch.data.inspect data/sft --index 3 --json
-  python -m megatron_patch.data.inspect train.jsonl --tokenizer Qwen3-8B --index 0 --decode
+  python -m megatron_patch.data.show_sample data/sft --index 3 --json
+  python -m megatron_patch.data.show_sample train.jsonl --tokenizer Qwen3-8B --index 0 --decode
 
 SOURCE is a ``build_sft`` prefix, a ``build_pretrain`` prefix, or a .json/.jsonl SFT file (raw
 mode, needs --tokenizer). --json prints tokens, labels, loss_mask (1 where that position's label
@@ -16,14 +16,15 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_patch.data.build_sft import MASK_SUFFIX
+from megatron_patch.data.datasets import RawJsonSftDataset, SftIdxmapDataset, pack_samples
+from megatron_patch.data.tokenizer import Qwen3Tokenizer, TokenizerError
+
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 
 
 def load_samples(source: Path, index: int, tokenizer, seq_length: int | None):
     """(whole samples as (ids, target mask), seq_length) of training sequence ``index``."""
-    from megatron_patch.data.build_sft import MASK_SUFFIX
-    from megatron_patch.data.datasets import RawJsonSftDataset, SftIdxmapDataset
-
     if source.suffix in (".json", ".jsonl"):
         if tokenizer is None:
             raise ValueError("a JSON source needs --tokenizer")
@@ -61,7 +62,7 @@ def marked_text(tokenizer, ids: list[int], mask: list[int]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_patch.data.inspect", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m megatron_patch.data.show_sample", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path, help="dataset prefix or .json/.jsonl file")
     parser.add_argument("--index", type=int, default=0, help="which training sequence (default 0)")
@@ -70,9 +71,6 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print the sample as JSON")
     parser.add_argument("--decode", action="store_true", help="print the text with the trained part marked")
     args = parser.parse_args(argv)
-
-    from megatron_patch.data.datasets import pack_samples
-    from megatron_patch.data.tokenizer import Qwen3Tokenizer, TokenizerError
 
     try:
         tokenizer = Qwen3Tokenizer.from_dir(args.tokenizer) if args.tokenizer else None

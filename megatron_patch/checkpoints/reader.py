@@ -16,9 +16,7 @@ from pathlib import Path
 
 import torch
 
-
-class CheckpointContentError(ValueError):
-    """A torch_dist checkpoint that does not hold the tensors the config describes."""
+from megatron_patch.checkpoints.layout import CheckpointError
 
 
 class _FileView(io.RawIOBase):
@@ -58,7 +56,7 @@ class TorchDistCheckpoint:
 
         self.path = Path(path)
         if not (self.path / ".metadata").is_file():
-            raise CheckpointContentError(f"{self.path}: no .metadata (not a torch_dist checkpoint)")
+            raise CheckpointError(f"{self.path}: no .metadata (not a torch_dist checkpoint)")
         self.metadata = FileSystemReader(str(self.path)).read_metadata()
         self.tensors = {
             key: entry for key, entry in self.metadata.state_dict_metadata.items()
@@ -120,7 +118,7 @@ class TorchDistCheckpoint:
             out[target] = data[source]
             covered += math.prod(hi - lo for lo, hi in zip(low, high))
         if covered != math.prod(sizes):
-            raise CheckpointContentError(f"{self.path}: tensor {key} is only partly stored (incomplete checkpoint?)")
+            raise CheckpointError(f"{self.path}: tensor {key} is only partly stored (incomplete checkpoint?)")
         return out
 
     def _load_chunk(self, key: str, chunk) -> torch.Tensor:
@@ -128,11 +126,11 @@ class TorchDistCheckpoint:
 
         info = self.metadata.storage_data[MetadataIndex(key, chunk.offsets)]
         if getattr(info, "transform_descriptors", None):
-            raise CheckpointContentError(f"{self.path}: {key} is stored with transforms {info.transform_descriptors}")
+            raise CheckpointError(f"{self.path}: {key} is stored with transforms {info.transform_descriptors}")
         if info.relative_path not in self._handles:
             handle = open(self.path / info.relative_path, "rb", buffering=0)
             self._handles[info.relative_path] = (handle, handle.seek(0, io.SEEK_END))
         handle, size = self._handles[info.relative_path]
         if size < info.offset + info.length:
-            raise CheckpointContentError(f"{self.path / info.relative_path}: truncated (reading {key})")
+            raise CheckpointError(f"{self.path / info.relative_path}: truncated (reading {key})")
         return torch.load(_FileView(handle, info.offset, info.length), map_location="cpu", weights_only=True)

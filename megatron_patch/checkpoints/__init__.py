@@ -1,0 +1,40 @@
+"""Checkpoints on disk, for every job that reads or writes them (convert, training, LoRA, evaluation).
+
+- ``layout``: a save directory's tracker file and iteration directories, and the one resolver of
+  "which directory do I load".
+- ``staging``: outputs built under a temporary name and renamed into place when complete, and the
+  HF side files (config, tokenizer) that travel beside weights.
+- ``reader``: any region of any tensor of a torch_dist checkpoint, without process groups.
+- ``metadata``: what our saves record about themselves.
+- ``weights``: model weights into live model chunks (weights only, optionally a subset of keys).
+
+Training's resume state (optimizer, schedule, RNG, data position) stays in ``training``.
+"""
+
+from megatron_patch.checkpoints.layout import (
+    TRACKER_FILE,
+    CheckpointError,
+    ResolvedCheckpoint,
+    iteration_dir,
+    resolve_checkpoint,
+    write_tracker,
+)
+from megatron_patch.checkpoints.metadata import CHECKPOINT_VERSION, checkpoint_info
+from megatron_patch.checkpoints.reader import TorchDistCheckpoint
+from megatron_patch.checkpoints.staging import StagedOutput, copy_side_files
+from megatron_patch.checkpoints.weights import load_weights
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "TRACKER_FILE",
+    "CheckpointError",
+    "ResolvedCheckpoint",
+    "StagedOutput",
+    "TorchDistCheckpoint",
+    "checkpoint_info",
+    "copy_side_files",
+    "iteration_dir",
+    "load_weights",
+    "resolve_checkpoint",
+    "write_tracker",
+]

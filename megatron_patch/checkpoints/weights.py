@@ -1,0 +1,71 @@
+"""Model weights of a torch_dist checkpoint into live Megatron-Core model chunks, at any layout.
+
+Keys follow Megatron-LM: "model", or "model0", "model1", ... with virtual pipeline chunks.
+``keep(checkpoint_key)`` selects a subset of the model's tensors (LoRA: the adapters, or
+everything but them); the rest of the model keeps its values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from megatron_patch.checkpoints.layout import CheckpointError, resolve_checkpoint
+from megatron_patch.checkpoints.metadata import RECORD_KEY, common_state
+
+KeyFilter = Callable[[str], bool]
+
+
+def model_keys(chunks) -> list[str]:
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def model_sharded_state(chunks) -> dict:
+    return {key: chunk.sharded_state_dict() for key, chunk in zip(model_keys(chunks), chunks)}
+
+
+def select(states: dict, keep: KeyFilter | None = None) -> dict:
+    """The entries of ``model_sharded_state`` whose checkpoint key ``keep`` accepts (all without ``keep``)."""
+    if keep is None:
+        return dict(states)
+    return {key: {name: value for name, value in state.items() if keep(value.key)} for key, state in states.items()}
+
+
+def load_sharded(path: Path, state: dict) -> dict:
+    """dist_checkpointing.load with every failure turned into one CheckpointError naming ``path``."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load(sharded_state_dict=state, checkpoint_dir=str(path))
+    except Exception as err:  # dist_checkpointing raises several types; the user needs the path and the cause
+        raise CheckpointError(f"{path}: cannot load into this model ({type(err).__name__}: {err})") from err
+
+
+def load_into(chunks, loaded: dict, requested: dict, partial: bool) -> None:
+    """load_state_dict each chunk; with a filtered request, only the unrequested entries may be missing."""
+    for key, chunk in zip(model_keys(chunks), chunks):
+        if not partial:
+            chunk.load_state_dict(loaded[key], strict=True)
+            continue
+        result = chunk.load_state_dict(loaded[key], strict=False)
+        full = set(chunk.state_dict().keys())
+        unexpected_missing = set(result.missing_keys) - (full - set(requested[key]))
+        if unexpected_missing or result.unexpected_keys:
+            raise CheckpointError(f"state mismatch: missing {sorted(unexpected_missing)[:3]}, "
+                                  f"unexpected {sorted(result.unexpected_keys)[:3]}")
+
+
+def load_weights(load_dir: str | Path, chunks, keep: KeyFilter | None = None) -> Path:
+    """The model weights of a save directory or checkpoint (ours or converter output) into ``chunks``.
+
+    Without ``keep``, a LoRA checkpoint is refused: the model here has no adapters, and loading
+    would silently give the base model's behaviour.
+    """
+    path = resolve_checkpoint(load_dir).path
+    lora = common_state(path).get(RECORD_KEY, {}).get("lora")
+    if lora is not None and keep is None:
+        raise CheckpointError(f"{path}: a LoRA checkpoint (rank {lora['rank']} on {' '.join(lora['targets'])}); "
+                              "merge its adapters into the base model first")
+    requested = select(model_sharded_state(chunks), keep)
+    load_into(chunks, load_sharded(path, requested), requested, partial=keep is not None)
+    return path

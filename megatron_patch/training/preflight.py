@@ -1,0 +1,87 @@
+"""Everything decided and checked before a training process builds anything.
+
+The launcher runs the same functions before torchrun starts, so a bad combination is named
+once, in Pai's argument names, instead of in every worker.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
+from megatron_patch.models.layout_check import RunFeatures, layout_problems, virtual_stages
+from megatron_patch.models.qwen3.arch import Qwen3Arch
+from megatron_patch.models.qwen3.builder import resolve_transformer_impl, transformer_engine_usable
+from megatron_patch.models.qwen3.presets import get_preset
+from megatron_patch.parallel import ParallelLayout
+from megatron_patch.training.config import TrainConfig, TrainConfigError
+
+
+def resolve_device(choice: str) -> str:
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise TrainConfigError("--device cuda: no CUDA device is visible")
+    return choice
+
+
+def resolve_model(model: str) -> tuple[Qwen3Arch, Path | None]:
+    """(Qwen3Arch, HF directory or None) for a preset name or an HF model directory."""
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TrainConfigError(f"--model {model}: directory without config.json")
+        return Qwen3Arch.from_hf_dir(path), path
+    try:
+        return get_preset(model), None
+    except (KeyError, ValueError) as err:
+        raise TrainConfigError(f"--model {model!r}: not a directory and not a preset ({err})") from None
+
+
+def resolve_tokenizer_dir(config: TrainConfig, hf_dir: Path | None) -> Path:
+    if config.tokenizer:
+        return Path(config.tokenizer)
+    for candidate in (hf_dir, Path(config.load) if config.load else None):
+        if candidate is not None and (candidate / "tokenizer.json").is_file():
+            return candidate
+    return bundled_qwen3_tokenizer_dir()
+
+
+def resolved_transformer_impl(config: TrainConfig) -> str:
+    """The --transformer-impl this machine runs ("auto" resolved); a TE request without TE is an error."""
+    if config.transformer_impl == "transformer_engine" and not transformer_engine_usable():
+        raise TrainConfigError("--transformer-impl transformer_engine needs Transformer-Engine on CUDA "
+                               "(not importable here); use torch or auto")
+    return resolve_transformer_impl(config.transformer_impl)
+
+
+def run_features(config: TrainConfig) -> RunFeatures:
+    return RunFeatures(
+        precision=config.precision, recompute=config.recompute, recompute_num_layers=config.recompute_num_layers,
+        first_stage_layers=config.decoder_first_pipeline_num_layers,
+        layers_per_virtual_stage=config.num_layers_per_virtual_pipeline_stage, lora=config.lora_rank > 0,
+    )
+
+
+def parallel_layout(config: TrainConfig, arch: Qwen3Arch) -> ParallelLayout:
+    return ParallelLayout(
+        tp=config.tensor_model_parallel_size, pp=config.pipeline_model_parallel_size,
+        ep=config.expert_model_parallel_size, etp=config.expert_tensor_parallel_size,
+        cp=config.context_parallel_size, sequence_parallel=config.sequence_parallel,
+        virtual_pp=virtual_stages(arch.num_layers, config.pipeline_model_parallel_size,
+                                  config.num_layers_per_virtual_pipeline_stage),
+    )
+
+
+def check_run(config: TrainConfig, arch: Qwen3Arch, impl: str, world_size: int | None = None) -> ParallelLayout:
+    """The settings, the model's fit to the layout and the machine; the layout when all is well."""
+    config.check(world_size)
+    layout = parallel_layout(config, arch)
+    problems = layout_problems(arch, layout, impl, run_features(config), world_size)
+    if problems:
+        raise TrainConfigError(problems[0])
+    if config.optimizer_offload_fraction is not None and not torch.cuda.is_available():
+        raise TrainConfigError("--optimizer-offload-fraction offloads GPU optimizer state; this run has no GPU")
+    return layout

@@ -1,0 +1,172 @@
+"""Build one training process's run: process groups, model (with LoRA), DDP, optimizer, schedule, data, loaded state.
+
+``prepare_run(config)`` wires stock Megatron-Core pieces the way Megatron-LM's ``pretrain``
+does; the loop (``training/loop.py``) only steps, reports, validates and saves.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_patch.data.tokenizer import Qwen3Tokenizer
+from megatron_patch.lora.apply import apply_lora, is_adapter_key, trainable_parameter_count
+from megatron_patch.lora.checkpoints import AdapterSavePolicy, base_load_filter, check_adapter_checkpoint
+from megatron_patch.lora.config import LoraSettings
+from megatron_patch.models.choices import IMPL_MODULES, RECOMPUTE_MODES
+from megatron_patch.models.qwen3.arch import Qwen3Arch
+from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
+from megatron_patch.parallel import ParallelLayout, initialize_parallel
+from megatron_patch.patches import apply_patches
+from megatron_patch.training.checkpointing import LoadedState, load_checkpoint
+from megatron_patch.training.config import TrainConfig
+from megatron_patch.training.data import MicroBatches, build_datasets
+from megatron_patch.training.preflight import (
+    check_run,
+    resolve_device,
+    resolve_model,
+    resolve_tokenizer_dir,
+    resolved_transformer_impl,
+)
+from megatron_patch.training.steps import OptimizerSettings, build_optimizer, wrap_with_ddp
+
+
+@dataclass
+class Run:
+    config: TrainConfig
+    arch: Qwen3Arch
+    hf_dir: Path | None
+    tokenizer_dir: Path
+    device: str
+    impl: str
+    chunks: list  # the model chunks (one per virtual pipeline stage)
+    ddp_chunks: list
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+    lora: AdapterSavePolicy | None
+    loaded: LoadedState
+    batches: MicroBatches
+    valid_set: object | None
+    packing: str  # "none", "mask" (block mask, local spec) or "thd" (flattened, varlen attention)
+
+    @property
+    def rank0(self) -> bool:
+        return dist.get_rank() == 0
+
+    def validation_batches(self) -> MicroBatches:
+        config = self.config
+        return MicroBatches(self.valid_set, config.global_batch_size, config.micro_batch_size,
+                            parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+                            seed=config.seed, shuffle=False, packing=self.packing, device=self.device)
+
+
+def _build_model(config: TrainConfig, arch: Qwen3Arch, layout: ParallelLayout, device: str, impl: str) -> list:
+    options = BuildOptions(layout=layout, precision="bf16" if config.precision == "fp8" else config.precision,
+                           transformer_impl=impl, recompute=RECOMPUTE_MODES[config.recompute],
+                           recompute_num_layers=config.recompute_num_layers, aux_loss_coeff=config.moe_aux_loss_coeff)
+    overrides = dict(calculate_per_token_loss=True, init_method_std=config.init_method_std)
+    if config.decoder_first_pipeline_num_layers is not None:
+        overrides["num_layers_in_first_pipeline_stage"] = config.decoder_first_pipeline_num_layers
+    if config.recompute == "offload":
+        overrides.update(cpu_offloading=True, cpu_offloading_num_layers=config.recompute_num_layers)
+    if config.precision == "fp8":
+        overrides.update(fp8="hybrid", fp8_recipe="blockwise")
+    chunks = [build_gpt_model(arch, options, vp_stage=vp if layout.virtual_pp else None, **overrides)
+              for vp in range(layout.virtual_pp or 1)]
+    if device == "cuda":
+        chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
+    return chunks
+
+
+def _scheduler(config: TrainConfig, optimizer) -> OptimizerParamScheduler:
+    warmup = config.lr_warmup_iters
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if warmup else config.lr, max_lr=config.lr, min_lr=config.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=max(config.resolved_decay_iters(), warmup + 1),
+        lr_decay_style=config.lr_decay_style, start_wd=config.weight_decay, end_wd=config.weight_decay,
+        wd_incr_steps=config.train_iters, wd_incr_style="constant",
+    )
+
+
+def _attach_lora(config: TrainConfig, arch: Qwen3Arch, chunks, rank0: bool) -> AdapterSavePolicy:
+    """Freeze the model, attach the adapters, and say how much is trained."""
+    settings = LoraSettings(config.lora_rank, config.lora_alpha, config.lora_dropout,
+                            tuple(config.lora_target_modules), seed=config.seed)
+    apply_lora(chunks, settings)
+    if rank0:
+        trainable = trainable_parameter_count(arch, settings)
+        total = arch.parameter_counts()["total"] + trainable
+        print(f"LoRA rank {settings.rank}, alpha {settings.alpha:g}, dropout {settings.dropout:g} on "
+              f"{' '.join(settings.targets)}: {trainable:,} trainable parameters of {total:,} "
+              f"({trainable / total:.3%})", flush=True)
+    return AdapterSavePolicy.for_run(settings, config.save_lora_only, config.load)
+
+
+def _load(config: TrainConfig, chunks, optimizer, scheduler, lora: AdapterSavePolicy | None,
+          rank0: bool) -> LoadedState:
+    """--load (base or full checkpoint) and, for LoRA, --lora-load (adapters, optimizer, position)."""
+    loaded = LoadedState()
+    if config.load:
+        keep, may_resume = base_load_filter(config.load, lora.settings if lora else None)
+        loaded = load_checkpoint(config.load, chunks, optimizer, scheduler, config.load_optim and may_resume,
+                                 keep=keep)
+        _report_load(loaded, rank0)
+    if config.lora_load:
+        check_adapter_checkpoint(config.lora_load, lora.settings)
+        loaded = load_checkpoint(config.lora_load, chunks, optimizer, scheduler, config.load_optim,
+                                 keep=is_adapter_key)
+        _report_load(loaded, rank0)
+    return loaded
+
+
+def _report_load(loaded: LoadedState, rank0: bool) -> None:
+    if rank0:
+        how = f"resuming at iteration {loaded.iteration}" if loaded.resumed else "weights only, iteration 0"
+        print(f"loaded {loaded.source} ({how})", flush=True)
+
+
+def prepare_run(config: TrainConfig) -> Run:
+    """Everything ``train`` needs, in this process (one rank of the job)."""
+    device = resolve_device(config.device)
+    arch, hf_dir = resolve_model(config.model)
+    impl = resolved_transformer_impl(config)
+    # torchrun says how many processes there are before the process groups exist.
+    layout = check_run(config, arch, impl, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    apply_patches(cpu=device == "cpu")
+    initialize_parallel(layout, seed=config.seed, backend="gloo" if device == "cpu" else "nccl")
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        print(f"transformer implementation: {impl} ({IMPL_MODULES[impl]})", flush=True)
+    tokenizer_dir = resolve_tokenizer_dir(config, hf_dir)
+    tokenizer = Qwen3Tokenizer.from_dir(tokenizer_dir)
+
+    chunks = _build_model(config, arch, layout, device, impl)
+    lora = _attach_lora(config, arch, chunks, rank0) if config.lora_rank else None
+    ddp_chunks = wrap_with_ddp(chunks, config.use_distributed_optimizer, config.overlap_grad_reduce,
+                               config.overlap_param_gather)
+    optimizer = build_optimizer(ddp_chunks, OptimizerSettings(
+        lr=config.lr, min_lr=config.min_lr, weight_decay=config.weight_decay, adam_beta1=config.adam_beta1,
+        adam_beta2=config.adam_beta2, clip_grad=config.clip_grad,
+        use_distributed_optimizer=config.use_distributed_optimizer,
+        cpu_offload_fraction=config.optimizer_offload_fraction,
+    ))
+    scheduler = _scheduler(config, optimizer)
+    loaded = _load(config, chunks, optimizer, scheduler, lora, rank0)
+
+    train_set, valid_set = build_datasets(config, tokenizer)
+    packing = ("mask" if impl == "local" else "thd") if config.sft_packing else "none"
+    batches = MicroBatches(train_set, config.global_batch_size, config.micro_batch_size,
+                           parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+                           consumed_samples=loaded.consumed_samples, seed=config.seed,
+                           shuffle=config.sft,  # GPTDataset (pretraining) is shuffled by Megatron-Core already
+                           packing=packing, device=device)
+    if config.eval_interval and valid_set is None and rank0:
+        print("warning: no validation data (the split leaves none); validation is off", flush=True)
+    return Run(config, arch, hf_dir, tokenizer_dir, device, impl, chunks, ddp_chunks, optimizer, scheduler, lora,
+               loaded, batches, valid_set, packing)
