@@ -1,7 +1,8 @@
 """Converter checkpoints across parallel layouts, with real 2-process torchrun (gloo) jobs.
 
-- A torch_dist checkpoint written once (the converter's canonical layout) loads at EP=2, PP=2
-  and TP=2 and gives the HF model's logits.
+- A torch_dist checkpoint written once (the converter's canonical layout) loads at EP=2 (alltoall
+  and allgather dispatchers), PP=2 (tied embeddings split across the stages) and TP=2 and gives
+  the HF model's logits: every layout computes what one process does.
 - A checkpoint saved by training at EP=2 (model + distributed-optimizer state) converts to HF,
   optimizer ignored, and the HF model computes the trained model's logits.
 - 2-process conversion, both directions, gives the same bytes as the HF source.
@@ -13,7 +14,7 @@ import torch
 from megatron_patch.models.hf_checkpoint import HFCheckpoint
 from megatron_patch.models.qwen3.hf_model import load_hf_model, save_random_hf_checkpoint
 from tests.conftest import PARITY_CONFIGS
-from tests.functional.torchrun import torchrun, torchrun_module
+from tests.functional.torchrun import torchrun_batch, torchrun_module
 
 pytestmark = pytest.mark.functional
 
@@ -52,25 +53,44 @@ def test_two_process_conversion_round_trips_bitwise(converted, tmp_path):
         assert torch.equal(source.get(name), back.get(name)), name
 
 
-@pytest.mark.parametrize("model, flags", [("moe", ["--ep", "2"]), ("moe", ["--pp", "2"]), ("dense", ["--tp", "2"])],
-                         ids=["moe-ep2", "moe-pp2", "dense-tp2"])
-def test_converted_checkpoint_loads_at_another_layout(model, flags, converted, tmp_path):
-    root, reference = converted[model]
-    torchrun(2, "logits", "--hf-dir", root / "hf", "--torch-dist", root / "mcore" / "release",
-             "--out", tmp_path / "logits.pt", *flags)
-    assert (torch.load(tmp_path / "logits.pt") - reference).abs().max().item() <= 1e-4
+# name: (model, layout) of a 2-process load of the converted checkpoint; every dispatcher and split.
+LOAD_LAYOUTS = {
+    "moe-ep2": ("moe", ["--ep", "2"]),
+    "moe-ep2-allgather": ("moe", ["--ep", "2", "--dispatcher", "allgather"]),
+    "moe-pp2": ("moe", ["--pp", "2"]),
+    "dense-tp2": ("dense", ["--tp", "2"]),
+}
 
 
-def test_training_checkpoint_with_optimizer_converts_to_hf(converted, tmp_path):
+@pytest.fixture(scope="module")
+def two_process_checks(converted, tmp_path_factory):
+    """The converted checkpoints loaded at each layout, and a training save at EP=2: one launch."""
+    folder = tmp_path_factory.mktemp("two-process-checks")
+    jobs = {name: ("check", ["logits", "--hf-dir", converted[model][0] / "hf", "--torch-dist",
+                             converted[model][0] / "mcore" / "release", "--out", folder / f"{name}.pt", *flags])
+            for name, (model, flags) in LOAD_LAYOUTS.items()}
+    root = converted["moe"][0]
+    jobs["train-save"] = ("check", ["train-save", "--hf-dir", root / "hf", "--torch-dist", root / "mcore" / "release",
+                                    "--save-dir", folder / "run", "--out", folder / "trained.pt", "--ep", "2"])
+    torchrun_batch(2, jobs, folder / "batch")
+    return folder
+
+
+@pytest.mark.parametrize("name", LOAD_LAYOUTS)
+def test_converted_checkpoint_loads_at_another_layout(name, converted, two_process_checks):
+    _, reference = converted[LOAD_LAYOUTS[name][0]]
+    assert (torch.load(two_process_checks / f"{name}.pt") - reference).abs().max().item() <= 1e-4
+
+
+def test_training_checkpoint_with_optimizer_converts_to_hf(converted, two_process_checks, tmp_path):
     root, _ = converted["moe"]
-    torchrun(2, "train-save", "--hf-dir", root / "hf", "--torch-dist", root / "mcore" / "release",
-             "--save-dir", tmp_path / "run", "--out", tmp_path / "trained.pt", "--ep", "2")
-    assert (tmp_path / "run" / "latest_checkpointed_iteration.txt").read_text() == "5"
-    convert(1, "--mg2hf", "--load-dir", tmp_path / "run", "--hf-dir", root / "hf", "--save-dir", tmp_path / "hf")
+    run = two_process_checks / "run"
+    assert (run / "latest_checkpointed_iteration.txt").read_text() == "5"
+    convert(1, "--mg2hf", "--load-dir", run, "--hf-dir", root / "hf", "--save-dir", tmp_path / "hf")
     model = load_hf_model(tmp_path / "hf")
     with torch.no_grad():
         logits = model(input_ids=worker_tokens(MODELS["moe"])).logits
-    trained = torch.load(tmp_path / "trained.pt")
+    trained = torch.load(two_process_checks / "trained.pt")
     assert (logits - trained).abs().max().item() <= 1e-4
     # Training really changed the weights: the converted model is not the starting one.
     assert (logits - converted["moe"][1]).abs().max().item() > 1e-2

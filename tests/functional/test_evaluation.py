@@ -12,7 +12,7 @@ import pytest
 
 from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
 from megatron_patch.evaluation.run import main as run_main
-from tests.functional.torchrun import REPO
+from tests.functional.torchrun import REPO, torchrun_batch
 
 pytestmark = pytest.mark.functional
 SCRIPT = REPO / "LM-Evaluation-Harness" / "run_eval.sh"
@@ -104,13 +104,27 @@ def one_process(models, tmp_path_factory):
     return run_eval(models[1], out_dir, spelling="lm-eval"), request_scores(out_dir)
 
 
-@pytest.mark.parametrize("flags", [["--pipeline-model-parallel-size", 2], ["--tensor-model-parallel-size", 2],
-                                   ["--expert-model-parallel-size", 2]])
-def test_megatron_model_gives_the_same_scores_in_parallel_layouts(models, one_process, tmp_path, flags):
+PARALLEL_LAYOUTS = {"pp2": ["--pipeline-model-parallel-size", 2], "tp2": ["--tensor-model-parallel-size", 2],
+                    "ep2": ["--expert-model-parallel-size", 2]}
+
+
+@pytest.fixture(scope="module")
+def parallel_runs(models, tmp_path_factory) -> Path:
+    """The megatron model evaluated at each 2-process layout, one layout after another in one launch."""
+    folder = tmp_path_factory.mktemp("eval-parallel")
+    jobs = {name: ("eval", [models[1], DATA, TASKS, "--allow-missing-subjects",
+                            *[option.format(out=folder / name) for option in OPTIONS["ours"]], *flags])
+            for name, flags in PARALLEL_LAYOUTS.items()}
+    torchrun_batch(2, jobs, folder / "batch", env=offline_env())
+    return folder
+
+
+@pytest.mark.parametrize("layout", PARALLEL_LAYOUTS)
+def test_megatron_model_gives_the_same_scores_in_parallel_layouts(one_process, parallel_runs, layout):
     results, single = one_process
-    parallel = run_eval(models[1], tmp_path, *flags, nproc=2)
+    parallel = json.loads((parallel_runs / layout / "results.json").read_text())
     assert accuracies(parallel) == accuracies(results)
-    scores = request_scores(tmp_path)
+    scores = request_scores(parallel_runs / layout)
     assert set(scores) == set(single) and max(abs(scores[k] - single[k]) for k in single) < 1e-4
 
 

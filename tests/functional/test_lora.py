@@ -1,6 +1,7 @@
 """LoRA fine-tuning end to end on CPU: frozen base, adapters trained, adapter-only checkpoints resumed,
 adapters exported merged into HF and as a PEFT adapter."""
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -16,29 +17,53 @@ from tests.functional.test_training import (
     sft_data,
     sft_run_flags,
 )
-from tests.functional.torchrun import _run, torchrun, torchrun_module
+from tests.functional.torchrun import _run, torchrun_batch, torchrun_module
 
 pytestmark = pytest.mark.functional
 LORA_FLAGS = ["--lora-rank", 8, "--lora-alpha", 16, "--lora-target-modules", "all", "--lr", "1e-2"]
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("lora"))
+# name: (processes, preset, flags after the common LoRA ones, iterations). Runs of one process
+# count run one after another in one torchrun launch (tests/functional/workers/batch.py).
+EP2_ADAPTERS_ONLY = ["--expert-model-parallel-size", 2, "--save-lora-only"]
+LORA_RUNS = {
+    "full-save": (1, "tiny-moe", [], 5),
+    "dense-1": (1, "tiny-dense", [], 5),
+    "gate-up": (1, "tiny-moe", ["--lora-target-modules", "gate_proj"], 2),
+    "refused": (1, "tiny-moe", ["--save-lora-only"], 1),
+    "ep2": (2, "tiny-moe", EP2_ADAPTERS_ONLY, 5),
+    "resume": (2, "tiny-moe", [*EP2_ADAPTERS_ONLY, "--exit-interval", 2], 5),
+    "dense-tp2-sp": (2, "tiny-dense", ["--tensor-model-parallel-size", 2, "--sequence-parallel"], 5),
+    "moe-etp2": (2, "tiny-moe", ["--expert-tensor-parallel-size", 2], 5),
+}
 
 
-_RUNS: dict = {}
+def lora_root(work, name) -> Path:
+    return Path(work) / "lora" / name
 
 
-def lora_run(work, name, nproc=1, extra=(), iterations=5, preset="tiny-moe"):
-    """A LoRA SFT run from a converted tiny model, once per name (later tests export its checkpoint)."""
-    if (work, name) not in _RUNS:
-        hf_dir, mcore = converted(work, preset)
-        root = Path(work) / name
-        flags = [*sft_run_flags(sft_data(work, 64), hf_dir, root / "log", iterations), *LORA_FLAGS,
-                 "--load", mcore, "--save", root / "checkpoint", *extra]
-        _RUNS[work, name] = root, torchrun_module(nproc, "megatron_patch.train", *flags)
-    return _RUNS[work, name]
+def lora_flags(work, name, log="log") -> list:
+    _, preset, extra, iterations = LORA_RUNS[name]
+    hf_dir, mcore = converted(work, preset)
+    root = lora_root(work, name)
+    return [*sft_run_flags(sft_data(work, 64), hf_dir, root / log, iterations), *LORA_FLAGS,
+            "--load", mcore, "--save", root / "checkpoint", *extra]
+
+
+@functools.cache
+def _lora_runs(work, nproc) -> dict[str, str]:
+    jobs = {name: ("train", lora_flags(work, name)) for name, spec in LORA_RUNS.items() if spec[0] == nproc}
+    if nproc == 1:
+        # After "refused" wrote its adapter-only save: that save given as the base must be refused.
+        hf_dir, _ = converted(work, "tiny-moe")
+        jobs["refused-as-base"] = ("train", [*sft_run_flags(sft_data(work, 64), hf_dir, lora_root(work, "again"), 1),
+                                             *LORA_FLAGS, "--load", lora_root(work, "refused") / "checkpoint"])
+    return torchrun_batch(nproc, jobs, Path(work) / "lora" / f"batch-{nproc}")
+
+
+def lora_run(work, name) -> tuple[Path, str]:
+    """(run directory, rank 0's output) of a LoRA SFT run from a converted tiny model."""
+    return lora_root(work, name), _lora_runs(work, LORA_RUNS[name][0])[name]
 
 
 def model_weights(weights: dict) -> dict:
@@ -51,8 +76,8 @@ def adapters(weights: dict) -> dict:
 
 
 def test_lora_trains_adapters_and_leaves_every_base_weight_bitwise_unchanged(work, megatron_world):
-    root, result = lora_run(work, "full-save")
-    assert "LoRA rank 8, alpha 16, dropout 0 on linear_qkv linear_proj linear_fc1 linear_fc2" in result.stdout
+    root, output = lora_run(work, "full-save")
+    assert "LoRA rank 8, alpha 16, dropout 0 on linear_qkv linear_proj linear_fc1 linear_fc2" in output
     curve = losses(root / "log")
     assert curve[5] < curve[1] - 0.1, curve
     start = saved_weights_of(Path(converted(work, "tiny-moe")[1]) / "release")
@@ -78,8 +103,7 @@ def test_lora_trains_adapters_and_leaves_every_base_weight_bitwise_unchanged(wor
 
 def test_adapter_only_checkpoints_resume_exactly_and_ep2_trains_like_ep1(work):
     """EP=2: adapters sharded over experts; stop at 2 with an adapter-only save, resume, compare."""
-    ep2 = ["--expert-model-parallel-size", 2, "--save-lora-only"]
-    full_root, _ = lora_run(work, "ep2", nproc=2, extra=ep2)
+    full_root, _ = lora_run(work, "ep2")
     one_root, _ = lora_run(work, "full-save")
     full = losses(full_root / "log")
     assert full == pytest.approx(losses(one_root / "log"), abs=1e-5)
@@ -94,11 +118,10 @@ def test_adapter_only_checkpoints_resume_exactly_and_ep2_trains_like_ep1(work):
         # A wrong reduction (e.g. stale or unreduced shards) is off by ~1e-2.
         torch.testing.assert_close(saved[key], tensor, rtol=0, atol=1e-4, msg=key)
 
-    root, _ = lora_run(work, "resume", nproc=2, extra=[*ep2, "--exit-interval", 2])
-    hf_dir, mcore = converted(work, "tiny-moe")
-    flags = [*sft_run_flags(sft_data(work, 64), hf_dir, root / "log"), *LORA_FLAGS, *ep2, "--load", mcore,
-             "--lora-load", root / "checkpoint", "--save", root / "checkpoint"]
-    result = torchrun_module(2, "megatron_patch.train", *flags)
+    root, _ = lora_run(work, "resume")
+    flags = lora_flags(work, "resume")
+    del flags[flags.index("--exit-interval"):flags.index("--exit-interval") + 2]
+    result = torchrun_module(2, "megatron_patch.train", *flags, "--lora-load", root / "checkpoint")
     assert "resuming at iteration 2" in result.stdout
     resumed = losses(root / "log")
     assert list(resumed) == [1, 2, 3, 4, 5]
@@ -107,54 +130,74 @@ def test_adapter_only_checkpoints_resume_exactly_and_ep2_trains_like_ep1(work):
 
 
 def test_an_adapter_checkpoint_is_refused_as_base(work):
-    root, _ = lora_run(work, "refused", extra=["--save-lora-only"], iterations=1)
-    hf_dir, _ = converted(work, "tiny-moe")
-    flags = [*sft_run_flags(sft_data(work, 64), hf_dir, root / "again", 1), *LORA_FLAGS, "--load", root / "checkpoint"]
-    with pytest.raises(AssertionError, match="holds LoRA adapters only; give the base model as --load"):
-        torchrun_module(1, "megatron_patch.train", *flags)
+    output = _lora_runs(work, 1)["refused-as-base"]
+    assert "error: --load " in output and "holds LoRA adapters only; give the base model as --load" in output
 
 
 def first_grad_norm(root) -> float:
     return next(r["grad_norm"] for r in read_metrics(root / "log") if "grad_norm" in r)
 
 
-@pytest.mark.parametrize("preset, baseline, name, layout", [
-    ("tiny-dense", "dense-1", "dense-tp2-sp", ["--tensor-model-parallel-size", 2, "--sequence-parallel"]),
-    ("tiny-moe", "full-save", "moe-etp2", ["--expert-tensor-parallel-size", 2]),
-])
-def test_tensor_parallel_lora_trains_like_one_process(work, preset, baseline, name, layout):
+@pytest.mark.parametrize("baseline, name", [("dense-1", "dense-tp2-sp"), ("full-save", "moe-etp2")])
+def test_tensor_parallel_lora_trains_like_one_process(work, baseline, name):
     """Dense TP=2 with SP: A whole and B split by rows on qkv/fc1, A split by columns and B whole
     on proj/fc2; expert TP=2: the experts' adapters split the same way, their whole factor's
     gradient summed over expert TP. The gradient norm sees every reduction."""
-    one, _ = lora_run(work, baseline, preset=preset)
-    two, _ = lora_run(work, name, nproc=2, preset=preset, extra=layout)
+    one, _ = lora_run(work, baseline)
+    two, _ = lora_run(work, name)
     expected, got = losses(one / "log"), losses(two / "log")
     assert expected[5] < expected[1] - 0.1
     assert got == pytest.approx(expected, abs=1e-4)
     assert first_grad_norm(two) == pytest.approx(first_grad_norm(one), rel=1e-6)
 
 
-@pytest.mark.parametrize("preset, run, layout", [
-    ("tiny-dense", "dense-1", ["--tp", 2]),
-    ("tiny-moe", "full-save", ["--tp", 2, "--ep", 2, "--sp"]),
-    ("tiny-moe", "full-save", ["--tp", 2, "--etp", 2, "--sp"]),
-    ("tiny-moe", "full-save", ["--tp", 2, "--etp", 2, "--sp", "--transformer-impl", "local"]),
-], ids=["dense-tp2", "moe-tp2-ep2-sp", "moe-tp2-etp2-sp-grouped", "moe-tp2-etp2-sp-sequential"])
-def test_trained_adapters_load_and_save_at_tensor_parallel_layouts(work, tmp_path, preset, run, layout):
+# id: (LoRA run whose adapters are loaded, layout of the 2-process load)
+ADAPTER_LAYOUTS = {
+    "dense-tp2": ("dense-1", ["--tp", 2]),
+    "moe-tp2-ep2-sp": ("full-save", ["--tp", 2, "--ep", 2, "--sp"]),
+    "moe-tp2-etp2-sp-grouped": ("full-save", ["--tp", 2, "--etp", 2, "--sp"]),
+    "moe-tp2-etp2-sp-sequential": ("full-save", ["--tp", 2, "--etp", 2, "--sp", "--transformer-impl", "local"]),
+}
+
+
+def _adapter_check_flags(work, run) -> list:
+    hf_dir, mcore = converted(work, LORA_RUNS[run][1])
+    return ["--hf-dir", hf_dir, "--torch-dist", mcore, "--lora-checkpoint", lora_root(work, run) / "checkpoint"]
+
+
+@functools.cache
+def _adapter_layout_checks(work) -> Path:
+    """Each run's adapters loaded in one process, then at each 2-process layout: two launches in all."""
+    folder = Path(work) / "adapter-layouts"
+    one = {run: ("check", ["lora", *_adapter_check_flags(work, run), "--out", folder / run / "logits.pt",
+                           "--save-dir", folder / run / "saved"])
+           for run in {run for run, _ in ADAPTER_LAYOUTS.values()}}
+    two = {name: ("check", ["lora", *_adapter_check_flags(work, run), *layout, "--out", folder / name / "logits.pt",
+                            "--save-dir", folder / name / "saved"])
+           for name, (run, layout) in ADAPTER_LAYOUTS.items()}
+    for name in (*one, *two):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+    for run in one:
+        lora_run(work, run)
+    torchrun_batch(1, one, folder / "batch-1")
+    torchrun_batch(2, two, folder / "batch-2")
+    return folder
+
+
+@pytest.mark.parametrize("layout", ADAPTER_LAYOUTS)
+def test_trained_adapters_load_and_save_at_tensor_parallel_layouts(work, layout):
     """Adapters trained in one process, loaded at TP/ETP=2: the same logits, and saved again
     they are the same tensors ([gate; up] halves of fc1's B and the TP splits in place)."""
-    root, _ = lora_run(work, run, preset=preset)
-    hf_dir, mcore = converted(work, preset)
-    flags = ["--hf-dir", hf_dir, "--torch-dist", mcore, "--lora-checkpoint", root / "checkpoint"]
-    torchrun(1, "lora", *flags, "--out", tmp_path / "one.pt", "--save-dir", tmp_path / "one")
-    torchrun(2, "lora", *flags, *layout, "--out", tmp_path / "two.pt", "--save-dir", tmp_path / "two")
-    torch.testing.assert_close(torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt"), rtol=0, atol=1e-4)
-    source = adapters(saved_weights_of(root / "checkpoint" / "iter_0000005"))
-    for name in ("one", "two"):
-        again = model_weights(saved_weights_of(tmp_path / name / "iter_0000001"))
+    run = ADAPTER_LAYOUTS[layout][0]
+    folder = _adapter_layout_checks(work)
+    one, two = folder / run, folder / layout
+    torch.testing.assert_close(torch.load(two / "logits.pt"), torch.load(one / "logits.pt"), rtol=0, atol=1e-4)
+    source = adapters(saved_weights_of(lora_root(work, run) / "checkpoint" / "iter_0000005"))
+    for where in (one, two):
+        again = model_weights(saved_weights_of(where / "saved" / "iter_0000001"))
         assert sorted(again) == sorted(source)
         for key, tensor in source.items():
-            assert torch.equal(again[key], tensor), (name, key)
+            assert torch.equal(again[key], tensor), (where.name, key)
 
 
 def export_lora(*args) -> str:
@@ -233,7 +276,7 @@ def test_peft_adapter_of_expert_gate_up_only_loads(work, base_hf, megatron_world
     the export adds a zero down_proj adapter, so these adapters are applied, not silently dropped."""
     from megatron_patch.models.qwen3.presets import get_preset
 
-    root, _ = lora_run(work, "gate-up", iterations=2, extra=["--lora-target-modules", "gate_proj"])
+    root, _ = lora_run(work, "gate-up")
     peft_dir = Path(work) / "peft-gate-up"
     export_lora("--adapter", root / "checkpoint", "--peft-out", peft_dir, "--precision", "fp32")
     tokens = torch.randint(0, get_preset("tiny-moe").vocab_size, (1, 24), generator=torch.Generator().manual_seed(4))
@@ -247,9 +290,8 @@ def test_an_adapter_trained_at_ep2_exports_as_at_ep1(work):
     from safetensors.torch import load_file
 
     exports = {}
-    for name, nproc, extra in (("ep2", 2, ["--expert-model-parallel-size", 2, "--save-lora-only"]),
-                               ("full-save", 1, [])):
-        root, _ = lora_run(work, name, nproc=nproc, extra=extra)
+    for name in ("ep2", "full-save"):
+        root, _ = lora_run(work, name)
         out = Path(work) / f"export-{name}"
         export_lora("--adapter", root / "checkpoint", "--merged-out", out / "merged", "--peft-out", out / "peft",
                     "--precision", "fp32")
@@ -270,8 +312,7 @@ def test_two_adapters_of_one_base_export_and_load_side_by_side(work, base_hf, me
     from megatron_patch.models.qwen3.hf_model import load_hf_model
     from megatron_patch.models.qwen3.presets import get_preset
 
-    runs = {"task_a": lora_run(work, "ep2", nproc=2, extra=["--expert-model-parallel-size", 2, "--save-lora-only"])[0],
-            "task_b": lora_run(work, "refused", extra=["--save-lora-only"], iterations=1)[0]}
+    runs = {"task_a": lora_run(work, "ep2")[0], "task_b": lora_run(work, "refused")[0]}
     for name, root in runs.items():
         export_lora("--adapter", root / "checkpoint", "--peft-out", Path(work) / f"side-{name}", "--precision", "fp32")
     model = PeftModel.from_pretrained(load_hf_model(base_hf), str(Path(work) / "side-task_a"), adapter_name="task_a")
@@ -289,7 +330,7 @@ def test_export_refuses_what_it_cannot_export(work):
     _, mcore = converted(work, "tiny-moe")
     with pytest.raises(AssertionError, match="not a LoRA checkpoint"):
         export_lora("--adapter", mcore, "--peft-out", Path(work) / "never")
-    root, _ = lora_run(work, "refused", extra=["--save-lora-only"], iterations=1)
+    root, _ = lora_run(work, "refused")
     with pytest.raises(AssertionError, match="base checkpoint .*missing-base does not exist"):
         export_lora("--adapter", root / "checkpoint", "--merged-out", Path(work) / "never",
                     "--base", Path(work) / "missing-base")

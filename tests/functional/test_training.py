@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
-from tests.functional.torchrun import REPO, torchrun_module
+from tests.functional.torchrun import REPO, torchrun_batch, torchrun_module
 
 pytestmark = pytest.mark.functional
 DEMO_DATA = REPO / "megatron_patch" / "resources" / "demo_sft.jsonl"
-SCRIPT = REPO / "examples" / "qwen3" / "run_mcore_qwen3.sh"
 
 
 def _build(module, *args):
@@ -31,11 +30,6 @@ def sft_data(root: str, records: int, packing: bool = True) -> str:
     _build("megatron_patch.data.build_sft", "--input", source, "--tokenizer", bundled_qwen3_tokenizer_dir(),
            "--seq-length", 128, "--output-prefix", folder / "sft", *(["--packing"] if packing else []))
     return str(folder / "sft")
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("training"))
 
 
 def read_metrics(log_dir) -> list[dict]:
@@ -58,6 +52,7 @@ LAYOUT_FLAGS = {
     "moe-pp2-vp": (2, "tiny-moe", ["--pipeline-model-parallel-size", 2, "--num-layers-per-virtual-pipeline-stage", 1]),
     "moe-pp2-first1": (2, "tiny-moe", ["--pipeline-model-parallel-size", 2, "--decoder-first-pipeline-num-layers", 1]),
     "moe-recompute": (1, "tiny-moe", ["--recompute", "full", "--recompute-num-layers", 2]),
+    "moe-sel": (1, "tiny-moe", ["--recompute", "sel"]),
     # The default overlaps the distributed optimizer's parameter all-gather; this one does not.
     "moe-dp2-sync": (2, "tiny-moe", ["--no-overlap-param-gather", "--no-overlap-grad-reduce"]),
     # Two samples per micro-batch (the aux loss is per micro-batch, so this is its own baseline).
@@ -78,7 +73,7 @@ LAYOUT_FLAGS = {
 
 def sft_run_flags(data, model, log_dir, iterations=5):
     return ["--model", model, "--precision", "fp32", "--train-mode", "finetune", "--data-path", data, "--sft-packing",
-            "--seq-length", 128, "--global-batch-size", 4, "--micro-batch-size", 1, "--lr", "3e-3", "--min-lr", "3e-4",
+            "--seq-length", 128, "--global-batch-size", 2, "--micro-batch-size", 1, "--lr", "3e-3", "--min-lr", "3e-4",
             "--train-iters", iterations, "--split", "100,0,0", "--log-dir", log_dir]
 
 
@@ -99,13 +94,25 @@ def converted(work: str, preset: str) -> tuple[str, str]:
 
 
 @functools.cache
+def _layout_runs(work: str, nproc: int) -> dict[str, str]:
+    """Every job of ``nproc`` processes, one after another in one torchrun launch: the layouts, and
+    the other runs of that size below (raw JSON vs idxmap, pretraining, the first half of a resume)."""
+    jobs = {}
+    for name, (procs, preset, extra) in LAYOUT_FLAGS.items():
+        if procs == nproc:
+            hf_dir, mcore = converted(work, preset)
+            log_dir = Path(work) / "layouts" / name
+            jobs[name] = ("train", [*sft_run_flags(sft_data(work, 64), hf_dir, log_dir), "--load", mcore,
+                                    "--save", log_dir / "checkpoint", "--no-save-optim", *extra])
+    jobs.update(raw_and_idxmap_jobs(work) if nproc == 1 else {"resume-first-half": resume_job(work, first_half=True)})
+    if nproc == 1:
+        jobs["pretrain"] = pretraining_job(work)
+    return torchrun_batch(nproc, jobs, Path(work) / "layouts" / f"batch-{nproc}")
+
+
 def layout_curve(work: str, name: str) -> dict[int, float]:
-    nproc, preset, extra = LAYOUT_FLAGS[name]
-    hf_dir, mcore = converted(work, preset)
-    log_dir = Path(work) / "layouts" / name
-    torchrun_module(nproc, "megatron_patch.train", *sft_run_flags(sft_data(work, 64), hf_dir, log_dir),
-                    "--load", mcore, "--save", log_dir / "checkpoint", "--no-save-optim", *extra)
-    return losses(log_dir)
+    _layout_runs(work, LAYOUT_FLAGS[name][0])
+    return losses(Path(work) / "layouts" / name)
 
 
 def saved_weights(work: str, name: str) -> dict:
@@ -135,6 +142,7 @@ ROUTING_DRIFT = 5e-3
 @pytest.mark.parametrize("name, baseline, tolerance", [
     ("moe-dp2", "moe-1", 1e-4), ("moe-ep2", "moe-1", 1e-4), ("moe-etp2", "moe-1", 1e-4), ("moe-pp2", "moe-1", 1e-4),
     ("moe-pp2-vp", "moe-1", 1e-4), ("moe-pp2-first1", "moe-1", 1e-4), ("moe-recompute", "moe-1", 1e-4),
+    ("moe-sel", "moe-1", 1e-4),
     ("moe-local-mbs2", "moe-mbs2", 1e-4), ("moe-pp2-mbs2", "moe-mbs2", 1e-4),
     ("moe-tp2-ep2-sp", "moe-1", ROUTING_DRIFT), ("dense-tp2", "dense-1", 1e-4), ("dense-tp2-sp", "dense-1", 1e-4),
 ])
@@ -169,16 +177,23 @@ def test_overlapped_parameter_gather_trains_and_saves_like_the_synchronous_one(w
     assert moved > len(expected) // 2  # the saves hold trained weights, not the starting ones
 
 
-def test_stop_and_resume_continues_with_the_same_losses(work):
-    """EP=2 on 2 processes (optimizer state sharded over DP=2): stop after step 2, resume, compare."""
-    full = layout_curve(work, "moe-ep2")
+def resume_job(work: str, first_half: bool) -> tuple[str, list]:
+    """EP=2 on 2 processes: stop after step 2 (first half), or rerun to continue from its save."""
     hf_dir, mcore = converted(work, "tiny-moe")
     root = Path(work) / "resume"
     flags = [*sft_run_flags(sft_data(work, 64), hf_dir, root / "log"), "--expert-model-parallel-size", 2,
              "--save", root / "checkpoint"]
-    torchrun_module(2, "megatron_patch.train", *flags, "--exit-interval", 2, "--load", mcore)
+    if first_half:
+        return "train", [*flags, "--exit-interval", 2, "--load", mcore]
+    return "train", [*flags, "--load", root / "checkpoint"]
+
+
+def test_stop_and_resume_continues_with_the_same_losses(work):
+    """Optimizer state sharded over DP=2: the rerun, a new launch, continues with the same losses."""
+    full = layout_curve(work, "moe-ep2")
+    root = Path(work) / "resume"
     assert (root / "checkpoint" / "latest_checkpointed_iteration.txt").read_text() == "2"
-    result = torchrun_module(2, "megatron_patch.train", *flags, "--load", root / "checkpoint")
+    result = torchrun_module(2, "megatron_patch.train", *resume_job(work, first_half=False)[1])
     assert "resuming at iteration 2" in result.stdout
     resumed = losses(root / "log")  # the log holds both runs: 1, 2, then 3, 4, 5
     assert list(resumed) == [1, 2, 3, 4, 5]
@@ -186,84 +201,80 @@ def test_stop_and_resume_continues_with_the_same_losses(work):
         assert abs(resumed[iteration] - full[iteration]) < 1e-6, (iteration, resumed, full)
 
 
-def test_raw_json_sft_trains_like_its_preprocessed_idxmap(work):
-    """MP_DATASET_TYPE=raw tokenizes on the fly: same samples, masks and order as build_sft's output."""
+def raw_and_idxmap_jobs(work: str) -> dict[str, tuple[str, list]]:
     prefix = sft_data(work, 32, packing=False)
     hf_dir, mcore = converted(work, "tiny-moe")
-    curves = {}
+    jobs = {}
     for name, data in (("idxmap", ["--data-path", prefix]),
                        ("raw", ["--dataset-type", "raw", "--data-path", Path(prefix).parent / "train.jsonl"])):
         log_dir = Path(work) / "raw-vs-idxmap" / name
         flags = [f for f in sft_run_flags(prefix, hf_dir, log_dir, iterations=4) if f != "--sft-packing"]
         flags[flags.index("--data-path"):flags.index("--data-path") + 2] = data
-        torchrun_module(1, "megatron_patch.train", *flags, "--load", mcore)
-        curves[name] = losses(log_dir)
+        jobs[name] = ("train", [*flags, "--load", mcore])
+    return jobs
+
+
+def test_raw_json_sft_trains_like_its_preprocessed_idxmap(work):
+    """MP_DATASET_TYPE=raw tokenizes on the fly: same samples, masks and order as build_sft's output."""
+    _layout_runs(work, 1)
+    curves = {name: losses(Path(work) / "raw-vs-idxmap" / name) for name in ("idxmap", "raw")}
     assert sorted(curves["raw"]) == [1, 2, 3, 4] and curves["raw"][4] < curves["raw"][1]
     assert curves["raw"] == pytest.approx(curves["idxmap"], abs=1e-6)
 
 
-def test_script_sft_on_cpu_memorizes_and_writes_logs_checkpoints_and_plots(work):
-    data = sft_data(work, 8)
-    out = Path(work) / "script-run"
-    result = subprocess.run(
-        ["bash", str(SCRIPT), "dsw", "tiny-moe", "1", "2", "5e-3", "5e-4", "128", "128", "fp32", "1", "1", "1", "1",
-         "1", "false", "true", "false", "true", "sel", "false", "100", data, data, "none", "24", "2", str(out)],
-        capture_output=True, text=True, timeout=600, cwd="/",
-        env={"PATH": "/usr/bin:/bin", "MP_SFT_PACKING": "true", "OMP_NUM_THREADS": "2"},
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (log_dir,) = (out / "log").iterdir()
-    records = read_metrics(log_dir)
-    curve = [r["loss"] for r in records]
-    assert len(curve) == 24
-    assert sum(curve[-3:]) / 3 < 0.7 * curve[0], curve  # memorizing 8 conversations (measured 0.61)
-    last = records[-1]
-    for key in ("lr", "grad_norm", "tokens_per_second", "tflops_per_device", "aux_loss", "expert_load"):
-        assert key in last, key
-    assert len(last["expert_load"]) == 4 and abs(sum(last["expert_load"][0]) - 1) < 1e-4
-    (board,) = (out / "tensorboard").iterdir()
-    assert any(p.name.startswith("events.out.tfevents") for p in board.iterdir())
-    (checkpoint,) = (out / "checkpoint").iterdir()
-    assert (checkpoint / "latest_checkpointed_iteration.txt").read_text() == "24"
-    assert (checkpoint / "iter_0000024" / "metadata.json").is_file()
-    assert (checkpoint / "config.json").is_file() and (checkpoint / "tokenizer.json").is_file()
-    assert not [p for p in checkpoint.iterdir() if p.name.endswith(".incomplete")]
-    plot = subprocess.run([sys.executable, "-m", "megatron_patch.plot", str(out)], capture_output=True, text=True)
-    assert plot.returncode == 0, plot.stderr
-    assert (log_dir / "loss.png").stat().st_size > 1000 and (log_dir / "expert_load.png").stat().st_size > 1000
-
-
-def test_pretraining_on_idxmap_reports_validation(work):
+def pretraining_job(work: str) -> tuple[str, list]:
     root = Path(work) / "pretrain"
-    root.mkdir()
+    root.mkdir(exist_ok=True)
     texts = [json.loads(line) for line in DEMO_DATA.read_text(encoding="utf-8").splitlines()]
     documents = root / "docs.jsonl"
     documents.write_text("".join(json.dumps({"text": json.dumps(r, ensure_ascii=False)}) + "\n" for r in texts))
     _build("megatron_patch.data.build_pretrain", "--input", documents, "--tokenizer", bundled_qwen3_tokenizer_dir(),
            "--output-prefix", root / "corpus_text_document")
-    torchrun_module(1, "megatron_patch.train", "--model", "tiny-dense", "--precision", "fp32", "--data-path",
-                    root / "corpus_text_document", "--split", "80,20,0", "--seq-length", 64, "--global-batch-size", 2,
-                    "--micro-batch-size", 1, "--lr", "3e-3", "--train-iters", 4, "--eval-interval", 2,
-                    "--eval-iters", 2, "--log-dir", root / "log")
-    records = read_metrics(root / "log")
+    return "train", ["--model", "tiny-dense", "--precision", "fp32", "--data-path", root / "corpus_text_document",
+                     "--split", "80,20,0", "--seq-length", 64, "--global-batch-size", 2, "--micro-batch-size", 1,
+                     "--lr", "3e-3", "--train-iters", 4, "--eval-interval", 2, "--eval-iters", 2,
+                     "--log-dir", root / "log"]
+
+
+def test_pretraining_on_idxmap_reports_validation(work):
+    _layout_runs(work, 1)
+    records = read_metrics(Path(work) / "pretrain" / "log")
     valid = {r["iteration"]: r["valid_loss"] for r in records if "valid_loss" in r}
     assert sorted(valid) == [2, 4] and valid[4] < valid[2]
     assert all(r["valid_ppl"] > 1 for r in records if "valid_ppl" in r)
 
 
-def test_demo_pipeline_lowers_the_hf_models_loss(tmp_path):
-    """HF -> torch_dist -> SFT (run_mcore_qwen3.sh) -> HF; the HF model's loss on the data falls."""
-    demo = [sys.executable, "-m", "megatron_patch.demo", "--iterations", "12", "--work-dir", tmp_path / "demo"]
-    result = subprocess.run(demo,
-                            capture_output=True, text=True, timeout=900, cwd=REPO)
+def test_demo_runs_the_script_end_to_end_and_lowers_the_hf_models_loss(tmp_path):
+    """HF -> torch_dist -> SFT through run_mcore_qwen3.sh -> HF; the HF model's loss on the data falls.
+
+    Run from / with a bare PATH: the scripts find the repository and its Python themselves.
+    """
+    work = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_patch.demo", "--iterations", "12", "--work-dir", work],
+        capture_output=True, text=True, timeout=900, cwd="/",
+        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"},
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     line = next(line for line in result.stdout.splitlines() if "before" in line and "after" in line)
     before, after = (float(x) for x in line.split("before ")[1].split(" -> after "))
     assert after < before - 1.0, line
-    # The demo keeps what it made where it says, with the run's plots.
-    work = tmp_path / "demo"
-    for folder in ("hf", "mcore", "run/checkpoint", "hf-trained"):
-        assert str(work / folder) in result.stdout and any((work / folder).iterdir()), folder
+    # The script's run: metrics, TensorBoard, the last checkpoint with the HF side files.
     (log_dir,) = (work / "run" / "log").iterdir()
+    records = read_metrics(log_dir)
+    assert [r["iteration"] for r in records] == list(range(1, 13))
+    for key in ("lr", "grad_norm", "tokens_per_second", "tflops_per_device", "aux_loss", "expert_load"):
+        assert key in records[-1], key
+    assert len(records[-1]["expert_load"]) == 4 and abs(sum(records[-1]["expert_load"][0]) - 1) < 1e-4
+    (board,) = (work / "run" / "tensorboard").iterdir()
+    assert any(p.name.startswith("events.out.tfevents") for p in board.iterdir())
+    (checkpoint,) = (work / "run" / "checkpoint").iterdir()
+    assert (checkpoint / "latest_checkpointed_iteration.txt").read_text() == "12"
+    assert (checkpoint / "iter_0000012" / "metadata.json").is_file()
+    assert (checkpoint / "config.json").is_file() and (checkpoint / "tokenizer.json").is_file()
+    assert not [p for p in checkpoint.iterdir() if p.name.endswith(".incomplete")]
+    # The demo keeps what it made where it says, with the run's plots.
+    for folder in ("hf", "mcore", "run", "hf-trained"):
+        assert str(work / folder) in result.stdout and any((work / folder).iterdir()), folder
     for image in ("loss.png", "expert_load.png"):
         assert (log_dir / image).stat().st_size > 1000 and str(log_dir / image) in result.stdout

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 
-def main():
+def run(argv=None):
+    """One check in this process group (several may run in one launch: workers/batch.py)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["logits", "train", "train-save", "lora"])
     parser.add_argument("--hf-dir", required=True, help="HF dir (weights, or only config.json with --torch-dist)")
@@ -32,7 +33,7 @@ def main():
     parser.add_argument("--lora-checkpoint", help="lora: the LoRA save whose adapters to load")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dispatcher", default="alltoall")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from megatron_patch.patches import apply_patches
 
@@ -98,6 +99,10 @@ def main():
         if writer:
             torch.save(logits, args.out)
     dist.barrier()
+
+
+def main():
+    run()
     dist.destroy_process_group()
 
 
