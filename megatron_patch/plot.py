@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -44,6 +45,11 @@ def run_name(metrics_path: Path) -> str:
     return folder.name or str(folder)
 
 
+def _title(name: str) -> str:
+    # Pai-style run names run to 150 characters: wrapped, not cut.
+    return "\n".join(textwrap.wrap(name, 90, break_on_hyphens=True))
+
+
 def plot_run(metrics_path: Path) -> list[Path]:
     records = read_metrics(metrics_path)
     name = run_name(metrics_path)
@@ -59,7 +65,7 @@ def plot_run(metrics_path: Path) -> list[Path]:
         lines += axes.plot(*zip(*valid), "o-", label="validation loss")
     axes.set_xlabel("iteration")
     axes.set_ylabel("loss (per token)")
-    axes.set_title(name[:100], fontsize=8)
+    axes.set_title(_title(name), fontsize=8)
     axes.grid(alpha=0.3)
     if rates:
         lr_axes = axes.twinx()
@@ -80,7 +86,7 @@ def plot_run(metrics_path: Path) -> list[Path]:
         image = axes.imshow(load, aspect="auto", cmap="viridis")
         axes.set_xlabel("expert")
         axes.set_ylabel("layer")
-        axes.set_title(f"{name[:80]}\nshare of routed tokens (balanced = {1 / load.shape[1]:.4f})", fontsize=8)
+        axes.set_title(f"{_title(name)}\nshare of routed tokens (balanced = {1 / load.shape[1]:.4f})", fontsize=8)
         figure.colorbar(image, ax=axes)
         figure.tight_layout()
         figure.savefig(metrics_path.parent / "expert_load.png", dpi=120)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_patch.lora.__main__ import main as lora_main
 from tests.functional.test_training import (
     converted,
     losses,
@@ -201,7 +202,17 @@ def test_trained_adapters_load_and_save_at_tensor_parallel_layouts(work, layout)
 
 
 def export_lora(*args) -> str:
+    """python -m megatron_patch.lora as a process of its own: what a user runs."""
     return _run([sys.executable, "-m", "megatron_patch.lora", *map(str, args)], timeout=300).stdout
+
+
+def export_lora_here(capsys, *args) -> str:
+    """The same entry point in this process (saves a process start per export); raises on failure."""
+    status = lora_main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    if status:
+        raise AssertionError(f"python -m megatron_patch.lora exited {status}: {err}")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -271,21 +282,21 @@ def test_merged_hf_model_and_peft_adapter_give_the_megatron_logits(work, base_hf
     assert {name for name in before if ".self_attn." in name and name.endswith("_proj.weight")} <= changed
 
 
-def test_peft_adapter_of_expert_gate_up_only_loads(work, base_hf, megatron_world):
+def test_peft_adapter_of_expert_gate_up_only_loads(work, base_hf, megatron_world, capsys):
     """peft 0.21.2 mis-keys gate/up adapters of fused experts unless down_proj is adapted too:
     the export adds a zero down_proj adapter, so these adapters are applied, not silently dropped."""
     from megatron_patch.models.qwen3.presets import get_preset
 
     root, _ = lora_run(work, "gate-up")
     peft_dir = Path(work) / "peft-gate-up"
-    export_lora("--adapter", root / "checkpoint", "--peft-out", peft_dir, "--precision", "fp32")
+    export_lora_here(capsys, "--adapter", root / "checkpoint", "--peft-out", peft_dir, "--precision", "fp32")
     tokens = torch.randint(0, get_preset("tiny-moe").vocab_size, (1, 24), generator=torch.Generator().manual_seed(4))
     ours = megatron_logits_with_adapters(work, root / "checkpoint", tokens, targets=("linear_fc1",))
     assert (ours - hf_logits(base_hf, tokens)).abs().max() > 1e-3
     torch.testing.assert_close(hf_logits(base_hf, tokens, peft_dir), ours, rtol=0, atol=1e-4)
 
 
-def test_an_adapter_trained_at_ep2_exports_as_at_ep1(work):
+def test_an_adapter_trained_at_ep2_exports_as_at_ep1(work, megatron_world, capsys):
     """The EP=2 save holds adapters only: its base is the --load recorded at training time."""
     from safetensors.torch import load_file
 
@@ -293,8 +304,8 @@ def test_an_adapter_trained_at_ep2_exports_as_at_ep1(work):
     for name in ("ep2", "full-save"):
         root, _ = lora_run(work, name)
         out = Path(work) / f"export-{name}"
-        export_lora("--adapter", root / "checkpoint", "--merged-out", out / "merged", "--peft-out", out / "peft",
-                    "--precision", "fp32")
+        export_lora_here(capsys, "--adapter", root / "checkpoint", "--merged-out", out / "merged",
+                         "--peft-out", out / "peft", "--precision", "fp32")
         exports[name] = {part: load_file(next((out / part).glob("*.safetensors"))) for part in ("merged", "peft")}
     for part in ("merged", "peft"):
         ep2, ep1 = exports["ep2"][part], exports["full-save"][part]
@@ -304,7 +315,7 @@ def test_an_adapter_trained_at_ep2_exports_as_at_ep1(work):
             torch.testing.assert_close(ep2[name], tensor, rtol=0, atol=1e-4, msg=name)
 
 
-def test_two_adapters_of_one_base_export_and_load_side_by_side(work, base_hf, megatron_world):
+def test_two_adapters_of_one_base_export_and_load_side_by_side(work, base_hf, megatron_world, capsys):
     """Two adapter-only saves trained from the same base (one at EP=2): each exports with the base
     it recorded, and peft holds both on one HF base, each giving its own Megatron logits."""
     from peft import PeftModel
@@ -314,7 +325,8 @@ def test_two_adapters_of_one_base_export_and_load_side_by_side(work, base_hf, me
 
     runs = {"task_a": lora_run(work, "ep2")[0], "task_b": lora_run(work, "refused")[0]}
     for name, root in runs.items():
-        export_lora("--adapter", root / "checkpoint", "--peft-out", Path(work) / f"side-{name}", "--precision", "fp32")
+        export_lora_here(capsys, "--adapter", root / "checkpoint", "--peft-out", Path(work) / f"side-{name}",
+                         "--precision", "fp32")
     model = PeftModel.from_pretrained(load_hf_model(base_hf), str(Path(work) / "side-task_a"), adapter_name="task_a")
     model.load_adapter(str(Path(work) / "side-task_b"), adapter_name="task_b")
     tokens = torch.randint(0, get_preset("tiny-moe").vocab_size, (1, 24), generator=torch.Generator().manual_seed(5))
@@ -326,12 +338,12 @@ def test_two_adapters_of_one_base_export_and_load_side_by_side(work, base_hf, me
             torch.testing.assert_close(model(input_ids=tokens).logits, expected[name], rtol=0, atol=1e-4, msg=name)
 
 
-def test_export_refuses_what_it_cannot_export(work):
+def test_export_refuses_what_it_cannot_export(work, megatron_world, capsys):
     _, mcore = converted(work, "tiny-moe")
     with pytest.raises(AssertionError, match="not a LoRA checkpoint"):
-        export_lora("--adapter", mcore, "--peft-out", Path(work) / "never")
+        export_lora_here(capsys, "--adapter", mcore, "--peft-out", Path(work) / "never")
     root, _ = lora_run(work, "refused")
     with pytest.raises(AssertionError, match="base checkpoint .*missing-base does not exist"):
-        export_lora("--adapter", root / "checkpoint", "--merged-out", Path(work) / "never",
-                    "--base", Path(work) / "missing-base")
+        export_lora_here(capsys, "--adapter", root / "checkpoint", "--merged-out", Path(work) / "never",
+                         "--base", Path(work) / "missing-base")
     assert not (Path(work) / "never").exists()
