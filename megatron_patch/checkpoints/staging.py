@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -26,49 +28,100 @@ def _barrier() -> None:
         dist.barrier()
 
 
-class StagedOutput:
-    """Build a directory under ``.<name>.incomplete`` and rename it into place only on success.
+def _overlaps(path: Path, other: Path) -> bool:
+    """The same directory, or one inside the other."""
+    path, other = path.resolve(), other.resolve()
+    return path == other or other in path.parents or path in other.parents
 
-    A run that fails or is killed never leaves anything at the final path; a
-    stale staging directory is removed by the next run. An existing non-empty
-    final directory is replaced only with ``force``. Every rank of the default
-    group (if any) enters and leaves together; rank 0 does the file work.
+
+class StagedOutput:
+    """Build a directory under ``.<name>.incomplete.<pid>`` and rename it into place only on success.
+
+    A run that fails or is killed never leaves anything at the final path. A lock file beside
+    the destination (``.<name>.lock``, held for the whole write) makes a second writer stop with
+    one line instead of clobbering the first; the lock holder removes stale staging directories
+    of killed runs. An existing non-empty final directory is replaced only with ``force``, and
+    never when it is (or contains, or lies inside) one of the ``sources`` being read. Every rank
+    of the default group (if any) enters and leaves together; rank 0 does the file work.
     """
 
-    def __init__(self, final: str | Path, force: bool = False, label: str = "output directory"):
+    def __init__(self, final: str | Path, force: bool = False, label: str = "output directory",
+                 sources: tuple = ()):
         self.final = Path(final).absolute()
-        self.staging = self.final.with_name(f".{self.final.name}.incomplete")
+        self.staging = self.final.with_name(f".{self.final.name}.incomplete.{os.getpid()}")
+        self.lock_path = self.final.with_name(f".{self.final.name}.lock")
         self.force = force
         self.label = label  # how the user named the destination (SAVE_DIR, --peft-out, ...)
+        self.sources = tuple(Path(s) for s in sources if s is not None)
+        self._lock = None
 
-    def __enter__(self) -> Path:
+    def _check(self) -> None:
+        for source in self.sources:
+            if source.exists() and _overlaps(self.final, source):
+                raise CheckpointError(f"{self.label} {self.final} is, contains or lies inside the input {source}; "
+                                      "writing there would destroy what is being read (even with --force)")
         if self.final.exists() and (not self.final.is_dir() or any(self.final.iterdir())) and not self.force:
             raise CheckpointError(f"{self.final} is not empty; choose another {self.label} or pass --force "
                                   "to replace it")
+
+    def _acquire(self) -> None:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.lock_path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise CheckpointError(f"{self.final} is being written by another process (lock {self.lock_path}); "
+                                  "wait for it or choose another " + self.label) from None
+        self._lock = handle
+        for stale in self.final.parent.glob(f".{self.final.name}.incomplete*"):
+            shutil.rmtree(stale, ignore_errors=True)  # only a killed writer leaves these: we hold the lock
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> Path:
+        failure = None
         if _is_rank0():
-            if self.staging.exists():
-                shutil.rmtree(self.staging)
-            self.staging.mkdir(parents=True)
-        _barrier()
+            try:
+                self._check()
+                self._acquire()
+                self.staging.mkdir(parents=True)
+            except BaseException as err:  # told to every rank below, so none waits forever
+                self._release()
+                failure = err
+        if dist.is_initialized():
+            shared = [None if failure is None else str(failure), str(self.staging)]
+            dist.broadcast_object_list(shared, src=0)
+            if failure is None and shared[0] is not None:
+                raise CheckpointError(shared[0])
+            self.staging = Path(shared[1])
+        if failure is not None:
+            raise failure
         return self.staging
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
+        try:
+            if exc_type is not None:
+                if _is_rank0():
+                    shutil.rmtree(self.staging, ignore_errors=True)
+                return False
+            _barrier()
             if _is_rank0():
-                shutil.rmtree(self.staging, ignore_errors=True)
+                replaced = None
+                if self.final.exists():
+                    replaced = self.final.with_name(f".{self.final.name}.replaced.{os.getpid()}")
+                    self.final.rename(replaced)
+                self.staging.rename(self.final)
+                if replaced is not None:
+                    shutil.rmtree(replaced)
+            _barrier()
             return False
-        _barrier()
-        if _is_rank0():
-            replaced = None
-            if self.final.exists():
-                replaced = self.final.with_name(f".{self.final.name}.replaced")
-                shutil.rmtree(replaced, ignore_errors=True)
-                self.final.rename(replaced)
-            self.staging.rename(self.final)
-            if replaced is not None:
-                shutil.rmtree(replaced)
-        _barrier()
-        return False
+        finally:
+            self._release()
 
 
 def copy_side_files(source: str | Path, destination: str | Path, dtype_name: str | None = None) -> list[str]:

@@ -76,8 +76,13 @@ def resolve_arch(config: ConvertConfig) -> tuple[Qwen3Arch, Path | None]:
     return arch, config_dir
 
 
+def _staged_output(config: ConvertConfig) -> StagedOutput:
+    # The inputs are protected: SAVE_DIR at, inside or around them would delete them (even with --force).
+    return StagedOutput(config.save_dir, config.force, "SAVE_DIR", sources=(config.load_dir, config.hf_dir))
+
+
 def hf_to_megatron(config: ConvertConfig, arch: Qwen3Arch) -> Path:
-    with StagedOutput(config.save_dir, config.force, "SAVE_DIR") as staging, Progress("hf -> torch_dist") as progress:
+    with _staged_output(config) as staging, Progress("hf -> torch_dist") as progress:
         release = staging / "release"
         if dist.get_rank() == 0:
             release.mkdir()
@@ -100,7 +105,7 @@ def hf_to_megatron(config: ConvertConfig, arch: Qwen3Arch) -> Path:
 def megatron_to_hf(config: ConvertConfig, arch: Qwen3Arch, config_dir: Path | None, delta=None) -> Path:
     """torch_dist -> HF; ``delta`` (see ``write_hf_safetensors``) changes tensors on the way (LoRA merge)."""
     checkpoint_dir = resolve_checkpoint(config.load_dir, config.iteration).path
-    with StagedOutput(config.save_dir, config.force, "SAVE_DIR") as staging, Progress("torch_dist -> hf") as progress:
+    with _staged_output(config) as staging, Progress("torch_dist -> hf") as progress:
         write_hf_safetensors(arch, checkpoint_dir, staging, config.precision, config.max_shard_bytes, progress,
                              delta)
         if dist.get_rank() == 0:

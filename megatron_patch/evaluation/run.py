@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_patch.errors import InputError
 from megatron_patch.evaluation.tasks import EvalDataError, check_data, select, write_task_configs
 from megatron_patch.models.choices import DTYPE_NAMES, PRECISIONS
 
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
     try:
         config = parse_args(argv)
         results = evaluate(config)
-    except EvalDataError as err:
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     import torch.distributed as dist

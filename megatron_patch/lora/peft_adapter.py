@@ -73,7 +73,7 @@ def write_peft_adapter(arch: Qwen3Arch, adapters: AdapterCheckpoint, output_dir:
     tensors = {name: tensor.to(dtype, copy=True).contiguous() for name, tensor in peft_tensors(arch, adapters)}
     modules = sorted({name.split(".")[-3] for name in tensors})
     config = peft_config(adapters, modules, base_model)
-    with StagedOutput(output_dir, force, "--peft-out") as staging:
+    with StagedOutput(output_dir, force, "--peft-out", sources=(adapters.path,)) as staging:
         save_file(tensors, str(staging / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return config

@@ -15,6 +15,9 @@
    sequence parallelism (their weights' gradients reduced over TP, as TE's are).
 7. ``patch_expert_gradient_groups`` (always): with EP = 1 and ETP != TP, expert
    gradients are reduced over the expert-data-parallel group, not the dense one.
+8. ``patch_safe_checkpoint_loading`` (always): torch DCP reads a checkpoint's
+   ``.metadata`` and non-tensor items through allowlists instead of plain pickle,
+   so no checkpoint runs code when it is loaded.
 
 Each patch names the upstream code it works around in its module docstring.
 All are idempotent. ``apply_patches`` first silences known upstream warnings
@@ -34,6 +37,7 @@ from megatron_patch.patches.expert_grads import patch_expert_gradient_groups
 from megatron_patch.patches.moe import patch_alltoall_splits_on_cpu, patch_te_general_gemm
 from megatron_patch.patches.optimizer_state import patch_distributed_optimizer_loading
 from megatron_patch.patches.rng import patch_cuda_rng
+from megatron_patch.patches.safe_checkpoints import patch_safe_checkpoint_loading
 from megatron_patch.patches.torch_norm import patch_torch_norm_sequence_parallel
 from megatron_patch.patches.warnings import silence_upstream_warnings
 
@@ -72,6 +76,7 @@ def apply_patches(cpu: bool | None = None) -> None:
     patch_distributed_optimizer_loading()
     patch_torch_norm_sequence_parallel()
     patch_expert_gradient_groups()
+    patch_safe_checkpoint_loading()
 
 
 __all__ = [
@@ -82,6 +87,7 @@ __all__ = [
     "patch_cuda_rng",
     "patch_distributed_optimizer_loading",
     "patch_expert_gradient_groups",
+    "patch_safe_checkpoint_loading",
     "patch_te_general_gemm",
     "patch_torch_norm_sequence_parallel",
     "silence_upstream_warnings",

@@ -1,8 +1,11 @@
 """The converter: HF <-> torch_dist round trips, a stock Megatron-Core model reading our output, bad inputs."""
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -148,6 +151,14 @@ def test_bad_directories(megatron_world, hf_checkpoints, tmp_path, capsys):
     assert convert("--load-dir", hf_dir, "--save-dir", tmp_path / "full", "--force") == 0
     assert not (tmp_path / "full" / "keep.txt").exists() and (tmp_path / "full" / "release").is_dir()
 
+    # SAVE_DIR at, inside or around the model being read would delete it: refused even with --force.
+    source = tmp_path / "source"
+    shutil.copytree(hf_dir, source)
+    for save_dir in (source, source / "out", tmp_path):
+        assert convert("--load-dir", source, "--save-dir", save_dir, "--force") == 2
+        assert "writing there would destroy what is being read" in capsys.readouterr().err
+    assert_same_tensors(hf_dir, source)
+
     llama = tmp_path / "llama"
     shutil.copytree(hf_dir, llama)
     config = json.loads((llama / "config.json").read_text())
@@ -179,3 +190,22 @@ def test_verify_prints_the_logit_difference(megatron_world, hf_checkpoints, tmp_
     _, hf_dir, _ = hf_checkpoints["moe-mqa-mixed-tied"]
     assert convert("--load-dir", hf_dir, "--save-dir", tmp_path / "mcore", "--precision", "fp32", "--verify") == 0
     assert "verify: fp32: max |dlogits| = " in capsys.readouterr().out
+
+
+def test_two_conversions_into_one_save_dir_leave_one_complete_output(hf_checkpoints, tmp_path):
+    """Two writers race for SAVE_DIR: one converts, the other stops with one line; the output verifies."""
+    _, hf_dir, _ = hf_checkpoints["moe-gqa"]
+    command = [sys.executable, "-m", "megatron_patch.convert", "--load-dir", str(hf_dir), "--save-dir",
+               str(tmp_path / "mcore"), "--precision", "fp32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    writers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+               for _ in range(2)]
+    results = [(w.wait(timeout=300), w.stderr.read()) for w in writers]
+    assert sorted(status for status, _ in results) == [0, 2], results
+    (refusal,) = [err for status, err in results if status == 2]
+    assert refusal.count("\n") == 1 and ("is being written by another process" in refusal
+                                          or "is not empty" in refusal), refusal
+    assert not list(tmp_path.glob(".mcore.incomplete*"))
+    assert convert_main(["--mg2hf", "--load-dir", str(tmp_path / "mcore"), "--save-dir", str(tmp_path / "hf"),
+                         "--precision", "fp32"]) == 0
+    assert_same_tensors(hf_dir, tmp_path / "hf")

@@ -16,10 +16,11 @@ MEDIUM_MOE = TINY_MOE.replace(hidden_size=256, ffn_hidden_size=512, moe_ffn_hidd
 
 def test_killed_conversion_leaves_no_checkpoint(tmp_path):
     save_random_hf_checkpoint(MEDIUM_MOE, tmp_path / "hf")
-    save_dir, staging = tmp_path / "mcore", tmp_path / ".mcore.incomplete"
+    save_dir = tmp_path / "mcore"
     command = [sys.executable, "-m", "megatron_patch.convert", "--load-dir", str(tmp_path / "hf"),
                "--save-dir", str(save_dir), "--precision", "fp32"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = tmp_path / f".mcore.incomplete.{process.pid}"  # each writer stages under its own name
     deadline = time.monotonic() + 120
     while not staging.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -31,5 +32,5 @@ def test_killed_conversion_leaves_no_checkpoint(tmp_path):
 
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert not staging.exists()
+    assert not list(tmp_path.glob(".mcore.incomplete*"))  # the killed run's staging removed by the next
     assert (save_dir / "latest_checkpointed_iteration.txt").read_text() == "release"

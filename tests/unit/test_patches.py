@@ -88,3 +88,16 @@ def test_apply_patches_says_when_megatron_core_is_not_a_checked_version(monkeypa
     patches.apply_patches()
     err = capsys.readouterr().err
     assert err.count(f"megatron-core {installed}: megatron_patch's patches were checked on 0.0.0") == 1
+
+
+def test_safe_checkpoint_loading_replaces_both_dcp_readers_once():
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    from megatron_patch.patches.safe_checkpoints import patch_safe_checkpoint_loading
+
+    assert patch_safe_checkpoint_loading() and patch_safe_checkpoint_loading()
+    reader, loader = FileSystemReader.read_metadata, DefaultLoadPlanner.load_bytes
+    assert reader.__module__ == loader.__module__ == "megatron_patch.patches.safe_checkpoints"
+    patch_safe_checkpoint_loading()
+    assert FileSystemReader.read_metadata is reader and DefaultLoadPlanner.load_bytes is loader
