@@ -8,7 +8,11 @@ resolved settings without training.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import signal
+import sys
 
 import torch.distributed as dist
 import yaml
@@ -16,6 +20,8 @@ import yaml
 from megatron_patch.errors import exit_on_input_error
 from megatron_patch.patches.warnings import silence_upstream_warnings
 from megatron_patch.training.config import TrainConfig, parse_config
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _train(config: TrainConfig, rank: int) -> None:
@@ -31,7 +37,23 @@ def _train(config: TrainConfig, rank: int) -> None:
         print(f"done: iterations {result.start_iteration}..{result.last_iteration}", flush=True)
 
 
+def _die_with_parent() -> None:
+    """Under torchrun, end this worker when torchrun ends, however it ends (even kill -9).
+
+    torch elastic starts workers in sessions of their own (torch 2.13), so a kill of the launch's
+    process group does not reach them; without this a worker trained on and kept saving.
+    """
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent ended before the request took effect
+        os._exit(1)
+
+
 def main(argv=None) -> int:
+    _die_with_parent()
     silence_upstream_warnings()
     parsed = []
     status = exit_on_input_error(lambda: parsed.append(parse_config(argv)))

@@ -17,6 +17,7 @@ from megatron_patch.checkpoints.layout import (
     ResolvedCheckpoint,
     iteration_dir,
     resolve_checkpoint,
+    tracked_iteration,
     write_tracker,
 )
 from megatron_patch.checkpoints.metadata import CHECKPOINT_VERSION, checkpoint_info
@@ -36,5 +37,6 @@ __all__ = [
     "iteration_dir",
     "load_weights",
     "resolve_checkpoint",
+    "tracked_iteration",
     "write_tracker",
 ]

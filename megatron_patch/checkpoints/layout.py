@@ -73,9 +73,23 @@ def resolve_checkpoint(load_dir: str | Path, iteration: str | int | None = None)
     return ResolvedCheckpoint(path, number == RELEASE)
 
 
+def tracked_iteration(save_dir: str | Path) -> int | str | None:
+    """The iteration the tracker of ``save_dir`` names (None without a tracker)."""
+    tracker = Path(save_dir) / TRACKER_FILE
+    return _parse_iteration(tracker.read_text(), str(tracker)) if tracker.is_file() else None
+
+
 def write_tracker(save_dir: str | Path, iteration: int | str) -> None:
-    """Point the tracker at ``iteration``, atomically (a reader sees the old or the new value)."""
+    """Point the tracker at ``iteration``, atomically (a reader sees the old or the new value).
+
+    Never backwards: a save of an older iteration than the tracker names would make the newer
+    checkpoints unreachable (and a later resume repeat steps).
+    """
     save_dir = Path(save_dir)
+    current = tracked_iteration(save_dir)
+    if isinstance(current, int) and isinstance(iteration, int) and iteration < current:
+        raise CheckpointError(f"{save_dir / TRACKER_FILE}: names iteration {current}; a save of iteration "
+                              f"{iteration} would move it back")
     temporary = save_dir / f".{TRACKER_FILE}.tmp"
     temporary.write_text(str(iteration))
     os.replace(temporary, save_dir / TRACKER_FILE)

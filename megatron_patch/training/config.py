@@ -110,6 +110,8 @@ class TrainConfig:
     save_optim: bool = _opt(True, "save optimizer state, LR schedule and RNG with the weights "
                                   "(needed for exact resume)")
     load_optim: bool = _opt(True, "restore optimizer state, LR schedule, RNG and data position when resuming")
+    auto_resume: bool = _opt(True, "when --save already holds a complete checkpoint, continue from the latest one "
+                                   "(an interrupted run rerun as it was) instead of starting from --load")
     exit_interval: int | None = _opt(None, "stop (after saving) once the iteration is a multiple of this")
     # Logging and validation
     log_interval: int = _opt(1, "print/log metrics every N iterations")

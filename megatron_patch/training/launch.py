@@ -18,7 +18,6 @@ import datetime
 import os
 import re
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -274,7 +273,10 @@ def main(argv=None) -> int:
     env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
     if launch.device == "cpu":
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.nproc_per_node)))
-    return subprocess.call(command, env=env)
+    # This process becomes torchrun: a kill of the launcher (or its process group) reaches torchrun,
+    # and each worker dies with it (train.py asks the kernel to end it when its parent ends).
+    sys.stdout.flush()
+    os.execvpe(command[0], command, env)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,15 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_patch.checkpoints import checkpoint_info, resolve_checkpoint, tracked_iteration
 from megatron_patch.data.tokenizer import Qwen3Tokenizer
 from megatron_patch.lora.apply import apply_lora, is_adapter_key, trainable_parameter_count
-from megatron_patch.lora.checkpoints import AdapterSavePolicy, base_load_filter, check_adapter_checkpoint
+from megatron_patch.lora.checkpoints import (
+    AdapterSavePolicy,
+    base_load_filter,
+    check_adapter_checkpoint,
+    is_base_key,
+)
 from megatron_patch.lora.config import LoraSettings
 from megatron_patch.models.choices import IMPL_MODULES, RECOMPUTE_MODES
 from megatron_patch.models.qwen3.arch import Qwen3Arch
@@ -25,7 +31,7 @@ from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
 from megatron_patch.parallel import ParallelLayout, initialize_parallel
 from megatron_patch.patches import apply_patches
 from megatron_patch.training.checkpointing import LoadedState, load_checkpoint
-from megatron_patch.training.config import TrainConfig
+from megatron_patch.training.config import TrainConfig, TrainConfigError
 from megatron_patch.training.data import MicroBatches, build_datasets
 from megatron_patch.training.preflight import (
     check_run,
@@ -108,25 +114,60 @@ def _attach_lora(config: TrainConfig, arch: Qwen3Arch, chunks, rank0: bool) -> A
     return AdapterSavePolicy.for_run(settings, config.save_lora_only, config.load)
 
 
+def _latest_save(config: TrainConfig) -> int | None:
+    """The iteration of the latest complete checkpoint in --save (None when it holds none)."""
+    if not config.save:
+        return None
+    iteration = tracked_iteration(config.save)
+    if not isinstance(iteration, int):
+        return None
+    resolve_checkpoint(config.save)  # the tracker names a complete checkpoint, or this says which is not
+    return iteration
+
+
+def _resume_from_save(config: TrainConfig, chunks, optimizer, scheduler, lora: AdapterSavePolicy | None,
+                      iteration: int, rank0: bool) -> LoadedState:
+    """Continue an interrupted run from its own latest save (the frozen base of adapter-only saves from --load)."""
+    if rank0:
+        print(f"resuming from {config.save} (iteration {iteration}), the latest complete checkpoint of --save; "
+              f"--load {config.load} {'gives the frozen base only' if lora else 'is not read'} "
+              "(--no-auto-resume starts over elsewhere)", flush=True)
+    if lora is not None and checkpoint_info(config.save).get("lora", {}).get("adapters_only"):
+        load_checkpoint(config.load, chunks, None, None, load_optim=False, keep=is_base_key)
+        return load_checkpoint(config.save, chunks, optimizer, scheduler, config.load_optim, keep=is_adapter_key)
+    return load_checkpoint(config.save, chunks, optimizer, scheduler, config.load_optim)
+
+
 def _load(config: TrainConfig, chunks, optimizer, scheduler, lora: AdapterSavePolicy | None,
           rank0: bool) -> LoadedState:
-    """--load (base or full checkpoint) and, for LoRA, --lora-load (adapters, optimizer, position)."""
-    loaded = LoadedState()
-    if config.load:
-        keep, may_resume = base_load_filter(config.load, lora.settings if lora else None)
-        loaded = load_checkpoint(config.load, chunks, optimizer, scheduler, config.load_optim and may_resume,
-                                 keep=keep)
-        _report_load(loaded, rank0)
-    if config.lora_load:
-        check_adapter_checkpoint(config.lora_load, lora.settings)
-        loaded = load_checkpoint(config.lora_load, chunks, optimizer, scheduler, config.load_optim,
-                                 keep=is_adapter_key)
-        _report_load(loaded, rank0)
+    """The run's start: its own latest save (auto-resume), or --load (base or full checkpoint) and,
+    for LoRA, --lora-load (adapters, optimizer, position). A start before --save's latest
+    iteration is refused: its saves would move the tracker back."""
+    latest = _latest_save(config)
+    if latest is not None and config.auto_resume:
+        loaded = _resume_from_save(config, chunks, optimizer, scheduler, lora, latest, rank0)
+    else:
+        loaded = LoadedState()
+        if config.load:
+            keep, may_resume = base_load_filter(config.load, lora.settings if lora else None)
+            loaded = load_checkpoint(config.load, chunks, optimizer, scheduler, config.load_optim and may_resume,
+                                     keep=keep)
+        if config.lora_load:
+            check_adapter_checkpoint(config.lora_load, lora.settings)
+            loaded = load_checkpoint(config.lora_load, chunks, optimizer, scheduler, config.load_optim,
+                                     keep=is_adapter_key)
+    _report_load(loaded, rank0)
+    if latest is not None and loaded.iteration < latest:
+        why = "its checkpoints hold no optimizer state (--no-save-optim) to resume from" if config.auto_resume \
+            else "--no-auto-resume starts over"
+        raise TrainConfigError(f"--save {config.save} already holds iteration {latest} and this run would start at "
+                               f"{loaded.iteration} ({why}); its saves would move the tracker back: choose another "
+                               "--save or remove that one")
     return loaded
 
 
 def _report_load(loaded: LoadedState, rank0: bool) -> None:
-    if rank0:
+    if rank0 and loaded.source:
         how = f"resuming at iteration {loaded.iteration}" if loaded.resumed else "weights only, iteration 0"
         print(f"loaded {loaded.source} ({how})", flush=True)
 

@@ -188,17 +188,18 @@ def resume_job(work: str, first_half: bool) -> tuple[str, list]:
     root = Path(work) / "resume"
     flags = [*sft_run_flags(sft_data(work, 64), hf_dir, root / "log"), "--expert-model-parallel-size", 2,
              "--save", root / "checkpoint"]
-    if first_half:
-        return "train", [*flags, "--exit-interval", 2, "--load", mcore]
-    return "train", [*flags, "--load", root / "checkpoint"]
+    # Both halves start from the converted model (--load): the rerun continues from its own save.
+    return "train", [*flags, "--load", mcore, *(["--exit-interval", 2] if first_half else [])]
 
 
 def test_stop_and_resume_continues_with_the_same_losses(work):
-    """Optimizer state sharded over DP=2: the rerun, a new launch, continues with the same losses."""
+    """Optimizer state sharded over DP=2: the interrupted run's command, run again in a new launch,
+    continues from the latest checkpoint of its --save with the same losses."""
     full = layout_curve(work, "moe-ep2")
     root = Path(work) / "resume"
     assert (root / "checkpoint" / "latest_checkpointed_iteration.txt").read_text() == "2"
     result = torchrun_module(2, "megatron_patch.train", *resume_job(work, first_half=False)[1])
+    assert f"resuming from {root / 'checkpoint'} (iteration 2)" in result.stdout
     assert "resuming at iteration 2" in result.stdout
     resumed = losses(root / "log")  # the log holds both runs: 1, 2, then 3, 4, 5
     assert list(resumed) == [1, 2, 3, 4, 5]
