@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-complete
 # A CPU build from local disk on the dev/CI machines; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup lint test test-unit test-functional demo bench bench-convert lock clean
+.PHONY: setup lint test test-slow test-unit test-functional demo bench bench-convert lock clean
 
 setup: $(STAMP)
 
@@ -25,9 +25,13 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 lint: setup
 	$(BIN)/ruff check .
 
-# Everything CI runs; --durations names the slowest tests, so a newcomer sees where the time goes.
+# Under 10 minutes on 2 cores; --durations names the slowest tests, so a newcomer sees where the time goes.
 test: setup
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
+
+# The demo end to end, killed and racing runs (about 2 minutes more); CI runs them after make test.
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow --durations=5
 
 test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit

@@ -31,6 +31,26 @@ class HFCheckpointError(InputError):
     pass
 
 
+def _check_tiling(path: Path, spans: list[tuple[int, int, str]], data_bytes: int) -> None:
+    """The tensors tile the data region exactly, as the safetensors format requires.
+
+    Two tensors sharing bytes would let one silently replace the other (seen: model.norm.weight
+    overwritten by a hand-edited header, converted with exit 0); gaps hide data nothing reads.
+    """
+    position = 0
+    for begin, end, name in spans:
+        if begin < position:
+            raise HFCheckpointError(f"{path}: tensor {name} overlaps the tensor stored before it "
+                                    f"(bytes {begin}..{end} of the data region; a damaged or hand-edited file)")
+        if begin > position:
+            raise HFCheckpointError(f"{path}: {begin - position} bytes before tensor {name} belong to no tensor "
+                                    "(a damaged or hand-edited file)")
+        position = end
+    if position != data_bytes:
+        raise HFCheckpointError(f"{path}: {data_bytes - position} bytes after the last tensor belong to no tensor "
+                                "(a damaged or hand-edited file)")
+
+
 class _SafetensorsFile:
     """Header of one .safetensors file, and tensor reads from it."""
 
@@ -51,15 +71,21 @@ class _SafetensorsFile:
         header.pop("__metadata__", None)
         self.data_start = 8 + header_size
         self.entries = {}
+        spans = []
         for name, info in header.items():
-            dtype = _DTYPES.get(info.get("dtype"))
-            begin, end = info.get("data_offsets", (0, -1))
-            shape = tuple(info.get("shape", ()))
+            try:
+                dtype = _DTYPES.get(info.get("dtype"))
+                begin, end = (int(x) for x in info.get("data_offsets", (0, -1)))
+                shape = tuple(int(n) for n in info.get("shape", ()))
+            except (AttributeError, TypeError, ValueError):
+                raise HFCheckpointError(f"{path}: tensor {name} has a malformed header entry {info!r:.80}") from None
             if dtype is None:
                 raise HFCheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-            if end - begin != _numel(shape) * dtype.itemsize or self.data_start + end > size:
+            if end - begin != _numel(shape) * dtype.itemsize or begin < 0 or self.data_start + end > size:
                 raise HFCheckpointError(f"{path}: tensor {name} has inconsistent offsets (truncated file?)")
             self.entries[name] = (dtype, shape, begin)
+            spans.append((begin, end, name))
+        _check_tiling(path, sorted(spans), size - self.data_start)
 
     def read(self, name: str) -> torch.Tensor:
         dtype, shape, begin = self.entries[name]

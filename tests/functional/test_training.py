@@ -2,8 +2,11 @@
 
 import functools
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -250,6 +253,7 @@ def test_pretraining_on_idxmap_reports_validation(work):
     assert all(r["valid_ppl"] > 1 for r in records if "valid_ppl" in r)
 
 
+@pytest.mark.slow
 def test_demo_runs_the_script_end_to_end_and_lowers_the_hf_models_loss(tmp_path):
     """HF -> torch_dist -> SFT through run_mcore_qwen3.sh -> HF; the HF model's loss on the data falls.
 
@@ -284,3 +288,46 @@ def test_demo_runs_the_script_end_to_end_and_lowers_the_hf_models_loss(tmp_path)
         assert str(work / folder) in result.stdout and any((work / folder).iterdir()), folder
     for image in ("loss.png", "expert_load.png"):
         assert (log_dir / image).stat().st_size > 1000 and str(log_dir / image) in result.stdout
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.slow
+def test_killing_the_launch_kills_every_worker(work, tmp_path):
+    """kill -9 of the launcher's process group mid-training: no worker trains on or saves."""
+    out = tmp_path / "killed-run"
+    data = sft_data(work, 64)
+    process = subprocess.Popen(
+        ["bash", str(REPO / "examples/qwen3/run_mcore_qwen3.sh"), "dsw", "tiny-moe", "1", "2", "3e-3", "3e-4", "128",
+         "128", "fp32", "1", "1", "1", "1", "1", "false", "true", "false", "true", "none", "false", "1", data, data,
+         "none", "1000", "2", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "MP_SFT_PACKING": "true", "MP_NPROC": "2"},
+    )
+    deadline = time.monotonic() + 180
+    # Killed once a save has completed and training goes on (it saves every iteration).
+    while not list(out.glob("checkpoint/*/latest_checkpointed_iteration.txt")) and time.monotonic() < deadline \
+            and process.poll() is None:
+        time.sleep(0.2)
+    assert process.poll() is None, "the run ended before it could be killed"
+    assert len(_processes_mentioning(str(out))) >= 3  # launcher (now torchrun) and two workers
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 20
+    while _processes_mentioning(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes_mentioning(str(out))
+    (checkpoints,) = (out / "checkpoint").iterdir()
+    saved = sorted(checkpoints.glob("iter_*"))
+    time.sleep(2)
+    assert sorted(checkpoints.glob("iter_*")) == saved  # nobody is still saving

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -141,6 +142,28 @@ def test_bad_tensors_are_named_and_nothing_is_written(edit, message, megatron_wo
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.incomplete").exists()
 
 
+def test_safetensors_whose_tensors_share_bytes_are_refused(megatron_world, hf_checkpoints, tmp_path, capsys):
+    """A header pointing model.norm.weight at another tensor's bytes (it would be silently replaced)."""
+    _, hf_dir, _ = hf_checkpoints["moe-gqa"]
+    source = tmp_path / "src"
+    shutil.copytree(hf_dir, source)
+    path = source / "model.safetensors"
+    raw = path.read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8:8 + size]), raw[8 + size:]
+    norm = header["model.norm.weight"]
+    twin = next(name for name, info in header.items() if name not in ("model.norm.weight", "__metadata__")
+                and info["shape"] == norm["shape"] and info["dtype"] == norm["dtype"])
+    norm["data_offsets"] = header[twin]["data_offsets"]
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+    assert convert("--load-dir", source, "--save-dir", tmp_path / "out") == 2
+    error = error_lines(capsys)
+    assert len(error) == 1 and str(path) in error[0] and "overlaps the tensor stored before it" in error[0], error
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_directories(megatron_world, hf_checkpoints, tmp_path, capsys):
     _, hf_dir, _ = hf_checkpoints["dense-tied"]
     (tmp_path / "full").mkdir()
@@ -192,6 +215,7 @@ def test_verify_prints_the_logit_difference(megatron_world, hf_checkpoints, tmp_
     assert "verify: fp32: max |dlogits| = " in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_two_conversions_into_one_save_dir_leave_one_complete_output(hf_checkpoints, tmp_path):
     """Two writers race for SAVE_DIR: one converts, the other stops with one line; the output verifies."""
     _, hf_dir, _ = hf_checkpoints["moe-gqa"]

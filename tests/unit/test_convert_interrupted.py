@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from megatron_patch.models.qwen3.hf_model import save_random_hf_checkpoint
 from tests.conftest import TINY_MOE
 
@@ -14,6 +16,7 @@ MEDIUM_MOE = TINY_MOE.replace(hidden_size=256, ffn_hidden_size=512, moe_ffn_hidd
                               vocab_size=4096, num_attention_heads=8, num_query_groups=2, head_dim=64)
 
 
+@pytest.mark.slow
 def test_killed_conversion_leaves_no_checkpoint(tmp_path):
     save_random_hf_checkpoint(MEDIUM_MOE, tmp_path / "hf")
     save_dir = tmp_path / "mcore"
