@@ -32,6 +32,7 @@ from megatron_patch.data.chat import messages_from_record, tokenize_conversation
 from megatron_patch.data.tokenizer import Qwen3Tokenizer, bundled_qwen3_tokenizer_dir
 from megatron_patch.models.qwen3.hf_model import load_hf_model, save_random_hf_checkpoint
 from megatron_patch.models.qwen3.presets import get_preset
+from megatron_patch.patches.warnings import silence_upstream_warnings
 from megatron_patch.plot import plot_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +74,7 @@ def sft_loss(hf_dir: Path, records_path: Path, tokenizer_dir: Path) -> float:
 
 
 def main(argv=None) -> int:
+    silence_upstream_warnings()
     parser = argparse.ArgumentParser(prog="python -m megatron_patch.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-size", default="tiny-moe", help="a preset name (default: tiny-moe)")

@@ -21,6 +21,7 @@ from megatron_patch.data.indexed import staged_indexed_datasets
 from megatron_patch.data.records import ReadStats, RecordError, iter_records
 from megatron_patch.data.tokenizer import Qwen3Tokenizer, TokenizerError
 from megatron_patch.data.workers import mapped_in_order, records_per_batch, spans
+from megatron_patch.patches.warnings import silence_upstream_warnings
 
 _WORKER_TOKENIZER = None
 
@@ -101,6 +102,7 @@ def build(inputs, tokenizer_dir, output_prefix, key: str = "text", workers: int 
 
 
 def main(argv=None) -> int:
+    silence_upstream_warnings()
     parser = argparse.ArgumentParser(prog="python -m megatron_patch.data.build_pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, type=Path, help=".jsonl or .json files")

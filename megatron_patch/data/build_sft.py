@@ -27,6 +27,7 @@ from megatron_patch.data.packing import first_fit_decreasing
 from megatron_patch.data.records import RecordError, iter_raw_records, parse_record
 from megatron_patch.data.tokenizer import Qwen3Tokenizer, TokenizerError
 from megatron_patch.data.workers import mapped_in_order, records_per_batch, spans
+from megatron_patch.patches.warnings import silence_upstream_warnings
 
 MASK_SUFFIX = "_loss_mask"
 
@@ -158,6 +159,9 @@ def build(inputs, tokenizer_dir, output_prefix, seq_length: int, packing: bool =
     summary = SftSummary()
     samples = encode_samples(inputs, tokenizer_dir, fmt, seq_length, overlong, enable_thinking, last_turn_only,
                              skip_bad_lines, summary, workers)
+    if not samples:
+        # An empty dataset would only fail later, inside training.
+        raise RecordError(f"{', '.join(map(str, inputs))}: no usable sample ({summary}); nothing written")
     if packing:
         groups = first_fit_decreasing([len(ids) - 1 for ids, _ in samples], seq_length)
     else:
@@ -178,6 +182,7 @@ def build(inputs, tokenizer_dir, output_prefix, seq_length: int, packing: bool =
 
 
 def main(argv=None) -> int:
+    silence_upstream_warnings()
     parser = argparse.ArgumentParser(prog="python -m megatron_patch.data.build_sft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, type=Path, help=".jsonl or .json files")

@@ -67,6 +67,8 @@ def parse_record(where: str, raw):
         raise RecordError(f"{where}: not UTF-8 (byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise RecordError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise RecordError(f"{where}: JSON nested too deeply to be a record") from None
 
 
 def _json_array(path: Path) -> Iterator[tuple[str, object]]:
@@ -76,6 +78,8 @@ def _json_array(path: Path) -> Iterator[tuple[str, object]]:
         raise RecordError(f"{path}: not UTF-8 (byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise RecordError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise RecordError(f"{path}: JSON nested too deeply to hold records") from None
     if not isinstance(records, list):
         raise RecordError(f"{path}: a .json input must hold an array of records")
     for index, record in enumerate(records):

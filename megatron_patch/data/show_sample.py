@@ -19,6 +19,7 @@ from pathlib import Path
 from megatron_patch.data.build_sft import MASK_SUFFIX
 from megatron_patch.data.datasets import RawJsonSftDataset, SftIdxmapDataset, pack_samples
 from megatron_patch.data.tokenizer import Qwen3Tokenizer, TokenizerError
+from megatron_patch.patches.warnings import silence_upstream_warnings
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 
@@ -62,6 +63,7 @@ def marked_text(tokenizer, ids: list[int], mask: list[int]) -> str:
 
 
 def main(argv=None) -> int:
+    silence_upstream_warnings()
     parser = argparse.ArgumentParser(prog="python -m megatron_patch.data.show_sample", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path, help="dataset prefix or .json/.jsonl file")

@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 
 from megatron_patch.evaluation.tasks import SUITES, EvalDataError, Suite, builtin_subjects
+from megatron_patch.patches.warnings import silence_upstream_warnings
 
 HEADERS = {
     "cmmlu": ["Question", "A", "B", "C", "D", "Answer"],
@@ -92,6 +93,7 @@ def problems(data_dir: Path, suite: Suite) -> list[str]:
 
 
 def main(argv=None) -> int:
+    silence_upstream_warnings()
     parser = argparse.ArgumentParser(prog="python -m megatron_patch.evaluation.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", type=Path)

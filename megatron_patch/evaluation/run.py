@@ -22,6 +22,7 @@ from pathlib import Path
 from megatron_patch.errors import InputError
 from megatron_patch.evaluation.tasks import EvalDataError, check_data, select, write_task_configs
 from megatron_patch.models.choices import DTYPE_NAMES, PRECISIONS
+from megatron_patch.patches.warnings import silence_upstream_warnings
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -169,6 +170,7 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def main(argv=None) -> int:
+    silence_upstream_warnings()
     try:
         config = parse_args(argv)
         results = evaluate(config)

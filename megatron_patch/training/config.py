@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,6 +134,9 @@ class TrainConfig:
                      "global_batch_size", "seq_length", "train_iters", "log_interval", "eval_iters"):
             if getattr(self, name) < 1:
                 fail(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "min_lr", "weight_decay", "clip_grad", "init_method_std"):
+            if not math.isfinite(getattr(self, name)):
+                fail(f"--{_flag(name)} must be a finite number, got {getattr(self, name)}")
         if self.lr_warmup_iters < 0:
             fail("--lr-warmup-iters must be >= 0")
         if self.min_lr > self.lr:

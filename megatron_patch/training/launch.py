@@ -15,6 +15,7 @@ metrics.jsonl, ``PR=fp32`` is accepted, and without a GPU the job runs on CPU wi
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import re
 import shlex
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from megatron_patch.errors import InputError
 from megatron_patch.models.choices import RECOMPUTE_MODES, TRAINING_PRECISIONS, TRANSFORMER_IMPLS
 from megatron_patch.parallel import free_port
+from megatron_patch.patches.warnings import silence_upstream_warnings
 from megatron_patch.training.config import TrainConfigError, parse_config
 from megatron_patch.training.preflight import check_run, resolve_model, resolved_transformer_impl
 
@@ -80,9 +82,12 @@ def _int(values: dict, position: str, minimum: int = 1) -> int:
 
 def _float(values: dict, position: str) -> float:
     try:
-        return float(values[position])
+        number = float(values[position])
     except ValueError:
         raise LaunchError(f"{_name(position)} must be a number, got {values[position]!r}") from None
+    if not math.isfinite(number):
+        raise LaunchError(f"{_name(position)} must be a finite number, got {values[position]!r}")
+    return number
 
 
 def _env_int(env: dict, name: str) -> int | None:
@@ -170,8 +175,8 @@ def plan(arguments: list[str], env: dict | None = None, cuda_devices: int | None
     else:
         per_node = _env_int(env, "MP_NPROC") or 1
     if v["ENV"] == "dlc":
-        nnodes, node_rank = int(env.get("WORLD_SIZE", 1)), int(env.get("RANK", 0))
-        master_addr, master_port = env.get("MASTER_ADDR", "localhost"), int(env.get("MASTER_PORT", 29500))
+        nnodes, node_rank = _env_int(env, "WORLD_SIZE") or 1, _env_int(env, "RANK") or 0
+        master_addr, master_port = env.get("MASTER_ADDR", "localhost"), _env_int(env, "MASTER_PORT") or 29500
     else:
         nnodes, node_rank, master_addr, master_port = 1, 0, "localhost", free_port()
 
@@ -259,6 +264,7 @@ def torchrun_command(launch: Launch) -> list[str]:
 
 
 def main(argv=None) -> int:
+    silence_upstream_warnings()
     arguments = sys.argv[1:] if argv is None else argv
     try:
         launch = plan(arguments)

@@ -14,6 +14,7 @@ from pathlib import Path
 from megatron_patch.models.qwen3.arch import ConfigError, Qwen3Arch
 from megatron_patch.models.qwen3.builder import build_transformer_config, padded_vocab_size
 from megatron_patch.models.qwen3.presets import PRESETS, get_preset
+from megatron_patch.patches.warnings import silence_upstream_warnings
 
 
 def resolve_arch(model: str) -> Qwen3Arch:
@@ -40,6 +41,7 @@ def describe(arch: Qwen3Arch) -> dict:
 
 
 def main(argv=None) -> int:
+    silence_upstream_warnings()
     parser = argparse.ArgumentParser(prog="python -m megatron_patch.models.qwen3", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or an HF model directory")

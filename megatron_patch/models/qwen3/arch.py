@@ -24,6 +24,30 @@ class ConfigError(InputError):
     """An HF config that does not describe a supported Qwen3 model."""
 
 
+
+# The types of the config.json fields read here (a wrong one would surface later as a TypeError).
+_INT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+               "intermediate_size", "vocab_size", "max_position_embeddings", "num_experts", "num_local_experts",
+               "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step")
+_NUMBER_FIELDS = ("rms_norm_eps", "rope_theta", "router_aux_loss_coef", "initializer_range")
+_BOOL_FIELDS = ("tie_word_embeddings", "norm_topk_prob")
+
+
+def _check_field_types(config: dict, source: str) -> None:
+    """One line naming the first field of the wrong JSON type (null means absent)."""
+    for names, wanted, ok in ((_INT_FIELDS, "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+                              (_NUMBER_FIELDS, "a number",
+                               lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+                              (_BOOL_FIELDS, "true or false", lambda v: isinstance(v, bool))):
+        for name in names:
+            value = config.get(name)
+            if value is not None and not ok(value):
+                raise ConfigError(f"{source}: {name} must be {wanted}, got {value!r}")
+    layers = config.get("mlp_only_layers")
+    if layers is not None and not (isinstance(layers, list) and all(isinstance(n, int) for n in layers)):
+        raise ConfigError(f"{source}: mlp_only_layers must be a list of layer numbers, got {layers!r}")
+
+
 @dataclass(frozen=True)
 class Qwen3Arch:
     hidden_size: int
@@ -111,6 +135,9 @@ class Qwen3Arch:
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], source: str = "config") -> Qwen3Arch:
         """Read a ``config.json`` dict of Qwen3ForCausalLM or Qwen3MoeForCausalLM."""
+        if not isinstance(config, dict):
+            raise ConfigError(f"{source}: expected a JSON object of settings, got {type(config).__name__}")
+        _check_field_types(config, source)
         architectures = config.get("architectures") or []
         model_type = config.get("model_type")
         known = [a for a in architectures if a in _MODEL_TYPES]
