@@ -19,12 +19,20 @@ import yaml
 
 from megatron_patch.errors import exit_on_input_error
 from megatron_patch.patches.warnings import silence_upstream_warnings
-from megatron_patch.training.config import TrainConfig, parse_config
+from megatron_patch.training.config import parse_config
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _train(config: TrainConfig, rank: int) -> None:
+def _run(argv) -> None:
+    config, print_only = parse_config(argv)
+    if print_only:
+        config.check()
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print("megatron_patch.train settings:\n" + yaml.safe_dump(config.to_dict(), sort_keys=False), flush=True)
     # Entry point: Megatron-Core (~5 s to import) only after the settings parsed.
     from megatron_patch.training.loop import train
 
@@ -55,20 +63,7 @@ def _die_with_parent() -> None:
 def main(argv=None) -> int:
     _die_with_parent()
     silence_upstream_warnings()
-    parsed = []
-    status = exit_on_input_error(lambda: parsed.append(parse_config(argv)))
-    if status:
-        return status
-    config, print_only = parsed[0]
-    if print_only:
-        status = exit_on_input_error(config.check)
-        if not status:
-            print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
-        return status
-    rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        print("megatron_patch.train settings:\n" + yaml.safe_dump(config.to_dict(), sort_keys=False), flush=True)
-    return exit_on_input_error(lambda: _train(config, rank))
+    return exit_on_input_error(lambda: _run(argv))
 
 
 if __name__ == "__main__":

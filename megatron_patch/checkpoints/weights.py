@@ -14,7 +14,7 @@ from pathlib import Path
 from megatron_patch.checkpoints.layout import CheckpointError, resolve_checkpoint
 from megatron_patch.checkpoints.metadata import RECORD_KEY, common_state
 from megatron_patch.errors import InputError
-from megatron_patch.patches.safe_checkpoints import REFUSED_PATTERN, UnsafeCheckpointError, read_dcp_metadata
+from megatron_patch.patches.safe_checkpoints import REFUSED_PATTERN, UnsafeCheckpointError
 
 KeyFilter = Callable[[str], bool]
 _REFUSED = re.compile(REFUSED_PATTERN)
@@ -38,19 +38,18 @@ def select(states: dict, keep: KeyFilter | None = None) -> dict:
 def load_sharded(path: Path, state: dict) -> dict:
     """dist_checkpointing.load with every failure turned into one CheckpointError naming ``path``.
 
-    The ``.metadata`` is read through the allowlist first, so a planted one is named here rather
-    than inside torch DCP's collective error report.
+    A pickle refused by patches/safe_checkpoints.py (in ``.metadata`` or an item) reaches here
+    inside torch DCP's collective error report; its one line is taken out of it.
     """
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-    read_dcp_metadata(path)
     try:
         return dist_checkpointing.load(sharded_state_dict=state, checkpoint_dir=str(path))
     except InputError:
         raise
     except (Exception, CheckpointException) as err:
-        refused = _REFUSED.search(str(err))  # a refused item, reported by DCP as text from each rank
+        refused = _REFUSED.search(str(err))
         if refused:
             raise UnsafeCheckpointError(refused.group(0)) from None
         # dist_checkpointing raises several types; the user needs the path and the cause.

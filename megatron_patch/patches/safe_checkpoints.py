@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -88,15 +89,18 @@ def read_dcp_metadata(path: str | Path):
                                         f"({type(err).__name__}: {err})") from err
 
 
-def load_checkpoint_item(stream: io.BytesIO, source: str):
-    """A non-tensor checkpoint item (RNG state, optimizer groups, ``_extra_state``), read with the allowlist."""
+def load_checkpoint_item(stream: io.BytesIO, source: Callable[[], str]):
+    """A non-tensor checkpoint item (RNG state, optimizer groups, ``_extra_state``), read with the allowlist.
+
+    ``source()`` names the item in a refusal (built only then: loads read many items).
+    """
     try:
         with torch.serialization.safe_globals(_NUMPY_GLOBALS):
             return torch.load(stream, weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
         culprit = text.split("GLOBAL ", 1)[1].split()[0] if "GLOBAL " in text else "an object"
-        raise UnsafeCheckpointError(f"{source}: refused to load {culprit} (checkpoint items hold tensors, NumPy "
+        raise UnsafeCheckpointError(f"{source()}: refused to load {culprit} (checkpoint items hold tensors, NumPy "
                                     "arrays and plain values; this one may run code)") from None
 
 
@@ -120,11 +124,14 @@ def patch_safe_checkpoint_loading() -> bool:
         metadata._megatron_patch_dir = str(self.path)  # for load_bytes' messages; not a dataclass field
         return metadata
 
-    def load_bytes(self, read_item, value):
-        directory = getattr(self.metadata, "_megatron_patch_dir", "torch_dist checkpoint")
-        stored = self.metadata.storage_data.get(read_item.storage_index) if self.metadata is not None else None
+    def describe(metadata, read_item) -> str:
+        directory = getattr(metadata, "_megatron_patch_dir", "torch_dist checkpoint")
+        stored = metadata.storage_data.get(read_item.storage_index) if metadata is not None else None
         file = f"{directory}/{stored.relative_path}" if stored is not None else directory
-        loaded = load_checkpoint_item(value, f"{file} (item {read_item.dest_index.fqn})")
+        return f"{file} (item {read_item.dest_index.fqn})"
+
+    def load_bytes(self, read_item, value):
+        loaded = load_checkpoint_item(value, lambda: describe(self.metadata, read_item))
         if self.flatten_state_dict:
             default_planner.set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
         else:

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-WORKER = Path(__file__).parent / "workers" / "parallel_worker.py"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -23,12 +22,6 @@ def _run(command, timeout, nproc: int = 1, env: dict | None = None):
         raise AssertionError(f"{' '.join(command[:8])}... failed ({result.returncode}):\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
-
-
-def torchrun(nproc: int, *args, timeout: int = 300) -> subprocess.CompletedProcess:
-    """The test worker (tests/functional/workers/parallel_worker.py) on ``nproc`` processes."""
-    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                 str(WORKER), *map(str, args)], timeout, nproc)
 
 
 def torchrun_module(nproc: int, module: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -1,4 +1,4 @@
-"""One rank of a multi-process check, started by torchrun from tests/functional.
+"""One rank of a multi-process check, run as a "check" job of workers/batch.py.
 
   logits: load the model at the given layout and save the full logits (last stage, first rank).
   train:  a few steps on a fixed batch with DDP + distributed optimizer; save the loss per step.
@@ -99,12 +99,3 @@ def run(argv=None):
         if writer:
             torch.save(logits, args.out)
     dist.barrier()
-
-
-def main():
-    run()
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()
