@@ -1,4 +1,4 @@
-"""Does this layout fit this model? One answer for the launcher, trainer, converter, evaluation and LoRA export.
+"""Does this layout fit this model? One answer for the launcher, trainer, converter and evaluation.
 
 ``layout_problems(arch, layout, ...)`` lists every reason an (architecture, parallel layout,
 implementation) triple cannot run, each in one line that names the setting by its training
