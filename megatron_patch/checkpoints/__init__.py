@@ -5,6 +5,7 @@
 - ``staging``: outputs built under a temporary name and renamed into place when complete, and the
   HF side files (config, tokenizer) that travel beside weights.
 - ``reader``: any region of any tensor of a torch_dist checkpoint, without process groups.
+- ``manifest``: ``checksums.json``, written into every staged output and verified before a load.
 - ``metadata``: what our saves record about themselves.
 - ``weights``: model weights into live model chunks (weights only, optionally a subset of keys).
 
@@ -20,6 +21,7 @@ from megatron_patch.checkpoints.layout import (
     tracked_iteration,
     write_tracker,
 )
+from megatron_patch.checkpoints.manifest import MANIFEST_FILE, ChecksumError, verify_manifest
 from megatron_patch.checkpoints.metadata import CHECKPOINT_VERSION, checkpoint_info
 from megatron_patch.checkpoints.reader import TorchDistCheckpoint
 from megatron_patch.checkpoints.staging import StagedOutput, copy_side_files
@@ -29,6 +31,8 @@ __all__ = [
     "CHECKPOINT_VERSION",
     "TRACKER_FILE",
     "CheckpointError",
+    "ChecksumError",
+    "MANIFEST_FILE",
     "ResolvedCheckpoint",
     "StagedOutput",
     "TorchDistCheckpoint",
@@ -36,6 +40,7 @@ __all__ = [
     "copy_side_files",
     "iteration_dir",
     "load_weights",
+    "verify_manifest",
     "resolve_checkpoint",
     "tracked_iteration",
     "write_tracker",

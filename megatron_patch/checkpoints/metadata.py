@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron_patch.checkpoints.layout import COMPLETE_MARKER, CheckpointError, resolve_checkpoint
+from megatron_patch.checkpoints.manifest import verify_manifest
+
+COMMON_FILES = ("common.pt", COMPLETE_MARKER)
 
 CHECKPOINT_VERSION = 3.0
 # The common-state key of our record: has_optimizer, world_size, model, lora, ... (empty for converter output).
@@ -18,6 +21,7 @@ def common_state(path: str | Path) -> dict:
     path = Path(path)
     if not (path / COMPLETE_MARKER).is_file():
         raise CheckpointError(f"{path}: not a complete torch_dist checkpoint ({COMPLETE_MARKER} missing)")
+    verify_manifest(path, only=COMMON_FILES)  # this process alone; the tensors are checked where they are read
     try:
         common = dist_checkpointing.load_common_state_dict(str(path))
     except Exception as err:  # a damaged or foreign common.pt: name the directory and the cause

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from megatron_patch.checkpoints.layout import CheckpointError
+from megatron_patch.checkpoints.manifest import verify_manifest
 from megatron_patch.patches.safe_checkpoints import read_dcp_metadata
 
 
@@ -57,6 +58,7 @@ class TorchDistCheckpoint:
         self.path = Path(path)
         if not (self.path / ".metadata").is_file():
             raise CheckpointError(f"{self.path}: no .metadata (not a torch_dist checkpoint)")
+        verify_manifest(self.path)  # collective: every process of the default group opens the checkpoint
         self.metadata = read_dcp_metadata(self.path)  # allowlisted: a planted pickle runs nothing
         self.tensors = {
             key: entry for key, entry in self.metadata.state_dict_metadata.items()

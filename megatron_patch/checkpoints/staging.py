@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_patch.checkpoints.layout import CheckpointError
+from megatron_patch.checkpoints.manifest import write_manifest
 
 # Copied beside converted weights (Pai copies *.json and merges.txt): config, tokenizer, chat template.
 SIDE_FILE_PATTERNS = (
@@ -28,6 +30,35 @@ def _barrier() -> None:
         dist.barrier()
 
 
+# How a full disk shows through torch.save and DCP, which often lose the OSError on the way.
+_WRITE_FAILED = ("no space left", "unexpected pos", "file write failed", "enospc")
+
+
+def _disk_full(failure: BaseException, directory: Path) -> str | None:
+    """How full the disk under ``directory`` is, when ``failure`` was (probably) a full disk."""
+    chain, cause = [], failure
+    while cause is not None and len(chain) < 8:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain):
+        return f"{_free(directory)} free"
+    text = " ".join(str(e) for e in chain).lower()
+    if any(sign in text for sign in _WRITE_FAILED) and _free_bytes(directory) < 64 << 20:
+        return f"{_free(directory)} free"
+    return None
+
+
+def _free_bytes(directory: Path) -> int:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return 1 << 62
+
+
+def _free(directory: Path) -> str:
+    return f"{_free_bytes(directory) / 2**20:.1f} MiB"
+
+
 def _overlaps(path: Path, other: Path) -> bool:
     """The same directory, or one inside the other."""
     path, other = path.resolve(), other.resolve()
@@ -42,17 +73,19 @@ class StagedOutput:
     one line instead of clobbering the first; the lock holder removes stale staging directories
     of killed runs. An existing non-empty final directory is replaced only with ``force``, and
     never when it is (or contains, or lies inside) one of the ``sources`` being read. Every rank
-    of the default group (if any) enters and leaves together; rank 0 does the file work.
+    of the default group (if any) enters and leaves together; rank 0 does the file work. Last,
+    ``checksums.json`` records every file (``manifest``), so a later load can tell a changed byte.
     """
 
     def __init__(self, final: str | Path, force: bool = False, label: str = "output directory",
-                 sources: tuple = ()):
+                 sources: tuple = (), checksums: bool = True):
         self.final = Path(final).absolute()
         self.staging = self.final.with_name(f".{self.final.name}.incomplete.{os.getpid()}")
         self.lock_path = self.final.with_name(f".{self.final.name}.lock")
         self.force = force
         self.label = label  # how the user named the destination (SAVE_DIR, --peft-out, ...)
         self.sources = tuple(Path(s) for s in sources if s is not None)
+        self.checksums = checksums
         self._lock = None
 
     def _check(self) -> None:
@@ -104,24 +137,36 @@ class StagedOutput:
         return self.staging
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        failure = exc
         try:
-            if exc_type is not None:
-                if _is_rank0():
-                    shutil.rmtree(self.staging, ignore_errors=True)
-                return False
-            _barrier()
-            if _is_rank0():
-                replaced = None
-                if self.final.exists():
-                    replaced = self.final.with_name(f".{self.final.name}.replaced.{os.getpid()}")
-                    self.final.rename(replaced)
-                self.staging.rename(self.final)
-                if replaced is not None:
-                    shutil.rmtree(replaced)
-            _barrier()
-            return False
+            if exc_type is None:
+                self._commit()
+        except BaseException as err:
+            failure = err
+            raise
         finally:
             self._release()
+            full = _disk_full(failure, self.staging.parent) if failure is not None else None
+            if failure is not None and _is_rank0():  # nothing is left behind, disk full included
+                shutil.rmtree(self.staging, ignore_errors=True)
+            if full:
+                raise CheckpointError(f"no space left on the device writing {self.final} ({full}); "
+                                      "the partial output was removed") from None
+        return False
+
+    def _commit(self) -> None:
+        _barrier()
+        if self.checksums:
+            write_manifest(self.staging)
+        if _is_rank0():
+            replaced = None
+            if self.final.exists():
+                replaced = self.final.with_name(f".{self.final.name}.replaced.{os.getpid()}")
+                self.final.rename(replaced)
+            self.staging.rename(self.final)
+            if replaced is not None:
+                shutil.rmtree(replaced)
+        _barrier()
 
 
 def copy_side_files(source: str | Path, destination: str | Path, dtype_name: str | None = None) -> list[str]:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from megatron_patch.checkpoints.layout import CheckpointError, resolve_checkpoint
+from megatron_patch.checkpoints.manifest import verify_manifest
 from megatron_patch.checkpoints.metadata import RECORD_KEY, common_state
 from megatron_patch.errors import InputError
 from megatron_patch.patches.safe_checkpoints import REFUSED_PATTERN, UnsafeCheckpointError
@@ -36,7 +37,8 @@ def select(states: dict, keep: KeyFilter | None = None) -> dict:
 
 
 def load_sharded(path: Path, state: dict) -> dict:
-    """dist_checkpointing.load with every failure turned into one CheckpointError naming ``path``.
+    """dist_checkpointing.load, after checking ``path``'s checksums, with every failure turned into one
+    CheckpointError naming ``path``.
 
     A pickle refused by patches/safe_checkpoints.py (in ``.metadata`` or an item) reaches here
     inside torch DCP's collective error report; its one line is taken out of it.
@@ -44,6 +46,7 @@ def load_sharded(path: Path, state: dict) -> dict:
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
+    verify_manifest(path)
     try:
         return dist_checkpointing.load(sharded_state_dict=state, checkpoint_dir=str(path))
     except InputError:

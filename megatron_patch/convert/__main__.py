@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="replace a non-empty SAVE_DIR")
     parser.add_argument("--verify", action="store_true",
                         help="after converting, compare logits of both sides on a short prompt (single process)")
+    parser.add_argument("--check-finite", action="store_true",
+                        help="refuse weights holding NaN or Inf (after the cast to --precision), naming the tensors")
     parser.add_argument("--use-cuda", action="store_true", help="run --verify on the GPU (conversion itself is CPU)")
     layout = parser.add_argument_group(
         "layout (Pai's MODEL_PARALLEL_ARGS)",

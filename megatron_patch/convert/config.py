@@ -25,6 +25,7 @@ class ConvertConfig:
     iteration: str | None = None
     force: bool = False
     verify: bool = False
+    check_finite: bool = False
     use_cuda: bool = False
     # The layout the checkpoint is meant for (Pai's MODEL_PARALLEL_ARGS). torch_dist does not
     # depend on it; it is checked against the model and recorded in the checkpoint.

@@ -10,7 +10,9 @@ import torch.distributed as dist
 
 from megatron_patch import __version__
 from megatron_patch.checkpoints import StagedOutput, copy_side_files, load_weights, resolve_checkpoint, write_tracker
+from megatron_patch.checkpoints.manifest import MANIFEST_FILE, verify_manifest
 from megatron_patch.convert.config import ConversionError, ConvertConfig
+from megatron_patch.convert.finite import FiniteCheck
 from megatron_patch.convert.to_hf import write_hf_safetensors
 from megatron_patch.convert.to_megatron import write_torch_dist
 from megatron_patch.models.choices import DTYPE_NAMES
@@ -82,6 +84,9 @@ def _staged_output(config: ConvertConfig) -> StagedOutput:
 
 
 def hf_to_megatron(config: ConvertConfig, arch: Qwen3Arch) -> Path:
+    if (config.load_dir / MANIFEST_FILE).is_file():  # our own mg2hf output: its bytes are checked
+        verify_manifest(config.load_dir)
+    finite = FiniteCheck(config.check_finite)
     with _staged_output(config) as staging, Progress("hf -> torch_dist") as progress:
         release = staging / "release"
         if dist.get_rank() == 0:
@@ -94,8 +99,9 @@ def hf_to_megatron(config: ConvertConfig, arch: Qwen3Arch) -> Path:
                 "converter": f"megatron_patch {__version__}",
                 "layout": config.layout.megatron_sizes(),
             },
-            progress=progress,
+            progress=progress, finite=finite,
         )
+        finite.raise_if_found()
         if dist.get_rank() == 0:
             write_tracker(staging, "release")
             copy_side_files(config.load_dir, staging, DTYPE_NAMES[config.precision])
@@ -105,9 +111,11 @@ def hf_to_megatron(config: ConvertConfig, arch: Qwen3Arch) -> Path:
 def megatron_to_hf(config: ConvertConfig, arch: Qwen3Arch, config_dir: Path | None, delta=None) -> Path:
     """torch_dist -> HF; ``delta`` (see ``write_hf_safetensors``) changes tensors on the way (LoRA merge)."""
     checkpoint_dir = resolve_checkpoint(config.load_dir, config.iteration).path
+    finite = FiniteCheck(config.check_finite)
     with _staged_output(config) as staging, Progress("torch_dist -> hf") as progress:
         write_hf_safetensors(arch, checkpoint_dir, staging, config.precision, config.max_shard_bytes, progress,
-                             delta)
+                             delta, finite)
+        finite.raise_if_found()
         if dist.get_rank() == 0:
             dtype_name = DTYPE_NAMES[config.precision]
             copied = copy_side_files(config_dir, staging, dtype_name) if config_dir else []

@@ -55,11 +55,13 @@ def write_hf_safetensors(
     max_shard_bytes: int,
     progress=None,
     delta: Callable[[MegatronAddress], torch.Tensor | None] | None = None,
+    finite=None,
 ) -> list[str]:
     """Write the HF safetensors of a torch_dist checkpoint; every rank of the default group takes part.
 
     ``delta(address)``, when given, is added to that Megatron tensor in fp32 before it is
-    written (LoRA merge: scale * B @ A); None leaves the tensor as stored.
+    written (LoRA merge: scale * B @ A); None leaves the tensor as stored. ``finite(name, tensor)``
+    sees every HF tensor before it is written.
     """
     dtype = PRECISIONS[precision]
     checkpoint = TorchDistCheckpoint(checkpoint_dir)
@@ -95,6 +97,8 @@ def write_hf_safetensors(
                                              f"weight {tuple(full.shape)}")
             full = (full + change).to(dtype)
         for name, hf_tensor in bound[address].to_hf(full).items():
+            if finite is not None:
+                finite(name, hf_tensor)
             writer.write(name, hf_tensor)
             if progress is not None:
                 progress.update(hf_tensor)

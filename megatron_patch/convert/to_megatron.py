@@ -74,12 +74,14 @@ def write_torch_dist(
     precision: str,
     common_extra: dict | None = None,
     progress=None,
+    finite=None,
 ) -> None:
     """Write the torch_dist checkpoint of ``hf_dir`` into the existing empty ``checkpoint_dir``.
 
     Every rank of the default process group takes part; ``progress`` (``start(bytes)``,
-    ``update(tensor)``) follows this rank's share. Raises ``MappingError`` / ``ValueError`` naming
-    the tensor for a checkpoint that does not fit ``arch``.
+    ``update(tensor)``) follows this rank's share; ``finite(name, tensor)`` sees every chunk
+    written. Raises ``MappingError`` / ``ValueError`` naming the tensor for a checkpoint that does
+    not fit ``arch``.
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -122,6 +124,8 @@ def write_torch_dist(
     def resolve_chunk(fqn: str, offset: tuple[int, ...]) -> torch.Tensor:
         address, slices = chunks[(fqn, offset)]
         chunk = cached(address)[slices].to(dtype).contiguous()
+        if finite is not None:
+            finite(f"{hf_dir}: {address}", chunk)
         return chunk.view((1,) * (len(offset) - len(slices)) + tuple(chunk.shape))
 
     state = {

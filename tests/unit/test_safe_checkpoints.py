@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from megatron_patch.checkpoints import TorchDistCheckpoint
+from megatron_patch.checkpoints.manifest import write_manifest
 from megatron_patch.checkpoints.weights import load_sharded
 from megatron_patch.convert.__main__ import main as convert_main
 from megatron_patch.evaluation.run import main as evaluate_main
@@ -52,6 +53,7 @@ def planted_copy(converted, tmp_path, record=None):
     if record is not None:  # our record in common.pt (a LoRA save's), so export gets as far as the metadata
         common = torch.load(target / "release" / "common.pt", weights_only=True)
         torch.save({**common, "megatron_patch": record}, target / "release" / "common.pt")
+    write_manifest(target)  # a forger rewrites the checksums too: the unpickler is what stops this
     return target, marker
 
 
