@@ -5,7 +5,9 @@ Synthesises an HF bf16 checkpoint with the real model's widths (hidden 2048, 128
   cp -r of the HF directory (the baseline: the least any conversion must do),
   HF -> torch_dist and torch_dist -> HF with the converter on --nproc processes,
 and samples the peak RSS of every converter process. Prints throughput as a ratio to cp and
-peak RSS per layer count, so memory growth with depth is visible.
+peak RSS per layer count, so memory growth with depth is visible. With --checksums-cost, each
+direction also runs with MP_CHECKSUMS=0 (no checksums.json written or verified), and the cost of
+checksums is printed as the ratio of the two times.
 
   python benchmarks/convert.py [--layers 4 8] [--nproc 2] [--workdir /tmp/convert-bench]
 """
@@ -52,9 +54,10 @@ def synthesize(layers: int, path: Path) -> int:
     return writer.total_bytes
 
 
-def run_measured(command: list[str]) -> tuple[float, int]:
+def run_measured(command: list[str], checksums: bool = True) -> tuple[float, int]:
     """Wall seconds and the peak RSS of the largest process in the command's tree."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore",
+           "MP_CHECKSUMS": "1" if checksums else "0"}
     started = time.perf_counter()
     process = psutil.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0
@@ -81,6 +84,8 @@ def main():
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/megatron_patch-convert-bench"))
+    parser.add_argument("--checksums-cost", action="store_true",
+                        help="also convert without checksums (MP_CHECKSUMS=0) and print the ratio")
     args = parser.parse_args()
 
     from megatron_patch.parallel import ParallelLayout, initialize_parallel
@@ -91,7 +96,7 @@ def main():
     print(f"machine: {platform.processor() or 'cpu'}, {os.cpu_count()} cores, "
           f"{psutil.virtual_memory().total / 2**30:.0f} GiB; torch {torch.__version__}; "
           f"{args.nproc} converter processes")
-    rows = []
+    rows, costs = [], []
     for layers in args.layers:
         shutil.rmtree(args.workdir, ignore_errors=True)
         hf, copy, mcore, back = (args.workdir / name for name in ("hf", "cp", "mcore", "back"))
@@ -103,6 +108,8 @@ def main():
             converter(args.nproc, "--mg2hf", "--load-dir", mcore, "--save-dir", back, "--hf-dir", hf)
         )
         rows.append((layers, nbytes, cp_seconds, h2m_seconds, m2h_seconds, h2m_rss, m2h_rss))
+        if args.checksums_cost:
+            costs.append((layers, *checksums_cost(args.nproc, hf, mcore, h2m_seconds, m2h_seconds)))
         shutil.rmtree(args.workdir)
 
     gb = 1e9
@@ -112,7 +119,27 @@ def main():
         print(f"{layers:>6} {nbytes / gb:>6.2f} {cp_s:>7.1f} {h2m_s:>9.1f} {cp_s / h2m_s:>5.2f}x {m2h_s:>9.1f} "
               f"{cp_s / m2h_s:>5.2f}x {h2m_rss / 2**30:>13.2f} GiB {m2h_rss / 2**30:>13.2f} GiB")
     print("ratio = cp seconds / converter seconds for the same bytes (1.0x = as fast as copying)")
+    if costs:
+        print(f"{'layers':>6} {'hf->td s':>9} {'without':>8} {'cost':>6} {'td->hf s':>9} {'without':>8} {'cost':>6}")
+        for layers, h2m_s, h2m_plain, m2h_s, m2h_plain in costs:
+            print(f"{layers:>6} {h2m_s:>9.1f} {h2m_plain:>8.1f} {h2m_s / h2m_plain:>5.2f}x {m2h_s:>9.1f} "
+                  f"{m2h_plain:>8.1f} {m2h_s / m2h_plain:>5.2f}x")
+        print("cost = seconds with checksums (written on save, verified on load) / seconds without (MP_CHECKSUMS=0)")
 
+
+def checksums_cost(nproc: int, hf: Path, mcore: Path, h2m_seconds: float, m2h_seconds: float):
+    """Both directions again without checksums, then once more with them (the two with-runs averaged)."""
+    scratch = [mcore.with_name(name) for name in ("mcore-plain", "back-plain", "mcore-again", "back-again")]
+    plain_mcore, plain_back, again_mcore, again_back = scratch
+    h2m_plain, _ = run_measured(converter(nproc, "--load-dir", hf, "--save-dir", plain_mcore), checksums=False)
+    m2h_plain, _ = run_measured(converter(nproc, "--mg2hf", "--load-dir", plain_mcore, "--save-dir", plain_back,
+                                          "--hf-dir", hf), checksums=False)
+    for path in (plain_mcore, plain_back):
+        shutil.rmtree(path)
+    h2m_again, _ = run_measured(converter(nproc, "--load-dir", hf, "--save-dir", again_mcore))
+    m2h_again, _ = run_measured(converter(nproc, "--mg2hf", "--load-dir", again_mcore, "--save-dir", again_back,
+                                          "--hf-dir", hf))
+    return (h2m_seconds + h2m_again) / 2, h2m_plain, (m2h_seconds + m2h_again) / 2, m2h_plain
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,9 @@ could rewrite the manifest too. A directory saved before manifests existed loads
 Hashing is split over the processes of the default group when it spans more than one (each
 hashes a share of the files); the callers are collective then. A manifest may cover a
 directory's parent: converter output keeps one at SAVE_DIR for SAVE_DIR/release too.
+
+``MP_CHECKSUMS=0`` in the environment turns both off (to measure their cost, or on a filesystem
+where reading a save back is dear); what is written so then loads later with a note.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ _noted: set[str] = set()  # directories without a manifest, said once
 
 class ChecksumError(InputError):
     """A file whose bytes differ from what its directory's checksums.json recorded."""
+
+
+def checksums_enabled() -> bool:
+    return os.environ.get("MP_CHECKSUMS", "1").strip().lower() not in ("0", "off", "false", "no")
 
 
 def file_digest(path: Path) -> str:
@@ -127,6 +134,8 @@ def verify_manifest(directory: str | Path, only: tuple[str, ...] | None = None) 
     process checks just those files (that are listed), e.g. a checkpoint's common state before
     it is read. Raises ChecksumError naming the first file that is missing, resized or changed.
     """
+    if not checksums_enabled():
+        return False
     directory = Path(directory)
     found = _find_manifest(directory)
     rank, world = (0, 1) if only is not None else _world()

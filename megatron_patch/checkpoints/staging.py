@@ -12,7 +12,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_patch.checkpoints.layout import CheckpointError
-from megatron_patch.checkpoints.manifest import write_manifest
+from megatron_patch.checkpoints.manifest import checksums_enabled, write_manifest
 
 # Copied beside converted weights (Pai copies *.json and merges.txt): config, tokenizer, chat template.
 SIDE_FILE_PATTERNS = (
@@ -156,7 +156,7 @@ class StagedOutput:
 
     def _commit(self) -> None:
         _barrier()
-        if self.checksums:
+        if self.checksums and checksums_enabled():
             write_manifest(self.staging)
         if _is_rank0():
             replaced = None

@@ -99,7 +99,11 @@ def verify(settings: ExportSettings, arch: Qwen3Arch, adapters: AdapterCheckpoin
             return
         model = build_model_with_adapters(arch, base, adapters, "fp32")
         ours = forward_logits([model], tokens, vocab_size=arch.vocab_size).float()
-        difference = (peft_logits(settings.hf_dir, settings.peft_out, tokens) - ours).abs().max().item()
+        logits, unapplied = peft_logits(settings.hf_dir, settings.peft_out, tokens)
+        if unapplied:  # whatever the logits say: an adapter still near zero would hide this
+            raise ExportError(f"verify failed for {settings.peft_out}: peft did not apply {len(unapplied)} of its "
+                              f"adapters, e.g. on {unapplied[0]}")
+        difference = (logits - ours).abs().max().item()
         print(f"verify PEFT: fp32: max |dlogits| = {difference:.2e} (limit {PEFT_TOLERANCE:g})")
         if difference > PEFT_TOLERANCE:
             raise ExportError(f"verify failed for {settings.peft_out}: max |dlogits| = {difference:.2e} "

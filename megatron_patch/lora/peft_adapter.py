@@ -4,11 +4,17 @@ B is split like the weight it adapts (qkv per query group, fc1 into gate and up)
 by the parts of a fused weight, is repeated for each; keys are
 ``base_model.model.<HF module>.lora_{A,B}.weight``, per expert for MoE layers, which peft 0.21
 loads onto transformers' fused experts.
+
+On a Qwen3-MoE model, peft (0.21, with transformers 5) turns ``gate_proj``/``up_proj``/
+``down_proj`` in ``target_modules`` into the experts' fused parameters, so the same names would
+silently miss the MLP of a dense layer (``mlp_only_layers``). Those weights are named one by one
+in ``target_parameters`` instead, which peft applies to any weight, with the same keys.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,10 +52,32 @@ def peft_tensors(arch: Qwen3Arch, adapters: AdapterCheckpoint) -> Iterator[tuple
             yield f"{module}.lora_B.weight", b_part
 
 
-def peft_config(adapters: AdapterCheckpoint, hf_modules: list[str], base_model: str | None) -> dict:
-    """adapter_config.json: PEFT's LoraConfig fields for plain LoRA on the given HF module names."""
+_DENSE_MLP_KEY = re.compile(
+    r"^base_model\.model\.(model\.layers\.(\d+)\.mlp\.(?:gate|up|down)_proj)\.lora_[AB]\.weight$"
+)
+# Where peft puts a per-expert adapter: onto the experts' fused parameter of transformers 5.
+_PER_EXPERT = [(re.compile(r"\.experts\.\d+\.(?:gate|up)_proj$"), ".experts.gate_up_proj"),
+               (re.compile(r"\.experts\.\d+\.down_proj$"), ".experts.down_proj")]
+
+
+def peft_targets(arch: Qwen3Arch, tensor_names) -> tuple[list[str], list[str]]:
+    """(target_modules: HF leaf names, target_parameters: full weight names) that apply every tensor."""
+    modules, parameters = set(), set()
+    for name in tensor_names:
+        dense = _DENSE_MLP_KEY.match(name)
+        if arch.is_moe and dense and not arch.layer_is_moe(int(dense.group(2))):
+            parameters.add(dense.group(1) + ".weight")
+        else:
+            modules.add(name.split(".")[-3])
+    return sorted(modules), sorted(parameters)
+
+
+def peft_config(adapters: AdapterCheckpoint, hf_modules: list[str], base_model: str | None,
+                hf_parameters: list[str] = ()) -> dict:
+    """adapter_config.json: PEFT's LoraConfig fields for plain LoRA on the given HF modules and weights."""
     settings = adapters.settings
-    return {
+    extra = {"target_parameters": list(hf_parameters)} if hf_parameters else {}
+    return extra | {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
@@ -71,18 +99,37 @@ def write_peft_adapter(arch: Qwen3Arch, adapters: AdapterCheckpoint, output_dir:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (staged, renamed when complete)."""
     # A is shared by the parts of a fused weight; safetensors wants each tensor in its own memory.
     tensors = {name: tensor.to(dtype, copy=True).contiguous() for name, tensor in peft_tensors(arch, adapters)}
-    modules = sorted({name.split(".")[-3] for name in tensors})
-    config = peft_config(adapters, modules, base_model)
+    modules, parameters = peft_targets(arch, tensors)
+    config = peft_config(adapters, modules, base_model, parameters)
     with StagedOutput(output_dir, force, "--peft-out", sources=(adapters.path,)) as staging:
         save_file(tensors, str(staging / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return config
 
 
+def unapplied_adapters(peft_model, peft_dir: str | Path) -> list[str]:
+    """The HF modules of ``peft_dir``'s adapter file that peft wrapped neither as a module nor a weight."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(peft_dir) / PEFT_WEIGHTS_FILE), "pt") as handle:
+        modules = {key.removeprefix("base_model.model.").rsplit(".", 2)[0] for key in handle.keys()}
+    tuner = peft_model.base_model
+    applied = set(tuner.targeted_module_names) | set(getattr(tuner, "targeted_parameter_names", ()))
+    missing = []
+    for module in sorted(modules):
+        fused = module
+        for pattern, replacement in _PER_EXPERT:
+            fused = pattern.sub(replacement, fused)
+        if not {module, module + ".weight", fused} & applied:
+            missing.append(module)
+    return missing
+
+
 @torch.no_grad()
-def peft_logits(hf_base_dir: str | Path, peft_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
-    """fp32 logits of transformers' model from ``hf_base_dir`` with the PEFT adapter of ``peft_dir`` applied by peft."""
+def peft_logits(hf_base_dir: str | Path, peft_dir: str | Path, tokens: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """fp32 logits of transformers' model from ``hf_base_dir`` with the PEFT adapter of ``peft_dir`` applied by
+    peft, and the adapters peft did not apply (see ``unapplied_adapters``)."""
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(load_hf_model(hf_base_dir, torch.float32), str(peft_dir)).eval()
-    return model(input_ids=tokens).logits.float()
+    return model(input_ids=tokens).logits.float(), unapplied_adapters(model, peft_dir)
