@@ -12,6 +12,6 @@ if [[ $# -lt 3 ]]; then
   exit 2
 fi
 if [[ "${MP_NPROC:-1}" -gt 1 ]]; then
-  exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$MP_NPROC" -m megatron_patch.evaluation "$@"
+  exec "$PYTHON" -m megatron_patch.torchrun --standalone --nproc_per_node="$MP_NPROC" -m megatron_patch.evaluation "$@"
 fi
 exec "$PYTHON" -m megatron_patch.evaluation "$@"

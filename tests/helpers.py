@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from megatron_patch.training.steps import OptimizerSettings, build_optimizer, lm_batch, train_step, wrap_with_ddp
@@ -24,3 +27,20 @@ def train_on_fixed_batch(model_chunks, tokens: torch.Tensor, steps: int, lr: flo
         )
         losses.append(result["loss"])
     return losses, optimizer
+
+
+def build_pretrain_data(folder: Path, truncate_idx: bool = False) -> str:
+    """A real PREFIX.bin/.idx of eight short documents, built by build_pretrain (its .idx cut short when asked)."""
+    from megatron_patch.data.build_pretrain import main as build_pretrain_main
+    from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
+
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder / "corpus.jsonl"
+    source.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(8)))
+    prefix = folder / "corpus"
+    assert build_pretrain_main(["--input", str(source), "--tokenizer", str(bundled_qwen3_tokenizer_dir()),
+                                "--output-prefix", str(prefix)]) == 0
+    if truncate_idx:
+        idx = Path(f"{prefix}.idx")
+        idx.write_bytes(idx.read_bytes()[:-20])
+    return str(prefix)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import shutil
@@ -13,6 +11,7 @@ import torch.distributed as dist
 
 from megatron_patch.checkpoints.layout import CheckpointError
 from megatron_patch.checkpoints.manifest import checksums_enabled, write_manifest
+from megatron_patch.outputs import DestinationLock, disk_full, no_space, overlaps
 
 # Copied beside converted weights (Pai copies *.json and merges.txt): config, tokenizer, chat template.
 SIDE_FILE_PATTERNS = (
@@ -28,41 +27,6 @@ def _is_rank0() -> bool:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-# How a full disk shows through torch.save and DCP, which often lose the OSError on the way.
-_WRITE_FAILED = ("no space left", "unexpected pos", "file write failed", "enospc")
-
-
-def _disk_full(failure: BaseException, directory: Path) -> str | None:
-    """How full the disk under ``directory`` is, when ``failure`` was (probably) a full disk."""
-    chain, cause = [], failure
-    while cause is not None and len(chain) < 8:
-        chain.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain):
-        return f"{_free(directory)} free"
-    text = " ".join(str(e) for e in chain).lower()
-    if any(sign in text for sign in _WRITE_FAILED) and _free_bytes(directory) < 64 << 20:
-        return f"{_free(directory)} free"
-    return None
-
-
-def _free_bytes(directory: Path) -> int:
-    try:
-        return shutil.disk_usage(directory).free
-    except OSError:
-        return 1 << 62
-
-
-def _free(directory: Path) -> str:
-    return f"{_free_bytes(directory) / 2**20:.1f} MiB"
-
-
-def _overlaps(path: Path, other: Path) -> bool:
-    """The same directory, or one inside the other."""
-    path, other = path.resolve(), other.resolve()
-    return path == other or other in path.parents or path in other.parents
 
 
 class StagedOutput:
@@ -81,16 +45,15 @@ class StagedOutput:
                  sources: tuple = (), checksums: bool = True):
         self.final = Path(final).absolute()
         self.staging = self.final.with_name(f".{self.final.name}.incomplete.{os.getpid()}")
-        self.lock_path = self.final.with_name(f".{self.final.name}.lock")
         self.force = force
         self.label = label  # how the user named the destination (SAVE_DIR, --peft-out, ...)
         self.sources = tuple(Path(s) for s in sources if s is not None)
         self.checksums = checksums
-        self._lock = None
+        self._lock = DestinationLock(self.final.with_name(f".{self.final.name}.lock"), self.final, label)
 
     def _check(self) -> None:
         for source in self.sources:
-            if source.exists() and _overlaps(self.final, source):
+            if source.exists() and overlaps(self.final, source):
                 raise CheckpointError(f"{self.label} {self.final} is, contains or lies inside the input {source}; "
                                       "writing there would destroy what is being read (even with --force)")
         if self.final.exists() and (not self.final.is_dir() or any(self.final.iterdir())) and not self.force:
@@ -98,23 +61,9 @@ class StagedOutput:
                                   "to replace it")
 
     def _acquire(self) -> None:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.lock_path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise CheckpointError(f"{self.final} is being written by another process (lock {self.lock_path}); "
-                                  "wait for it or choose another " + self.label) from None
-        self._lock = handle
+        self._lock.acquire()
         for stale in self.final.parent.glob(f".{self.final.name}.incomplete*"):
             shutil.rmtree(stale, ignore_errors=True)  # only a killed writer leaves these: we hold the lock
-
-    def _release(self) -> None:
-        if self._lock is not None:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
-            self._lock = None
 
     def __enter__(self) -> Path:
         failure = None
@@ -124,7 +73,7 @@ class StagedOutput:
                 self._acquire()
                 self.staging.mkdir(parents=True)
             except BaseException as err:  # told to every rank below, so none waits forever
-                self._release()
+                self._lock.release()
                 failure = err
         if dist.is_initialized():
             shared = [None if failure is None else str(failure), str(self.staging)]
@@ -145,13 +94,12 @@ class StagedOutput:
             failure = err
             raise
         finally:
-            self._release()
-            full = _disk_full(failure, self.staging.parent) if failure is not None else None
+            full = disk_full(failure, self.staging.parent) if failure is not None else None
             if failure is not None and _is_rank0():  # nothing is left behind, disk full included
                 shutil.rmtree(self.staging, ignore_errors=True)
+            self._lock.release()
             if full:
-                raise CheckpointError(f"no space left on the device writing {self.final} ({full}); "
-                                      "the partial output was removed") from None
+                raise no_space(self.final, full) from None
         return False
 
     def _commit(self) -> None:

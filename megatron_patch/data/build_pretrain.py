@@ -18,9 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_patch.data.indexed import staged_indexed_datasets
-from megatron_patch.data.records import ReadStats, RecordError, iter_records
-from megatron_patch.data.tokenizer import Qwen3Tokenizer, TokenizerError
+from megatron_patch.data.records import (
+    DEFAULT_MAX_RECORD_BYTES,
+    ReadStats,
+    RecordError,
+    add_max_record_bytes,
+    iter_records,
+)
+from megatron_patch.data.tokenizer import Qwen3Tokenizer
 from megatron_patch.data.workers import mapped_in_order, records_per_batch, spans
+from megatron_patch.errors import InputError, report_input_error
 from megatron_patch.patches.warnings import silence_upstream_warnings
 
 _WORKER_TOKENIZER = None
@@ -59,11 +66,11 @@ def _encode(texts: list[str]):
     return ids, lengths
 
 
-def _text_batches(inputs, key: str, skip_bad_lines: bool, summary: Summary, batch_size: int):
+def _text_batches(inputs, key: str, skip_bad_lines: bool, summary: Summary, batch_size: int, max_record_bytes: int):
     batch = []
     for path in inputs:
         stats = ReadStats()
-        for where, record in iter_records(path, stats, skip_bad_lines):
+        for where, record in iter_records(path, stats, skip_bad_lines, max_record_bytes):
             text = record.get(key) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 problem = f"{where}: no string field {key!r}"
@@ -83,13 +90,13 @@ def _text_batches(inputs, key: str, skip_bad_lines: bool, summary: Summary, batc
 
 
 def build(inputs, tokenizer_dir, output_prefix, key: str = "text", workers: int = 1,
-          skip_bad_lines: bool = False) -> Summary:
+          skip_bad_lines: bool = False, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Summary:
     import numpy as np
     from tqdm import tqdm
 
     summary = Summary()
-    batches = _text_batches(inputs, key, skip_bad_lines, summary, batch_size=records_per_batch(workers))
-    with staged_indexed_datasets(output_prefix, {"": np.int32}) as builders, \
+    batches = _text_batches(inputs, key, skip_bad_lines, summary, records_per_batch(workers), max_record_bytes)
+    with staged_indexed_datasets(output_prefix, {"": np.int32}, inputs) as builders, \
             mapped_in_order(_encode, batches, workers, _init_worker, (str(tokenizer_dir),)) as encoded, \
             tqdm(unit=" docs", desc="tokenizing", mininterval=1.0, disable=None) as bar:
         for ids, lengths in encoded:
@@ -111,14 +118,14 @@ def main(argv=None) -> int:
     parser.add_argument("--json-key", default="text", help="field holding the document text (default: text)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     parser.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed lines")
+    add_max_record_bytes(parser)
     args = parser.parse_args(argv)
 
     try:
         summary = build(args.input, args.tokenizer, args.output_prefix, args.json_key, args.workers,
-                        args.skip_bad_lines)
-    except (RecordError, TokenizerError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+                        args.skip_bad_lines, args.max_record_bytes)
+    except InputError as err:  # bad records, tokenizer, output (locked, an input, disk full)
+        return report_input_error(err)
     print(f"wrote {args.output_prefix}.bin/.idx: {summary}")
     return 0
 

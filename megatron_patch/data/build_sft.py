@@ -24,9 +24,16 @@ from pathlib import Path
 from megatron_patch.data.chat import SampleError, messages_from_record, tokenize_conversations
 from megatron_patch.data.indexed import staged_indexed_datasets
 from megatron_patch.data.packing import first_fit_decreasing
-from megatron_patch.data.records import RecordError, iter_raw_records, parse_record
-from megatron_patch.data.tokenizer import Qwen3Tokenizer, TokenizerError
+from megatron_patch.data.records import (
+    DEFAULT_MAX_RECORD_BYTES,
+    RecordError,
+    add_max_record_bytes,
+    iter_raw_records,
+    parse_record,
+)
+from megatron_patch.data.tokenizer import Qwen3Tokenizer
 from megatron_patch.data.workers import mapped_in_order, records_per_batch, spans
+from megatron_patch.errors import InputError, report_input_error
 from megatron_patch.patches.warnings import silence_upstream_warnings
 
 MASK_SUFFIX = "_loss_mask"
@@ -100,11 +107,11 @@ def _results(encoded_batches):
                 yield ("ok", *next(samples))
 
 
-def _record_batches(inputs, summary: SftSummary, batch_size: int):
+def _record_batches(inputs, summary: SftSummary, batch_size: int, max_record_bytes: int):
     # Lines go to the workers unparsed: JSON decoding is part of the parallel work.
     batch = []
     for path in inputs:
-        for item in iter_raw_records(path):
+        for item in iter_raw_records(path, max_record_bytes):
             summary.samples_read += 1
             batch.append(item)
             if len(batch) == batch_size:
@@ -115,10 +122,11 @@ def _record_batches(inputs, summary: SftSummary, batch_size: int):
 
 
 def encode_samples(inputs, tokenizer_dir, fmt, seq_length, overlong, enable_thinking, last_turn_only,
-                   skip_bad_lines, summary: SftSummary, workers: int = 1) -> list[tuple]:
+                   skip_bad_lines, summary: SftSummary, workers: int = 1,
+                   max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> list[tuple]:
     """(ids, mask) numpy arrays of every usable sample, in input order whatever the number of workers."""
 
-    batches = _record_batches(inputs, summary, batch_size=records_per_batch(workers))
+    batches = _record_batches(inputs, summary, records_per_batch(workers), max_record_bytes)
     init_args = (str(tokenizer_dir), fmt, enable_thinking, last_turn_only)
     with mapped_in_order(_encode_batch, batches, workers, _init_worker, init_args) as encoded:
         return _usable_samples(_results(encoded), seq_length, overlong, skip_bad_lines, summary)
@@ -153,12 +161,13 @@ def _usable_samples(results, seq_length, overlong, skip_bad_lines, summary: SftS
 
 def build(inputs, tokenizer_dir, output_prefix, seq_length: int, packing: bool = False, fmt: str = "auto",
           overlong: str = "truncate", enable_thinking: bool = True, last_turn_only: bool = False,
-          skip_bad_lines: bool = False, workers: int = 1) -> SftSummary:
+          skip_bad_lines: bool = False, workers: int = 1,
+          max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> SftSummary:
     import numpy as np
 
     summary = SftSummary()
     samples = encode_samples(inputs, tokenizer_dir, fmt, seq_length, overlong, enable_thinking, last_turn_only,
-                             skip_bad_lines, summary, workers)
+                             skip_bad_lines, summary, workers, max_record_bytes)
     if not samples:
         # An empty dataset would only fail later, inside training.
         raise RecordError(f"{', '.join(map(str, inputs))}: no usable sample ({summary}); nothing written")
@@ -167,7 +176,7 @@ def build(inputs, tokenizer_dir, output_prefix, seq_length: int, packing: bool =
     else:
         groups = [[index] for index in range(len(samples))]
 
-    with staged_indexed_datasets(output_prefix, {"": np.int32, MASK_SUFFIX: np.uint8}) as builders:
+    with staged_indexed_datasets(output_prefix, {"": np.int32, MASK_SUFFIX: np.uint8}, inputs) as builders:
         for group in groups:
             lengths = [len(samples[i][0]) for i in group]
             ids = np.concatenate([samples[i][0] for i in group])
@@ -199,16 +208,17 @@ def main(argv=None) -> int:
     parser.add_argument("--last-turn-only", action="store_true", help="train only the last assistant turn")
     parser.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed records")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1); same output")
+    add_max_record_bytes(parser)
     args = parser.parse_args(argv)
     if args.seq_length < 2:
         parser.error("--seq-length must be at least 2")
 
     try:
         summary = build(args.input, args.tokenizer, args.output_prefix, args.seq_length, args.packing, args.format,
-                        args.overlong, args.enable_thinking, args.last_turn_only, args.skip_bad_lines, args.workers)
-    except (RecordError, TokenizerError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+                        args.overlong, args.enable_thinking, args.last_turn_only, args.skip_bad_lines, args.workers,
+                        args.max_record_bytes)
+    except InputError as err:  # bad records, tokenizer, output (locked, an input, disk full)
+        return report_input_error(err)
     for problem in summary.problems:
         print(f"skipped: {problem}", file=sys.stderr)
     print(f"wrote {args.output_prefix}.bin/.idx and {args.output_prefix}{MASK_SUFFIX}.bin/.idx: {summary}")

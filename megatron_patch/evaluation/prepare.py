@@ -13,7 +13,6 @@ files, and files without the official header, are listed by name. Exit status 0 
 from __future__ import annotations
 
 import argparse
-import csv
 import shutil
 import sys
 import tarfile
@@ -21,13 +20,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from megatron_patch.evaluation.tasks import SUITES, EvalDataError, Suite, builtin_subjects
+from megatron_patch.evaluation.tasks import SUITES, EvalDataError, Suite, builtin_subjects, csv_problem
 from megatron_patch.patches.warnings import silence_upstream_warnings
-
-HEADERS = {
-    "cmmlu": ["Question", "A", "B", "C", "D", "Answer"],
-    "ceval-valid": ["question", "A", "B", "C", "D", "answer"],
-}
 
 
 def _unpack(source: Path, scratch: Path) -> Path:
@@ -45,7 +39,11 @@ def _unpack(source: Path, scratch: Path) -> Path:
             archive.extractall(target)
     elif tarfile.is_tarfile(source):
         with tarfile.open(source) as archive:
-            archive.extractall(target, filter="data")
+            try:
+                archive.extractall(target, filter="data")
+            except tarfile.FilterError as err:  # a link or path leading outside, a device file, ...
+                raise EvalDataError(f"{source}: unsafe member {err.tarinfo.name!r} ({err}); unpack it yourself") \
+                    from None
     else:
         raise EvalDataError(f"{source}: neither a folder nor a .zip/.tar archive")
     return target
@@ -85,10 +83,9 @@ def problems(data_dir: Path, suite: Suite) -> list[str]:
             if not path.is_file():
                 found.append(f"missing {path}")
                 continue
-            with path.open(encoding="utf-8", newline="") as handle:
-                header = next(csv.reader(handle), [])
-            if not set(HEADERS[suite.group]) <= set(header):
-                found.append(f"{path}: columns {header}, expected {HEADERS[suite.group]}")
+            problem = csv_problem(path, suite.group)
+            if problem is not None:
+                found.append(problem)
     return found
 
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_patch.errors import InputError
+from megatron_patch.errors import InputError, report_input_error
 from megatron_patch.evaluation.tasks import EvalDataError, check_data, select, write_task_configs
 from megatron_patch.models.choices import DTYPE_NAMES, PRECISIONS
 from megatron_patch.patches.warnings import silence_upstream_warnings
@@ -175,8 +174,7 @@ def main(argv=None) -> int:
         config = parse_args(argv)
         results = evaluate(config)
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report_input_error(err)
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_rank() != 0:

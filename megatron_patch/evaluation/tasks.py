@@ -14,6 +14,8 @@ columns the prompts use so the two splits load together.
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -131,8 +133,31 @@ def missing_files(data_dir: str | Path, selection: Selection) -> list[Path]:
             for path in SUITES[group].files(Path(data_dir), subject).values() if not path.is_file()]
 
 
+# The columns lm-eval's task definitions read, as the official releases spell them.
+HEADERS = {
+    "cmmlu": ["Question", "A", "B", "C", "D", "Answer"],
+    "ceval-valid": ["question", "A", "B", "C", "D", "answer"],
+}
+
+
+def csv_problem(path: Path, group: str) -> str | None:
+    """Why lm-eval could not read ``path`` as a ``group`` data file (not UTF-8, other columns), or None."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"{path}: not UTF-8 (byte {err.start}: {raw[err.start:err.start + 4]!r}); save it as UTF-8"
+    header = next(csv.reader(io.StringIO(text)), [])
+    if not set(HEADERS[group]) <= set(header):
+        return f"{path}: columns {header[:8]}, expected {HEADERS[group]}"
+    return None
+
+
 def check_data(data_dir: str | Path, selection: Selection, allow_missing: bool = False) -> Selection:
-    """The selection restricted to subjects with data (with ``allow_missing``), or an error listing the gaps."""
+    """The selection restricted to subjects with data (with ``allow_missing``), or an error listing the gaps.
+
+    Every file used must be UTF-8 with the official columns: lm-eval would otherwise fail deep
+    inside ``datasets`` (or score the wrong column)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise EvalDataError(f"DATA_DIR {data_dir}: not a directory; it should hold cmmlu/ and ceval/ in their "
@@ -150,6 +175,12 @@ def check_data(data_dir: str | Path, selection: Selection, allow_missing: bool =
             kept[group] = present
     if not kept:
         raise EvalDataError(f"DATA_DIR {data_dir}: none of the requested subjects has data files")
+    unreadable = [problem for group, subjects in kept.items() for subject in subjects
+                  for path in SUITES[group].files(data_dir, subject).values()
+                  if (problem := csv_problem(path, group)) is not None]
+    if unreadable:
+        more = f" (and {len(unreadable) - 1} more files)" if len(unreadable) > 1 else ""
+        raise EvalDataError(unreadable[0] + more)
     return Selection(tuple(g for g in selection.groups if g in kept), kept)
 
 

@@ -28,7 +28,7 @@ class DataConfigError(InputError):
     """Data settings that do not work; the message names the path or setting."""
 
 
-def _weighted_prefixes(paths: list[str]) -> tuple[list[str], list[float] | None]:
+def weighted_prefixes(paths: list[str]) -> tuple[list[str], list[float] | None]:
     """'0.7 a 0.3 b' (Megatron's blend syntax) or 'a b'."""
     try:
         weights = [float(p) for p in paths[0::2]]
@@ -65,7 +65,6 @@ class _Subset(torch.utils.data.Dataset):
 
 def build_datasets(config, tokenizer):
     """(train, valid or None) datasets yielding tokens, labels, loss_mask, position_ids, cu_seqlens."""
-    from pathlib import Path
 
     if config.dataset_type == "raw":
         train = RawJsonSftDataset(config.data_path, tokenizer, config.seq_length)
@@ -73,11 +72,7 @@ def build_datasets(config, tokenizer):
         if config.valid_data_path:
             valid = RawJsonSftDataset(config.valid_data_path, tokenizer, config.seq_length)
         return train, valid
-    prefixes, weights = _weighted_prefixes(config.data_path)
-    for prefix in prefixes:
-        for suffix in (".bin", ".idx"):
-            if not Path(prefix + suffix).is_file():
-                raise DataConfigError(f"--data-path {prefix}: {prefix}{suffix} not found")
+    prefixes, weights = weighted_prefixes(config.data_path)  # checked by preflight.check_inputs
     if config.sft:
         if len(prefixes) != 1:
             raise DataConfigError("SFT idxmap training takes one --data-path prefix (build_sft output)")

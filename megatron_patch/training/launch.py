@@ -27,7 +27,7 @@ from megatron_patch.models.choices import RECOMPUTE_MODES, TRAINING_PRECISIONS, 
 from megatron_patch.parallel import free_port
 from megatron_patch.patches.warnings import silence_upstream_warnings
 from megatron_patch.training.config import TrainConfigError, parse_config
-from megatron_patch.training.preflight import check_run, resolve_model, resolved_transformer_impl
+from megatron_patch.training.preflight import check_inputs, check_run, resolve_model, resolved_transformer_impl
 
 POSITIONALS = (
     "ENV", "MODEL_SIZE", "BATCH_SIZE", "GLOBAL_BATCH_SIZE", "LR", "MIN_LR", "SEQ_LEN", "PAD_LEN", "PR",
@@ -257,7 +257,7 @@ def _cuda_device_count() -> int:
 
 def torchrun_command(launch: Launch) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(launch.nproc_per_node),
+        sys.executable, "-m", "megatron_patch.torchrun", "--nproc_per_node", str(launch.nproc_per_node),
         "--nnodes", str(launch.nnodes), "--node_rank", str(launch.node_rank), "--master_addr", launch.master_addr,
         "--master_port", str(launch.master_port), "-m", "megatron_patch.train", *launch.flags,
     ]
@@ -276,6 +276,11 @@ def main(argv=None) -> int:
     print(shlex.join(command), flush=True)
     if os.environ.get("MP_DRY_RUN", "false").lower() == "true":
         return 0
+    try:
+        check_inputs(parse_config(launch.flags)[0])
+    except InputError as err:  # missing or truncated data, no checkpoint at PRETRAIN_CHECKPOINT_PATH
+        print(f"error: {_with_positional_names(str(err))}", file=sys.stderr)
+        return 2
     env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
     if launch.device == "cpu":
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.nproc_per_node)))

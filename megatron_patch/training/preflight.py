@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 
+from megatron_patch.checkpoints import resolve_checkpoint, tracked_iteration
+from megatron_patch.data.build_sft import MASK_SUFFIX
+from megatron_patch.data.indexed import IndexedDatasetError, check_indexed_dataset
 from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
 from megatron_patch.models.layout_check import RunFeatures, layout_problems, virtual_stages
 from megatron_patch.models.qwen3.arch import Qwen3Arch
@@ -17,6 +20,7 @@ from megatron_patch.models.qwen3.builder import resolve_transformer_impl, transf
 from megatron_patch.models.qwen3.presets import get_preset
 from megatron_patch.parallel import ParallelLayout
 from megatron_patch.training.config import TrainConfig, TrainConfigError
+from megatron_patch.training.data import DataConfigError, weighted_prefixes
 
 
 def resolve_device(choice: str) -> str:
@@ -85,3 +89,26 @@ def check_run(config: TrainConfig, arch: Qwen3Arch, impl: str, world_size: int |
     if config.optimizer_offload_fraction is not None and not torch.cuda.is_available():
         raise TrainConfigError("--optimizer-offload-fraction offloads GPU optimizer state; this run has no GPU")
     return layout
+
+
+def check_inputs(config: TrainConfig) -> None:
+    """The data and the checkpoint to start from exist and are whole.
+
+    The launcher runs this just before torchrun (not for a dry run), the trainer before it builds
+    anything: a missing or truncated file is named once, not by every worker.
+    """
+    if config.dataset_type == "raw":
+        for path in [*config.data_path, *(config.valid_data_path or [])]:
+            if not Path(path).is_file():
+                raise DataConfigError(f"--data-path {path}: no such file")
+    else:
+        prefixes, _ = weighted_prefixes(config.data_path)
+        for prefix in prefixes:
+            for part in (prefix, prefix + MASK_SUFFIX) if config.sft else (prefix,):
+                try:
+                    check_indexed_dataset(part)
+                except IndexedDatasetError as err:
+                    raise DataConfigError(f"--data-path {prefix}: {err}") from None
+    # A rerun that resumes from --save does not read --load (LoRA aside, checked when it loads).
+    if config.load and not (config.save and isinstance(tracked_iteration(config.save), int)):
+        resolve_checkpoint(config.load)

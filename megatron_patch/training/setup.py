@@ -34,6 +34,7 @@ from megatron_patch.training.checkpointing import LoadedState, load_checkpoint
 from megatron_patch.training.config import TrainConfig, TrainConfigError
 from megatron_patch.training.data import MicroBatches, build_datasets
 from megatron_patch.training.preflight import (
+    check_inputs,
     check_run,
     resolve_device,
     resolve_model,
@@ -179,6 +180,7 @@ def prepare_run(config: TrainConfig) -> Run:
     impl = resolved_transformer_impl(config)
     # torchrun says how many processes there are before the process groups exist.
     layout = check_run(config, arch, impl, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    check_inputs(config)
     apply_patches(cpu=device == "cpu")
     initialize_parallel(layout, seed=config.seed, backend="gloo" if device == "cpu" else "nccl")
     rank0 = dist.get_rank() == 0

@@ -2,16 +2,23 @@
 ``error:`` line naming the setting, file or line, exit status 2, no traceback, and leaves
 nothing behind but its inputs."""
 
+import io
 import json
 import shutil
+import tarfile
+from pathlib import Path
 
 import pytest
 
 from megatron_patch.convert.__main__ import main as convert_main
+from megatron_patch.data.build_pretrain import main as build_pretrain_main
 from megatron_patch.data.build_sft import main as build_sft_main
 from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
+from megatron_patch.evaluation.prepare import main as prepare_main
+from megatron_patch.evaluation.run import main as evaluate_main
 from megatron_patch.train import main as train_main
 from megatron_patch.training.launch import main as launch_main
+from tests.helpers import build_pretrain_data
 from tests.unit.test_launch import arguments
 
 
@@ -38,6 +45,29 @@ def _lines(folder, text):
     folder.mkdir()
     (folder / "train.jsonl").write_text(text)
     return folder / "train.jsonl"
+
+
+EVAL_DATA = Path(__file__).resolve().parents[2] / "megatron_patch" / "resources" / "eval_data"
+
+
+def _eval_data_with(folder, content: bytes):
+    """A copy of the bundled eval data whose cmmlu agronomy test file holds ``content``."""
+    shutil.copytree(EVAL_DATA, folder)
+    (folder / "cmmlu" / "test" / "agronomy.csv").write_bytes(content)
+    return folder
+
+
+def _tar_with_a_link_outside(folder):
+    folder.mkdir()
+    path = folder / "cmmlu.tar"
+    with tarfile.open(path, "w") as archive:
+        link = tarfile.TarInfo("cmmlu/test/agronomy.csv")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        archive.addfile(link)
+        readme = tarfile.TarInfo("cmmlu/README")
+        readme.size = 2
+        archive.addfile(readme, io.BytesIO(b"hi"))
+    return path
 
 
 # id: (entry point, arguments given the work folder and an HF model, environment, expected message)
@@ -68,6 +98,33 @@ CASES = {
                                        bundled_qwen3_tokenizer_dir(), "--seq-length", "64", "--output-prefix",
                                        d / "out" / "sft"], {},
         "train.jsonl: no usable sample"),
+    "eval CSV with other columns": (
+        evaluate_main, lambda d, hf: [hf, _eval_data_with(d / "eval", "题目,甲,乙\n1,2,3\n".encode()),
+                                      "cmmlu_agronomy", "--limit", "1"], {},
+        "agronomy.csv: columns ['题目', '甲', '乙'], expected ['Question', 'A', 'B', 'C', 'D', 'Answer']"),
+    "eval CSV not UTF-8": (
+        evaluate_main, lambda d, hf: [hf, _eval_data_with(d / "eval", ",Question,A,B,C,D,Answer\n0,人体,皮,肝,心,肺,A\n"
+                                                          .encode("gbk")), "cmmlu_agronomy", "--limit", "1"], {},
+        "agronomy.csv: not UTF-8 (byte 27"),
+    "tar member refused by the data filter": (
+        prepare_main, lambda d, hf: [d / "data", "--cmmlu", _tar_with_a_link_outside(d / "download")], {},
+        "cmmlu.tar: unsafe member 'cmmlu/test/agronomy.csv'"),
+    "DATASET_PATH missing, before launch": (
+        launch_main, lambda d, hf: arguments(DATASET_PATH=d / "nothing", VALID_DATASET_PATH=d / "nothing"), {},
+        "--data-path (DATASET_PATH (argument 22)) "),
+    "truncated .idx, before launch": (
+        launch_main, lambda d, hf: arguments(DATASET_PATH=(p := build_pretrain_data(d / "data", truncate_idx=True)),
+                                             VALID_DATASET_PATH=p), {},
+        "corpus.idx: 182 bytes, its header needs 202 (truncated)"),
+    "PRETRAIN_CHECKPOINT_PATH missing, before launch": (
+        launch_main, lambda d, hf: arguments(DATASET_PATH=(p := build_pretrain_data(d / "data")), VALID_DATASET_PATH=p,
+                                             PRETRAIN_CHECKPOINT_PATH=d / "no-checkpoint"), {},
+        "no-checkpoint: no such directory"),
+    "--output-prefix that would overwrite the input": (
+        build_pretrain_main, lambda d, hf: ["--input", _lines(d / "data", '{"text": "a"}\n').rename(d / "x.bin"),
+                                            "--tokenizer", bundled_qwen3_tokenizer_dir(), "--output-prefix",
+                                            d / "x"], {},
+        "x would overwrite the input"),
     "JSON line nested 100k deep": (
         build_sft_main, lambda d, hf: ["--input", _lines(d / "data", "[" * 100_000 + "\n"), "--tokenizer",
                                        bundled_qwen3_tokenizer_dir(), "--seq-length", "64", "--output-prefix",

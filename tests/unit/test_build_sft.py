@@ -173,3 +173,29 @@ def test_a_bad_tokenizer_directory_is_named(workers, count, tmp_path, capsys):
                        "--output-prefix", str(tmp_path / "out" / "sft"), "--workers", str(workers)]) == 2
     assert f"error: {not_a_model / 'tokenizer.json'}: not found" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_a_huge_line_is_a_counted_skip_in_bounded_memory(tmp_path):
+    """One 50 MB record took 6.4 GB while tokenized; over --max-record-bytes it is never held whole."""
+    import resource
+    import subprocess
+    import sys
+
+    source = tmp_path / "train.jsonl"
+    normal = json.dumps({"instruction": "Say hi.", "output": "Hi!"}) + "\n"
+    with open(source, "w") as handle:
+        handle.write(normal)
+        handle.write(json.dumps({"instruction": "x " * (25 << 20), "output": "y"}) + "\n")  # 50 MiB
+        handle.write(normal)
+    command = [sys.executable, "-m", "megatron_patch.data.build_sft", "--input", str(source), "--tokenizer",
+               str(bundled_qwen3_tokenizer_dir()), "--seq-length", "64", "--output-prefix", str(tmp_path / "sft")]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"error: {source}:2: 50.0 MiB on one line, over the limit of 8 MiB per record" in refused.stderr
+    assert not list(tmp_path.glob("*sft*"))
+    skipped = subprocess.run([*command, "--skip-bad-lines"], capture_output=True, text=True, timeout=300)
+    assert skipped.returncode == 0, skipped.stderr
+    assert f"skipped: {source}:2: 50.0 MiB on one line" in skipped.stderr
+    assert "samples read 3, written 2" in skipped.stdout and "1 bad" in skipped.stdout, skipped.stdout
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    assert peak_mib < 1024, f"peak RSS {peak_mib:.0f} MiB"

@@ -1,7 +1,7 @@
 """The package's floors, read from the source: no import runs upward, none between siblings, no cycle.
 
 Floors, lowest first (a module may import its own package and any lower floor):
- -1  errors, units                       the error base class, sizes: imported by anyone
+ -1  errors, units, outputs              the error base class, sizes, output locks: imported by anyone
   0  parallel, patches                   process groups, Megatron-Core patches
   1  models, data                        what a Qwen3 model is; tokens and datasets
   2  checkpoints                         checkpoints on disk, for everyone above
@@ -20,14 +20,14 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "megatron_patch"
 
 FLOORS = {
-    "": -1, "errors": -1, "units": -1,
+    "": -1, "errors": -1, "units": -1, "outputs": -1,
     "parallel": 0, "patches": 0,
     "models": 1, "data": 1,
     "checkpoints": 2,
     "convert": 3,
     "lora": 4,
     "training": 5, "evaluation": 5, "plot": 5,
-    "train": 6, "demo": 6,
+    "train": 6, "demo": 6, "torchrun": 6,
 }
 
 # Imports of our own modules inside a function, each with why it cannot be at the top. All four

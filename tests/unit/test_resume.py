@@ -8,6 +8,7 @@ from megatron_patch.checkpoints import CheckpointError, tracked_iteration, write
 from megatron_patch.convert.__main__ import main as convert_main
 from megatron_patch.training.config import TrainConfigError, parse_config
 from megatron_patch.training.loop import train
+from tests.helpers import build_pretrain_data
 
 
 def test_the_tracker_never_moves_back(tmp_path):
@@ -29,8 +30,9 @@ def test_starting_over_into_a_save_with_later_checkpoints_is_refused(hf_checkpoi
     (save / "iter_0000006" / "metadata.json").write_text("{}")  # what marks a complete checkpoint
     write_tracker(save, 6)
     config, _ = parse_config(["--model", str(hf_dir), "--load", str(tmp_path / "mcore"), "--save", str(save),
-                              "--no-auto-resume", "--data-path", str(tmp_path / "unused"), "--precision", "fp32",
-                              "--seq-length", "32", "--global-batch-size", "1", "--train-iters", "8"])
+                              "--no-auto-resume", "--data-path", build_pretrain_data(tmp_path / "data"),
+                              "--precision", "fp32", "--seq-length", "32", "--global-batch-size", "1",
+                              "--train-iters", "8"])
     with pytest.raises(TrainConfigError, match=f"--save {save} already holds iteration 6 and this run would start "
                                                "at 0 .--no-auto-resume starts over."):
         train(config)

@@ -21,6 +21,7 @@ from megatron_patch.lora.__main__ import main as lora_main
 from megatron_patch.patches.safe_checkpoints import UnsafeCheckpointError
 from megatron_patch.training.config import parse_config
 from megatron_patch.training.loop import train
+from tests.helpers import build_pretrain_data
 
 REFUSED = "refused to load posix.system"
 
@@ -78,7 +79,8 @@ def test_training_load_refuses(converted, tmp_path):
     # The trainer itself (train.py's main would also end this process's world, which others share).
     hf_dir, _ = converted
     planted, marker = planted_copy(converted, tmp_path)
-    config, _ = parse_config(["--model", str(hf_dir), "--load", str(planted), "--data-path", str(tmp_path / "none"),
+    data = build_pretrain_data(tmp_path / "data")  # real data: the inputs are checked before the load
+    config, _ = parse_config(["--model", str(hf_dir), "--load", str(planted), "--data-path", data,
                               "--precision", "fp32", "--seq-length", "32", "--global-batch-size", "1",
                               "--train-iters", "1"])
     with pytest.raises(UnsafeCheckpointError, match=f"{planted / 'release' / '.metadata'}: {REFUSED}"):

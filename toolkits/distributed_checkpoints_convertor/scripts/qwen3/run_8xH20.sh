@@ -52,7 +52,7 @@ if [[ "$NNODES" == 1 && "$PROC_PER_NODE" == 1 ]]; then
   unset RANK WORLD_SIZE
   exec "$PYTHON" -m megatron_patch.convert "${args[@]}" "${model_parallel[@]}" "${extra[@]}"
 fi
-launch=(-m torch.distributed.run --nproc_per_node "$PROC_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK")
+launch=(-m megatron_patch.torchrun --nproc_per_node "$PROC_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK")
 if [[ "$NNODES" == 1 ]]; then
   launch+=(--standalone)
 else
