@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -59,6 +60,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
     import torch
@@ -102,6 +104,11 @@ def main():
     for name in models:
         print(f"{name:9s} {len(requests) / best[name]:8.1f} requests/s  ({best[name]:.2f} s)")
     print(f"megatron / hf: {best['hf'] / best['megatron']:.2f}x   max |loglikelihood difference| {difference:.2e}")
+    if args.json:
+        report = {"preset": args.preset, "layers": arch.num_layers, "requests": len(requests), "device": args.device,
+                  "batch_size": args.batch_size, "requests_per_s": {n: len(requests) / best[n] for n in models},
+                  "megatron_over_hf": best["hf"] / best["megatron"], "max_loglikelihood_difference": difference}
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -177,7 +177,6 @@ def test_a_bad_tokenizer_directory_is_named(workers, count, tmp_path, capsys):
 
 def test_a_huge_line_is_a_counted_skip_in_bounded_memory(tmp_path):
     """One 50 MB record took 6.4 GB while tokenized; over --max-record-bytes it is never held whole."""
-    import resource
     import subprocess
     import sys
 
@@ -187,15 +186,23 @@ def test_a_huge_line_is_a_counted_skip_in_bounded_memory(tmp_path):
         handle.write(normal)
         handle.write(json.dumps({"instruction": "x " * (25 << 20), "output": "y"}) + "\n")  # 50 MiB
         handle.write(normal)
-    command = [sys.executable, "-m", "megatron_patch.data.build_sft", "--input", str(source), "--tokenizer",
-               str(bundled_qwen3_tokenizer_dir()), "--seq-length", "64", "--output-prefix", str(tmp_path / "sft")]
-    refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    arguments = ["--input", str(source), "--tokenizer", str(bundled_qwen3_tokenizer_dir()), "--seq-length", "64",
+                 "--output-prefix", str(tmp_path / "sft")]
+    # The builder's own peak RSS (RUSAGE_CHILDREN would report this test process's largest child ever).
+    measured = ("import resource, runpy, sys\n"
+                "sys.argv = ['build_sft', *sys.argv[1:]]\n"
+                "try:\n"
+                "    runpy.run_module('megatron_patch.data.build_sft', run_name='__main__')\n"
+                "finally:\n"
+                "    print(f'peak_rss_kib={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)\n")
+    refused = subprocess.run([sys.executable, "-c", measured, *arguments], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert f"error: {source}:2: 50.0 MiB on one line, over the limit of 8 MiB per record" in refused.stderr
     assert not list(tmp_path.glob("*sft*"))
-    skipped = subprocess.run([*command, "--skip-bad-lines"], capture_output=True, text=True, timeout=300)
+    skipped = subprocess.run([sys.executable, "-c", measured, *arguments, "--skip-bad-lines"], capture_output=True,
+                             text=True, timeout=300)
     assert skipped.returncode == 0, skipped.stderr
     assert f"skipped: {source}:2: 50.0 MiB on one line" in skipped.stderr
     assert "samples read 3, written 2" in skipped.stdout and "1 bad" in skipped.stdout, skipped.stdout
-    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    peak_mib = int(skipped.stderr.split("peak_rss_kib=")[1].split()[0]) / 1024
     assert peak_mib < 1024, f"peak RSS {peak_mib:.0f} MiB"
