@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-complete
 # A CPU build from local disk on the dev/CI machines; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup lint test test-slow test-unit test-functional demo bench bench-convert lock clean
+.PHONY: setup lint test test-slow test-unit test-functional demo bench bench-convert gpu-check gpu-check-dry lock clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,14 @@ bench: setup
 # About 8 minutes and 35 GB of scratch disk (A3B-shaped checkpoints with 4 and 8 layers).
 bench-convert: setup
 	$(BIN)/python benchmarks/convert.py --layers 4 8 --nproc 2
+
+# On the GPU machine (python3 there, wheels carried in .whl/): every pending GPU figure, $OUT/gpu_check.json.
+gpu-check:
+	python3 benchmarks/gpu_check.py
+
+# The same steps on this CPU with tiny shapes (make test-slow runs it too).
+gpu-check-dry: setup
+	$(BIN)/python benchmarks/gpu_check.py --dry
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock: setup

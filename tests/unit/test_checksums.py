@@ -159,6 +159,7 @@ def test_check_finite_on_export_names_the_hf_tensor(outputs, tmp_path, capsys):
 UNSHARE = shutil.which("unshare")
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_said_in_one_line_and_nothing_is_left(outputs, tmp_path):
     """A 2 MiB tmpfs (in a private mount namespace) as SAVE_DIR's disk."""
     if UNSHARE is None or subprocess.run([UNSHARE, "-rm", "true"]).returncode != 0:

@@ -88,6 +88,7 @@ def test_each_invalid_argument_is_named(changes, env, message):
     assert message in str(caught.value)
 
 
+@pytest.mark.slow
 def test_script_checks_the_count_and_shows_usage_from_any_directory(tmp_path):
     result = subprocess.run(["bash", str(SCRIPT), "dsw", "A3B"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2

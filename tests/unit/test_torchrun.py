@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from megatron_patch.errors import InputError, report_input_error
 from megatron_patch.torchrun import summary
 
@@ -17,6 +19,7 @@ def assert_no_report(stderr):
     assert "ChildFailedError" not in stderr and "Root Cause" not in stderr and "failed (exitcode" not in stderr, stderr
 
 
+@pytest.mark.slow
 def test_bad_input_in_every_worker_is_said_once(hf_checkpoints, tmp_path):
     _, hf_dir, _ = hf_checkpoints["moe-gqa"]
     result = torchrun("-m", "megatron_patch.convert", "--load-dir", hf_dir, "--save-dir", tmp_path / "out",
