@@ -21,11 +21,15 @@ class OutputError(InputError):
 
 
 class DestinationLock:
-    """An exclusive, non-blocking ``flock`` on ``lock_path`` for the whole write of one destination.
+    """An exclusive, non-blocking POSIX lock (``lockf``) on ``lock_path`` for the whole write of one
+    destination.
 
     A second writer stops with one line instead of clobbering the first; the kernel drops the
-    lock when its holder dies. The holder removes the lock file before it lets go, so nothing is
-    left behind; a writer that locked a file just removed sees its inode gone and tries again.
+    lock when its holder dies. A POSIX lock belongs to the process: children it forks (Megatron-
+    Core's checkpoint writers are forked) do not hold it, so a killed job's orphans cannot block
+    the rerun (a ``flock`` would be theirs too). The holder removes the lock file before it lets
+    go, so nothing is left behind; a writer that locked a file just removed sees its inode gone
+    and tries again.
     """
 
     def __init__(self, lock_path: Path, destination: Path, label: str):
@@ -37,8 +41,8 @@ class DestinationLock:
         for _ in range(100):
             handle = open(self.lock_path, "a+")
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, as the system reports it
                 handle.close()
                 raise OutputError(f"{self.destination} is being written by another process (lock "
                                   f"{self.lock_path}); wait for it or choose another {self.label}") from None
@@ -55,7 +59,7 @@ class DestinationLock:
     def release(self) -> None:
         if self._handle is not None:
             self.lock_path.unlink(missing_ok=True)  # while still holding it (see acquire)
-            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            fcntl.lockf(self._handle, fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
 

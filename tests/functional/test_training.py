@@ -78,7 +78,11 @@ LAYOUT_FLAGS = {
 SAVED_LAYOUTS = ("moe-dp2", "moe-dp2-sync")
 
 
-def sft_run_flags(data, model, log_dir, iterations=5):
+# Enough steps for curves to separate if a layout computed anything differently; each costs ~1 s per run.
+ITERATIONS = 4
+
+
+def sft_run_flags(data, model, log_dir, iterations=ITERATIONS):
     return ["--model", model, "--precision", "fp32", "--train-mode", "finetune", "--data-path", data, "--sft-packing",
             "--seq-length", 128, "--global-batch-size", 2, "--micro-batch-size", 1, "--lr", "3e-3", "--min-lr", "3e-4",
             "--train-iters", iterations, "--split", "100,0,0", "--log-dir", log_dir]
@@ -125,7 +129,7 @@ def layout_curve(work: str, name: str) -> dict[int, float]:
 
 def saved_weights(work: str, name: str) -> dict:
     """Every model tensor of the layout run's final checkpoint."""
-    return saved_weights_of(Path(work) / "layouts" / name / "checkpoint" / "iter_0000005")
+    return saved_weights_of(Path(work) / "layouts" / name / "checkpoint" / f"iter_{ITERATIONS:07d}")
 
 
 def saved_weights_of(path) -> dict:
@@ -156,8 +160,8 @@ ROUTING_DRIFT = 5e-3
 ])
 def test_parallel_layouts_give_the_one_process_loss_curve(work, name, baseline, tolerance):
     expected, got = layout_curve(work, baseline), layout_curve(work, name)
-    assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5]
-    assert expected[5] < expected[1]
+    assert sorted(got) == sorted(expected) == list(range(1, ITERATIONS + 1))
+    assert expected[ITERATIONS] < expected[1]
     for iteration in expected:
         assert abs(got[iteration] - expected[iteration]) < tolerance, (iteration, got, expected)
     if tolerance < ROUTING_DRIFT:
@@ -204,9 +208,9 @@ def test_stop_and_resume_continues_with_the_same_losses(work):
     result = torchrun_module(2, "megatron_patch.train", *resume_job(work, first_half=False)[1])
     assert f"resuming from {root / 'checkpoint'} (iteration 2)" in result.stdout
     assert "resuming at iteration 2" in result.stdout
-    resumed = losses(root / "log")  # the log holds both runs: 1, 2, then 3, 4, 5
-    assert list(resumed) == [1, 2, 3, 4, 5]
-    for iteration in (3, 4, 5):
+    resumed = losses(root / "log")  # the log holds both runs: 1, 2, then the rest
+    assert list(resumed) == list(range(1, ITERATIONS + 1))
+    for iteration in range(3, ITERATIONS + 1):
         assert abs(resumed[iteration] - full[iteration]) < 1e-6, (iteration, resumed, full)
 
 
