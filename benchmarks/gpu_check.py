@@ -106,40 +106,40 @@ def step_install(dry: bool, work: Path, timeout: float) -> dict:
 
 
 def step_environment(dry: bool, work: Path, timeout: float) -> dict:
-    code = (
-        "import json, platform, torch, importlib.metadata as m\n"
-        "info = {'python': platform.python_version(), 'torch': torch.__version__, 'cuda': torch.version.cuda,\n"
-        "        'cuda_available': torch.cuda.is_available()}\n"
-        "if torch.cuda.is_available():\n"
-        "    p = torch.cuda.get_device_properties(0)\n"
-        "    info.update(device=p.name, memory_gib=round(p.total_memory / 2**30, 1), capability=list(p.major_minor)\n"
-        "                if hasattr(p, 'major_minor') else [p.major, p.minor])\n"
-        "for name in ('megatron-core', 'transformers', 'lm_eval', 'peft', 'safetensors', 'tokenizers'):\n"
-        "    try:\n"
-        "        info[name] = m.version(name)\n"
-        "    except m.PackageNotFoundError:\n"
-        "        info[name] = None\n"
-        "import megatron.core, megatron_patch\n"
-        "print(json.dumps(info))\n"
-    )
-    info = json.loads(run([sys.executable, "-c", code], dry, timeout).strip().splitlines()[-1])
+    import importlib.metadata as metadata
+
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cuda_available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, memory_gib=round(props.total_memory / 2**30, 1),
+                    capability=[props.major, props.minor])
+    for name in ("megatron-core", "transformers", "lm_eval", "peft", "safetensors", "tokenizers"):
+        try:
+            info[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            info[name] = None
+    import megatron.core  # noqa: F401 - importable from the carried wheels
+
+    import megatron_patch  # noqa: F401
     if not dry and not info["cuda_available"]:
         raise RuntimeError(f"no CUDA device visible: {info}")
     return info
 
 
 def step_kernels(dry: bool, work: Path, timeout: float) -> dict:
-    code = (
-        "import json, sys; sys.path.insert(0, 'benchmarks')\n"
-        "from megatron_patch.parallel import ParallelLayout, initialize_parallel\n"
-        "from megatron_patch.patches import apply_patches\n"
-        "from train_gpu import check_gpu_paths\n"
-        f"device = {'cpu' if dry else 'cuda'!r}\n"
-        "apply_patches(cpu=device == 'cpu')\n"
-        "initialize_parallel(ParallelLayout(), backend='gloo' if device == 'cpu' else 'nccl')\n"
-        "print(json.dumps(check_gpu_paths(device)))\n"
-    )
-    result = json.loads(run([sys.executable, "-c", code], dry, timeout).strip().splitlines()[-1])
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from train_gpu import check_gpu_paths
+
+    from megatron_patch.parallel import ParallelLayout, initialize_parallel
+    from megatron_patch.patches import apply_patches
+
+    device = "cpu" if dry else "cuda"
+    apply_patches(cpu=dry)
+    initialize_parallel(ParallelLayout(), backend="gloo" if dry else "nccl")
+    result = check_gpu_paths(device)
     # bf16 outputs of different summation orders: within a few bf16 steps of the reference.
     if result["varlen_vs_loop_max_abs"] > 3e-2 or result["grouped_vs_sequential_max_rel"] > 3e-2:
         raise RuntimeError(f"a CUDA path disagrees with its reference: {result}")
@@ -148,27 +148,23 @@ def step_kernels(dry: bool, work: Path, timeout: float) -> dict:
     return result
 
 
-def tiny_hf_model(work: Path, dry: bool, timeout: float) -> Path:
+def tiny_hf_model(work: Path) -> Path:
     """A tiny Qwen3-MoE with a dense layer and the real tokenizer, saved as HF (fp32)."""
+    from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
+    from megatron_patch.models.qwen3.hf_model import save_random_hf_checkpoint
+    from megatron_patch.models.qwen3.presets import get_preset
+
     target = work / "tiny-hf"
     if not target.exists():
-        code = (
-            "import shutil, sys\n"
-            "from pathlib import Path\n"
-            "from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir\n"
-            "from megatron_patch.models.qwen3.hf_model import save_random_hf_checkpoint\n"
-            "from megatron_patch.models.qwen3.presets import get_preset\n"
-            "arch = get_preset('tiny-moe').replace(dense_layers=(1,))\n"
-            f"save_random_hf_checkpoint(arch, {str(target)!r}, seed=0)\n"
-            "for p in Path(bundled_qwen3_tokenizer_dir()).iterdir():\n"
-            f"    shutil.copy(p, Path({str(target)!r}) / p.name) if p.is_file() else None\n"
-        )
-        run([sys.executable, "-c", code], dry, timeout)
+        save_random_hf_checkpoint(get_preset("tiny-moe").replace(dense_layers=(1,)), target, seed=0)
+        for path in Path(bundled_qwen3_tokenizer_dir()).iterdir():
+            if path.is_file():
+                shutil.copy(path, target / path.name)
     return target
 
 
 def step_checkpoint(dry: bool, work: Path, timeout: float) -> dict:
-    hf = tiny_hf_model(work, dry, timeout / 2)
+    hf = tiny_hf_model(work)
     out = run([sys.executable, "-m", "megatron_patch.convert", "--load-dir", hf, "--save-dir", work / "tiny-mcore",
                "--precision", "fp32", "--verify", *([] if dry else ["--use-cuda"])], dry, timeout)
     verdict = [line for line in out.splitlines() if line.startswith("verify:")]
@@ -194,7 +190,7 @@ def sft_data(work: Path, dry: bool, timeout: float) -> Path:
     prefix = work / "sft" / "sft"
     if not Path(f"{prefix}.idx").exists():
         run([sys.executable, "-m", "megatron_patch.data.build_sft", "--input", DEMO_DATA, "--tokenizer",
-             tiny_hf_model(work, dry, timeout), "--seq-length", "128", "--output-prefix", prefix, "--packing"],
+             tiny_hf_model(work), "--seq-length", "128", "--output-prefix", prefix, "--packing"],
             dry, timeout)
     return prefix
 

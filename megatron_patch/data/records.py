@@ -39,6 +39,12 @@ class ReadStats:
         if len(self.skipped_examples) < 5:
             self.skipped_examples.append(reason)
 
+    def reject(self, err: RecordError, skip_bad_lines: bool) -> None:
+        """A bad record: counted and skipped with --skip-bad-lines, else the run stops with its line."""
+        if not skip_bad_lines:
+            raise RecordError(f"{err}; fix it or pass --skip-bad-lines") from None
+        self.skip(str(err))
+
 
 def add_max_record_bytes(parser) -> None:
     parser.add_argument("--max-record-bytes", type=parse_size, default=DEFAULT_MAX_RECORD_BYTES, metavar="SIZE",
@@ -53,9 +59,7 @@ def iter_records(path: str | Path, stats: ReadStats, skip_bad_lines: bool = Fals
         try:
             record = parse_record(where, raw)
         except RecordError as err:
-            if not skip_bad_lines:
-                raise RecordError(f"{err}; fix it or pass --skip-bad-lines") from None
-            stats.skip(str(err))
+            stats.reject(err, skip_bad_lines)
             continue
         stats.read += 1
         yield where, record

@@ -1,0 +1,107 @@
+"""The GRPO family's formulas, on plain tensors (slime and verl agree on them unless noted).
+
+Shapes: rewards ``[groups, samples]`` (the samples of one prompt form a group); per-token values
+``[sequences, tokens]`` with a response ``mask`` of the same shape (1 on response tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+
+ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo", "rloo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+GRPO_EPSILON = 1e-6  # added to the group's std
+LOG_RATIO_LIMIT = 20.0  # log(ρ) clamped before exp (verl), so one wild token cannot overflow
+K3_LIMIT = 10.0
+
+
+def group_advantages(rewards: torch.Tensor, estimator: str = "grpo") -> torch.Tensor:
+    """One advantage per sample, ``[groups, samples]``; every token of a response gets its sample's.
+
+    grpo: (r - mean) / (unbiased std + 1e-6); drgrpo: r - mean; rloo: r - mean of the others.
+    A group of one sample has advantage 0.
+    """
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"advantage estimator {estimator!r}: expected one of {', '.join(ADVANTAGE_ESTIMATORS)}")
+    rewards = rewards.double()
+    count = rewards.shape[-1]
+    if count == 1:
+        return torch.zeros_like(rewards, dtype=torch.float32)
+    mean = rewards.mean(dim=-1, keepdim=True)
+    if estimator == "grpo":
+        advantages = (rewards - mean) / (rewards.std(dim=-1, keepdim=True, unbiased=True) + GRPO_EPSILON)
+    elif estimator == "drgrpo":
+        advantages = rewards - mean
+    else:
+        others = (rewards.sum(dim=-1, keepdim=True) - rewards) / (count - 1)
+        advantages = rewards - others
+    return advantages.float()
+
+
+def importance_ratio(logp: torch.Tensor, logp_old: torch.Tensor) -> torch.Tensor:
+    return torch.exp((logp - logp_old).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+
+
+def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, clip_low: float = 0.2,
+                clip_high: float = 0.2, dual_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO-clip loss ``max(-A ρ, -A clip(ρ, 1 - clip_low, 1 + clip_high))`` and where it clipped.
+
+    ``advantages`` broadcasts over tokens (``[sequences, 1]``). With ``dual_clip`` c > 1 the loss of
+    a negative advantage is at most ``-A c``. Returns (loss, clipped) per token.
+    """
+    ratio = importance_ratio(logp, logp_old)
+    unclipped = -advantages * ratio
+    clipped_loss = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(unclipped, clipped_loss)
+    clipped = clipped_loss > unclipped
+    if dual_clip is not None:
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual clip constant must be > 1, got {dual_clip}")
+        bounded = torch.minimum(loss, -advantages * dual_clip)
+        loss = torch.where(advantages < 0, bounded, loss)
+    return loss, clipped
+
+
+def kl_penalty(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from Δ = logp - logp_ref.
+
+    k1 = Δ; k2 = Δ²/2; k3 ("low_var_kl") = exp(-Δ) - 1 + Δ, clamped to ±10.
+    """
+    delta = logp - logp_ref
+    if estimator == "k1":
+        return delta
+    if estimator == "k2":
+        return 0.5 * delta.square()
+    if estimator == "k3":
+        return (torch.exp(-delta) - 1.0 + delta).clamp(-K3_LIMIT, K3_LIMIT)
+    raise ValueError(f"KL estimator {estimator!r}: expected one of {', '.join(KL_ESTIMATORS)}")
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
+              norm: float | None = None) -> torch.Tensor:
+    """One loss from per-token ``values`` over the response ``mask``.
+
+    token-mean: over all response tokens of the batch; seq-mean-token-mean: each sequence's token
+    mean, then the mean over sequences; seq-mean-token-sum: each sequence's sum, then the mean;
+    seq-mean-token-sum-norm (Dr.GRPO): the batch's sum divided by ``norm`` (default: the padded
+    response length), so long and short answers weigh by their tokens without a length bias.
+    """
+    mask = mask.to(values.dtype)
+    masked = values * mask
+    if mode == "token-mean":
+        return masked.sum() / mask.sum().clamp(min=1.0)
+    per_sequence = masked.sum(dim=-1)
+    if mode == "seq-mean-token-mean":
+        return (per_sequence / mask.sum(dim=-1).clamp(min=1.0)).mean()
+    if mode == "seq-mean-token-sum":
+        return per_sequence.mean()
+    if mode == "seq-mean-token-sum-norm":
+        return per_sequence.sum() / (norm if norm is not None else mask.shape[-1])
+    raise ValueError(f"loss aggregation {mode!r}: expected one of {', '.join(AGGREGATIONS)}")
+
+
+def rollout_correction(logp_old: torch.Tensor, logp_rollout: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
+    """Truncated importance weight ``clamp(exp(logp_old - logp_rollout), 0, cap)`` (TIS) per token, for
+    a rollout engine whose log-probs differ from the training model's."""
+    return importance_ratio(logp_old, logp_rollout).clamp(0.0, cap)

@@ -1,0 +1,99 @@
+"""Reward functions: ``reward(prompt: str, response: str, label: str) -> float``.
+
+Built in: ``gsm8k`` (strict) and ``gsm8k-flexible``, by verl's rules:
+- strict: in the last 300 characters of the response, the last ``#### <number>`` (digits, ``-``,
+  ``.`` and ``,``); commas and ``$`` removed; 1.0 when it equals the label as a string, else 0.0;
+- flexible: the last number anywhere in those 300 characters (not "" or "."), as written, against
+  the label.
+
+A user's own: ``custom:PATH.py:FUNCTION``. A missing file or function, or a function that raises
+or returns no finite number, stops the run in one line naming it and the sample; it never
+becomes a silent 0.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_patch.errors import InputError
+
+TAIL_CHARACTERS = 300  # verl matches only the end of a response: the answer is there, and regexes stay fast
+_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+_NUMBER = re.compile(r"(\-?[0-9\.\,]+)")
+
+
+class RewardError(InputError):
+    """A reward that cannot be loaded or that failed on a sample; the message names both."""
+
+
+def gsm8k_strict_answer(text: str) -> str | None:
+    matches = _STRICT.findall(text[-TAIL_CHARACTERS:])
+    return matches[-1].replace(",", "").replace("$", "") if matches else None
+
+
+def gsm8k_flexible_answer(text: str) -> str | None:
+    for number in reversed(_NUMBER.findall(text[-TAIL_CHARACTERS:])):
+        if number not in ("", "."):
+            return number
+    return None
+
+
+def gsm8k_strict(prompt: str, response: str, label: str) -> float:
+    return 1.0 if gsm8k_strict_answer(response) == label else 0.0
+
+
+def gsm8k_flexible(prompt: str, response: str, label: str) -> float:
+    return 1.0 if gsm8k_flexible_answer(response) == label else 0.0
+
+
+BUILTIN_REWARDS: dict[str, Callable[[str, str, str], float]] = {
+    "gsm8k": gsm8k_strict,
+    "gsm8k-flexible": gsm8k_flexible,
+}
+
+
+@dataclass(frozen=True)
+class Reward:
+    name: str  # as the user gave it
+    function: Callable[[str, str, str], float]
+
+    def __call__(self, prompt: str, response: str, label: str, where: str = "a sample") -> float:
+        """The reward of one response; ``where`` names the sample in errors (prompt file:line, sample k)."""
+        try:
+            value = self.function(prompt, response, label)
+        except Exception as err:  # noqa: BLE001 - whatever a user's function raises, say which sample
+            raise RewardError(f"reward {self.name} failed on {where}: {type(err).__name__}: {err}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RewardError(f"reward {self.name} returned {value!r} on {where}; expected a finite number")
+        return float(value)
+
+
+def load_reward(spec: str) -> Reward:
+    """A built-in name or ``custom:PATH.py:FUNCTION`` (the user's own file, imported as given)."""
+    if spec in BUILTIN_REWARDS:
+        return Reward(spec, BUILTIN_REWARDS[spec])
+    if not spec.startswith("custom:"):
+        raise RewardError(f"reward {spec!r}: expected {', '.join(BUILTIN_REWARDS)} or custom:PATH.py:FUNCTION")
+    path_text, _, function_name = spec.removeprefix("custom:").rpartition(":")
+    path = Path(path_text)
+    if not path_text or not function_name:
+        raise RewardError(f"reward {spec!r}: expected custom:PATH.py:FUNCTION")
+    if not path.is_file():
+        raise RewardError(f"reward {spec}: {path} not found")
+    module_spec = importlib.util.spec_from_file_location(f"megatron_patch_reward_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as err:
+        raise RewardError(f"reward {spec}: {path}:{err.lineno}: {err.msg}") from None
+    except Exception as err:  # noqa: BLE001 - an import-time failure of the user's file, named
+        raise RewardError(f"reward {spec}: importing {path} failed: {type(err).__name__}: {err}") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise RewardError(f"reward {spec}: {path} has no function {function_name}")
+    return Reward(spec, function)
