@@ -29,7 +29,8 @@ lint: setup
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
-# The scripts and the demo end to end, killed and racing runs (about 2.5 minutes); CI runs them after make test.
+# The scripts and the demo end to end, killed and racing runs, fault injection, the GPU check dry run
+# (about 10 minutes); CI runs them after make test.
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow --durations=5
 
