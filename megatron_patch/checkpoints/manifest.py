@@ -127,6 +127,14 @@ def _first_problem(directory: Path, names: list[str], expected: dict) -> str | N
     return None
 
 
+def _unverified(directory: Path, quiet: bool) -> bool:
+    if not quiet and str(directory) not in _noted:
+        _noted.add(str(directory))
+        print(f"note: {directory} has no {MANIFEST_FILE} (saved before checksums existed); its files are not "
+              "verified", flush=True)
+    return False
+
+
 def verify_manifest(directory: str | Path, only: tuple[str, ...] | None = None) -> bool:
     """Check the files of ``directory`` against their manifest; False when it has none.
 
@@ -137,14 +145,10 @@ def verify_manifest(directory: str | Path, only: tuple[str, ...] | None = None) 
     if not checksums_enabled():
         return False
     directory = Path(directory)
-    found = _find_manifest(directory)
     rank, world = (0, 1) if only is not None else _world()
+    found = _find_manifest(directory)
     if found is None:
-        if only is None and rank == 0 and str(directory) not in _noted:
-            _noted.add(str(directory))
-            print(f"note: {directory} has no {MANIFEST_FILE} (saved before checksums existed); its files are not "
-                  "verified", flush=True)
-        return False
+        return _unverified(directory, quiet=only is not None or rank != 0)
     manifest_path, prefix = found
     stat = manifest_path.stat()
     identity = (str(directory.resolve()), stat.st_mtime_ns, stat.st_size)
@@ -152,10 +156,10 @@ def verify_manifest(directory: str | Path, only: tuple[str, ...] | None = None) 
         return True
     entries = _read_manifest(manifest_path)
     names = sorted(name for name in entries if name.startswith(prefix))
+    if prefix and not names:  # the parent's manifest is of another output (e.g. a save beside converter output)
+        return _unverified(directory, quiet=only is not None or rank != 0)
     if only is not None:
         names = [prefix + name for name in only if prefix + name in entries]
-    elif not names:
-        raise ChecksumError(f"{manifest_path}: lists no file of {directory}")
     problem = _first_problem(manifest_path.parent, names[rank::world], entries)
     problems = [problem] if world == 1 else [p for p in _shared(problem) if p is not None]
     if problems and problems[0] is not None:

@@ -175,3 +175,18 @@ def test_a_full_disk_is_said_in_one_line_and_nothing_is_left(outputs, tmp_path):
     assert "Traceback" not in result.stderr and len(errors) == 1 and errors[0].startswith(expected), result.stderr
     listing = result.stdout.split("status=")[1].split()
     assert listing == ["2"], result.stdout  # the exit status, then nothing at all on the disk
+
+
+def test_a_save_beside_converter_output_is_not_judged_by_the_converters_manifest(outputs, tmp_path, capsys):
+    """Training that saves into the converter's SAVE_DIR: an old iteration there (no manifest of its
+    own) is not in SAVE_DIR/checksums.json, which lists release/ only."""
+    arch, _, mcore, _ = outputs
+    copy = tmp_path / "mcore"
+    shutil.copytree(mcore, copy)
+    model = build_gpt_model(arch, BuildOptions(precision="fp32"))
+    load_weights(copy, [model])
+    saved = save_checkpoint(copy, 2, [model], None, None, consumed_samples=4, save_optim=False)
+    (saved / MANIFEST_FILE).unlink()  # as a save from before checksums existed
+    capsys.readouterr()
+    load_checkpoint(copy, [model], None, None, load_optim=False)
+    assert f"note: {saved} has no {MANIFEST_FILE}" in capsys.readouterr().out
