@@ -119,6 +119,7 @@ def parallel_runs(models, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow  # a batch of 2-process evaluations (~30 s): make test-slow
 @pytest.mark.parametrize("layout", PARALLEL_LAYOUTS)
 def test_megatron_model_gives_the_same_scores_in_parallel_layouts(one_process, parallel_runs, layout):
     results, single = one_process

@@ -185,6 +185,7 @@ def _adapter_layout_checks(work) -> Path:
     return folder
 
 
+@pytest.mark.slow  # loads at four TP/ETP layouts in 2-process batches (~45 s): make test-slow
 @pytest.mark.parametrize("layout", ADAPTER_LAYOUTS)
 def test_trained_adapters_load_and_save_at_tensor_parallel_layouts(work, layout):
     """Adapters trained in one process, loaded at TP/ETP=2: the same logits, and saved again
