@@ -42,13 +42,12 @@ class StagedOutput:
     """
 
     def __init__(self, final: str | Path, force: bool = False, label: str = "output directory",
-                 sources: tuple = (), checksums: bool = True):
+                 sources: tuple = ()):
         self.final = Path(final).absolute()
         self.staging = self.final.with_name(f".{self.final.name}.incomplete.{os.getpid()}")
         self.force = force
         self.label = label  # how the user named the destination (SAVE_DIR, --peft-out, ...)
         self.sources = tuple(Path(s) for s in sources if s is not None)
-        self.checksums = checksums
         self._lock = DestinationLock(self.final.with_name(f".{self.final.name}.lock"), self.final, label)
 
     def _check(self) -> None:
@@ -104,7 +103,7 @@ class StagedOutput:
 
     def _commit(self) -> None:
         _barrier()
-        if self.checksums and checksums_enabled():
+        if checksums_enabled():
             write_manifest(self.staging)
         if _is_rank0():
             replaced = None

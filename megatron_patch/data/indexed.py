@@ -18,8 +18,6 @@ from megatron_patch.outputs import DestinationLock, OutputError, disk_full, no_s
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 _HEADER = struct.Struct("<9sQBQQ")
-# Megatron-Core's DType codes and their item sizes (uint8 .. uint16).
-_ITEM_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}
 
 
 class IndexedDatasetError(InputError):
@@ -28,6 +26,7 @@ class IndexedDatasetError(InputError):
 
 def check_indexed_dataset(prefix: str | Path) -> int:
     """The number of sequences of PREFIX.bin/.idx, after checking both are whole (sizes and header)."""
+    from megatron.core.datasets.indexed_dataset import DType
     idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
     for path in (idx, bin_):
         if not path.is_file():
@@ -38,7 +37,7 @@ def check_indexed_dataset(prefix: str | Path) -> int:
         if len(raw) < _HEADER.size or raw[:9] != INDEX_MAGIC:
             raise IndexedDatasetError(f"{idx}: not a Megatron indexed dataset index (bad or short header)")
         _, version, code, sequences, documents = _HEADER.unpack(raw)
-        if version != 1 or code not in _ITEM_SIZES:
+        if version != 1 or code not in {member.value for member in DType}:
             raise IndexedDatasetError(f"{idx}: unsupported version {version} or dtype code {code}")
         expected = _HEADER.size + sequences * (4 + 8) + documents * 8
         if size < expected:
@@ -48,7 +47,7 @@ def check_indexed_dataset(prefix: str | Path) -> int:
             (last_length,) = struct.unpack("<i", handle.read(4))
             handle.seek(_HEADER.size + sequences * 4 + (sequences - 1) * 8)
             (last_pointer,) = struct.unpack("<q", handle.read(8))
-            needed = last_pointer + last_length * _ITEM_SIZES[code]
+            needed = last_pointer + last_length * DType.size(code)
             if bin_.stat().st_size < needed:
                 raise IndexedDatasetError(f"{bin_}: {bin_.stat().st_size} bytes, {idx} needs {needed} (truncated)")
     return sequences

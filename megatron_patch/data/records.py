@@ -83,7 +83,7 @@ def iter_raw_records(path: str | Path, max_bytes: int = DEFAULT_MAX_RECORD_BYTES
             number += 1
             if len(raw) > max_bytes and not raw.endswith(b"\n"):
                 size = len(raw)
-                while (rest := handle.readline(1 << 20)) and size <= 1 << 40:
+                while rest := handle.readline(1 << 20):
                     size += len(rest)
                     if rest.endswith(b"\n"):
                         break
