@@ -31,6 +31,7 @@ def test_every_step_of_the_gpu_check_runs_on_cpu(tmp_path):
     assert steps["eval"]["result"]["max_loglikelihood_difference"] < 1e-4
 
 
+@pytest.mark.slow
 def test_an_unknown_step_is_named():
     result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry", "--steps", "kernels,warp"],
                             cwd=REPO, capture_output=True, text=True, timeout=60)

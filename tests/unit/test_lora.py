@@ -56,6 +56,7 @@ def test_adapters_start_the_same_under_both_expert_implementations(megatron_worl
     assert torch.equal(local_a, grouped_a)
 
 
+@pytest.mark.slow
 def test_peft_adapter_of_a_moe_with_a_dense_layer_applies_every_adapter(megatron_world, hf_checkpoints, tmp_path,
                                                                           capsys):
     """Stock peft would drop the dense layer's MLP adapters (it maps gate/up/down_proj onto the experts):

@@ -31,6 +31,7 @@ def test_bad_input_in_every_worker_is_said_once(hf_checkpoints, tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_crashed_worker_is_named_with_its_status(tmp_path):
     script = tmp_path / "crash.py"
     script.write_text("import os\nif os.environ['RANK'] == '1':\n    raise RuntimeError('boom in rank 1')\n")
