@@ -44,3 +44,29 @@ def build_pretrain_data(folder: Path, truncate_idx: bool = False) -> str:
         idx = Path(f"{prefix}.idx")
         idx.write_bytes(idx.read_bytes()[:-20])
     return str(prefix)
+
+
+def rollout_log_prob_gap(model, vocab_size: int, prompts: list[list[int]], sampling, seed: int):
+    """(completions, max |rollout log-prob - teacher-forced log-prob|) over every generated token.
+
+    The teacher-forced pass is the training forward (vocabulary-parallel logits, sequence
+    parallelism as configured) on prompt + completion, right-padded to a multiple of 4 (SP splits it).
+    """
+    from megatron_patch.models.generation import generate, sampling_generator
+    from megatron_patch.models.log_probs import token_log_probs
+
+    completions = generate(model, prompts, sampling, vocab_size, sampling_generator(seed))
+    sequences = [prompt + completion.tokens for prompt, completion in zip(prompts, completions)]
+    width = -(-max(map(len, sequences)) // 4) * 4
+    tokens = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        tokens[row, :len(sequence)] = torch.tensor(sequence)
+    with torch.no_grad():
+        positions = torch.arange(width).expand_as(tokens)
+        logits = model(input_ids=tokens, position_ids=positions, attention_mask=None)
+        log_probs = token_log_probs(logits[:, :-1], tokens[:, 1:], sampling.scale, vocab_size)
+    gap = 0.0
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        forced = log_probs[row, len(prompt) - 1:len(prompt) - 1 + len(completion.tokens)]
+        gap = max(gap, (forced - torch.tensor(completion.log_probs)).abs().max().item())
+    return completions, gap

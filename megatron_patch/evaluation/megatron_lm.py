@@ -12,7 +12,8 @@ Scoring follows lm-eval's ``hf`` model: context + continuation, left-truncated t
 (the model's positions), the continuation's log-probabilities summed, and "greedy" when every
 continuation token is the argmax. Requests are sorted longest first and batched with right padding
 (causal attention: padding after a sequence cannot change it); log-softmax is taken only at
-continuation positions, not over the whole sequence.
+continuation positions, not over the whole sequence. Generation (``generate_until``) is greedy
+with the kit's KV-cached generator (``models/generation.py``, the one GRPO rollout uses).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from lm_eval.api.registry import register_model
 from megatron_patch.checkpoints import load_weights
 from megatron_patch.data.tokenizer import Qwen3Tokenizer, bundled_qwen3_tokenizer_dir
 from megatron_patch.evaluation.tasks import EvalDataError
+from megatron_patch.models.generation import Sampling, generate
 from megatron_patch.models.layout_check import RunFeatures, layout_problems
 from megatron_patch.models.logits import forward_logits
 from megatron_patch.models.qwen3.arch import Qwen3Arch
@@ -140,27 +142,33 @@ class MegatronLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy decoding, one request at a time (CMMLU and C-Eval score log-likelihoods; this serves the rest)."""
-        outputs = []
-        for context, gen_kwargs in (request.args for request in requests):
-            until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            budget = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
-            tokens = self.tok_encode(context)[-(self.max_length - budget):]
-            generated: list[int] = []
-            text = ""
-            for _ in range(budget):
-                sequence = tokens + generated
-                following = int(self._logits(torch.tensor([sequence]), [0], [len(sequence) - 1])[0].argmax())
-                if following == self.eot_token_id:
-                    break
-                generated.append(following)
-                text = self.tok_decode(generated)
-                if any(stop in text for stop in until):
-                    break
-            for stop in until:
-                text = text.split(stop)[0]
-            outputs.append(text)
+        """Greedy decoding with the kit's KV-cached generator, ``batch_size`` requests at a time.
+
+        Each request runs to its ``max_gen_toks`` or the end-of-text token; its text is then cut at
+        the first of its ``until`` strings (what stopping there would have given).
+        """
+        from megatron.core import parallel_state
+
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise EvalDataError("generation tasks (generate_until) need pipeline_model_parallel_size=1: the kit's "
+                                "generator keeps the whole model on each rank; use tensor or expert parallelism")
+        asked = [request.args for request in requests]
+        by_budget: dict[int, list[int]] = {}
+        for index, (_, gen_kwargs) in enumerate(asked):
+            by_budget.setdefault(int(gen_kwargs.get("max_gen_toks", self.max_gen_toks)), []).append(index)
+        outputs = [""] * len(asked)
+        for budget, indices in by_budget.items():
+            sampling = Sampling(max_new_tokens=budget, temperature=0, stop_token_ids=(self.eot_token_id,))
+            for start in range(0, len(indices), self.batch_size_per_call):
+                batch = indices[start:start + self.batch_size_per_call]
+                prompts = [self.tok_encode(asked[i][0])[-(self.max_length - budget):] or [self.prefix_token_id]
+                           for i in batch]
+                for index, completion in zip(batch, generate(self.chunks[0], prompts, sampling, self.arch.vocab_size)):
+                    text = self.tok_decode(completion.tokens[:-1] if completion.stopped else completion.tokens)
+                    until = asked[index][1].get("until") or []
+                    for stop in [until] if isinstance(until, str) else until:
+                        text = text.split(stop)[0]
+                    outputs[index] = text
         return outputs
 
     # --- the model ------------------------------------------------------------------------------------

@@ -6,7 +6,11 @@
 - A checkpoint saved by training at EP=2 (model + distributed-optimizer state) converts to HF,
   optimizer ignored, and the HF model computes the trained model's logits.
 - 2-process conversion, both directions, gives the same bytes as the HF source.
+- The kit's generator samples on the model at EP=2 and at TP=2 with SP, and the log-probs it
+  records equal the training forward's.
 """
+
+import json
 
 import pytest
 import torch
@@ -72,6 +76,9 @@ def two_process_checks(converted, tmp_path_factory):
     root = converted["moe"][0]
     jobs["train-save"] = ("check", ["train-save", "--hf-dir", root / "hf", "--torch-dist", root / "mcore" / "release",
                                     "--save-dir", folder / "run", "--out", folder / "trained.pt", "--ep", "2"])
+    for name, (model, flags) in ROLLOUT_LAYOUTS.items():
+        jobs[name] = ("check", ["rollout", "--hf-dir", converted[model][0] / "hf", "--torch-dist",
+                                converted[model][0] / "mcore" / "release", "--out", folder / f"{name}.json", *flags])
     torchrun_batch(2, jobs, folder / "batch")
     return folder
 
@@ -80,6 +87,18 @@ def two_process_checks(converted, tmp_path_factory):
 def test_converted_checkpoint_loads_at_another_layout(name, converted, two_process_checks):
     _, reference = converted[LOAD_LAYOUTS[name][0]]
     assert (torch.load(two_process_checks / f"{name}.pt") - reference).abs().max().item() <= 1e-4
+
+
+# Sampling on the model in its training layout (models/generation.py): the log-probs recorded while
+# generating are the ones the training forward computes, with the vocabulary split over TP ranks
+# (and 500 of 512 columns real) or the experts over EP ranks.
+ROLLOUT_LAYOUTS = {"rollout-moe-ep2": ("moe", ["--ep", "2"]), "rollout-dense-tp2-sp": ("dense", ["--tp", "2", "--sp"])}
+
+
+@pytest.mark.parametrize("name", ROLLOUT_LAYOUTS)
+def test_rollout_log_probs_equal_the_training_forwards_in_a_parallel_layout(name, two_process_checks):
+    report = json.loads((two_process_checks / f"{name}.json").read_text())
+    assert report["gap"] <= 1e-5 and report["tokens"] >= 96, report
 
 
 def test_training_checkpoint_with_optimizer_converts_to_hf(converted, two_process_checks, tmp_path):

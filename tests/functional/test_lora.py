@@ -24,18 +24,22 @@ pytestmark = pytest.mark.functional
 LORA_FLAGS = ["--lora-rank", 8, "--lora-alpha", 16, "--lora-target-modules", "all", "--lr", "1e-2"]
 
 
+# Steps of the runs that are compared: the loss falls by > 0.1 in them (lr 1e-2).
+STEPS = 4
+LAST = f"iter_{STEPS:07d}"
+
 # name: (processes, preset, flags after the common LoRA ones, iterations). Runs of one process
 # count run one after another in one torchrun launch (tests/functional/workers/batch.py).
 EP2_ADAPTERS_ONLY = ["--expert-model-parallel-size", 2, "--save-lora-only"]
 LORA_RUNS = {
-    "full-save": (1, "tiny-moe", [], 5),
-    "dense-1": (1, "tiny-dense", [], 5),
+    "full-save": (1, "tiny-moe", [], STEPS),
+    "dense-1": (1, "tiny-dense", [], STEPS),
     "gate-up": (1, "tiny-moe", ["--lora-target-modules", "gate_proj"], 2),
     "refused": (1, "tiny-moe", ["--save-lora-only"], 1),
-    "ep2": (2, "tiny-moe", EP2_ADAPTERS_ONLY, 5),
-    "resume": (2, "tiny-moe", [*EP2_ADAPTERS_ONLY, "--exit-interval", 2], 5),
-    "dense-tp2-sp": (2, "tiny-dense", ["--tensor-model-parallel-size", 2, "--sequence-parallel"], 5),
-    "moe-etp2": (2, "tiny-moe", ["--expert-tensor-parallel-size", 2], 5),
+    "ep2": (2, "tiny-moe", EP2_ADAPTERS_ONLY, STEPS),
+    "resume": (2, "tiny-moe", [*EP2_ADAPTERS_ONLY, "--exit-interval", 2], STEPS),
+    "dense-tp2-sp": (2, "tiny-dense", ["--tensor-model-parallel-size", 2, "--sequence-parallel"], STEPS),
+    "moe-etp2": (2, "tiny-moe", ["--expert-tensor-parallel-size", 2], STEPS),
 }
 
 
@@ -80,9 +84,9 @@ def test_lora_trains_adapters_and_leaves_every_base_weight_bitwise_unchanged(wor
     root, output = lora_run(work, "full-save")
     assert "LoRA rank 8, alpha 16, dropout 0 on linear_qkv linear_proj linear_fc1 linear_fc2" in output
     curve = losses(root / "log")
-    assert curve[5] < curve[1] - 0.1, curve
+    assert curve[STEPS] < curve[1] - 0.1, curve
     start = saved_weights_of(Path(converted(work, "tiny-moe")[1]) / "release")
-    saved = saved_weights_of(root / "checkpoint" / "iter_0000005")
+    saved = saved_weights_of(root / "checkpoint" / LAST)
     trained = adapters(saved)
     # q/k/v, o, and each of 8 experts' fc1/fc2 in each of 4 layers: layers and experts are axes of one key.
     assert len(trained) == 2 * 2 + 2 * 2
@@ -108,10 +112,10 @@ def test_adapter_only_checkpoints_resume_exactly_and_ep2_trains_like_ep1(work):
     one_root, _ = lora_run(work, "full-save")
     full = losses(full_root / "log")
     assert full == pytest.approx(losses(one_root / "log"), abs=1e-5)
-    saved = model_weights(saved_weights_of(full_root / "checkpoint" / "iter_0000005"))
+    saved = model_weights(saved_weights_of(full_root / "checkpoint" / LAST))
     assert saved and set(saved) == set(adapters(saved))  # adapters only: no base weight written
     assert not (full_root / "checkpoint" / "config.json").exists()  # not an HF-convertible model
-    reference = adapters(saved_weights_of(one_root / "checkpoint" / "iter_0000005"))
+    reference = adapters(saved_weights_of(one_root / "checkpoint" / LAST))
     assert sorted(reference) == sorted(saved)
     for key, tensor in reference.items():
         # Adam divides by sqrt(v): for the few entries whose gradients are near zero, the other
@@ -125,8 +129,8 @@ def test_adapter_only_checkpoints_resume_exactly_and_ep2_trains_like_ep1(work):
     result = torchrun_module(2, "megatron_patch.train", *flags, "--lora-load", root / "checkpoint")
     assert "resuming at iteration 2" in result.stdout
     resumed = losses(root / "log")
-    assert list(resumed) == [1, 2, 3, 4, 5]
-    for iteration in (3, 4, 5):
+    assert list(resumed) == list(range(1, STEPS + 1))
+    for iteration in range(3, STEPS + 1):
         assert abs(resumed[iteration] - full[iteration]) < 1e-6, (iteration, resumed, full)
 
 
@@ -147,7 +151,7 @@ def test_tensor_parallel_lora_trains_like_one_process(work, baseline, name):
     one, _ = lora_run(work, baseline)
     two, _ = lora_run(work, name)
     expected, got = losses(one / "log"), losses(two / "log")
-    assert expected[5] < expected[1] - 0.1
+    assert expected[STEPS] < expected[1] - 0.1
     assert got == pytest.approx(expected, abs=1e-4)
     assert first_grad_norm(two) == pytest.approx(first_grad_norm(one), rel=1e-6)
 
@@ -194,7 +198,7 @@ def test_trained_adapters_load_and_save_at_tensor_parallel_layouts(work, layout)
     folder = _adapter_layout_checks(work)
     one, two = folder / run, folder / layout
     torch.testing.assert_close(torch.load(two / "logits.pt"), torch.load(one / "logits.pt"), rtol=0, atol=1e-4)
-    source = adapters(saved_weights_of(lora_root(work, run) / "checkpoint" / "iter_0000005"))
+    source = adapters(saved_weights_of(lora_root(work, run) / "checkpoint" / LAST))
     for where in (one, two):
         again = model_weights(saved_weights_of(where / "saved" / "iter_0000001"))
         assert sorted(again) == sorted(source)

@@ -77,9 +77,15 @@ LAYOUT_FLAGS = {
 # The layouts whose saved weights a test reads (the others skip the save).
 SAVED_LAYOUTS = ("moe-dp2", "moe-dp2-sync")
 
+# Layouts checked in make test-slow (CI), each against its baseline in batches of their own; the
+# others keep make test under 10 minutes. name: baseline.
+SLOW_LAYOUTS = {"moe-pp2-vp": "moe-1", "moe-pp2-first1": "moe-1", "moe-sel": "moe-1", "moe-local-mbs2": "moe-mbs2"}
 
-# Enough steps for curves to separate if a layout computed anything differently; each costs ~1 s per run.
-ITERATIONS = 4
+# Enough steps for curves to separate if a layout computed anything differently (the first gradient
+# norm, compared too, sees every reduction); each step costs ~1 s per run.
+ITERATIONS = 3
+# The resume test's first half stops here; the rerun continues to ITERATIONS.
+RESUME_AFTER = 1
 
 
 def sft_run_flags(data, model, log_dir, iterations=ITERATIONS):
@@ -104,27 +110,34 @@ def converted(work: str, preset: str) -> tuple[str, str]:
     return str(hf_dir), str(mcore)
 
 
+def _layout_folder(work: str, slow: bool) -> Path:
+    return Path(work) / ("layouts-slow" if slow else "layouts")
+
+
 @functools.cache
-def _layout_runs(work: str, nproc: int) -> dict[str, str]:
+def _layout_runs(work: str, nproc: int, slow: bool) -> dict[str, str]:
     """Every job of ``nproc`` processes, one after another in one torchrun launch: the layouts, and
-    the other runs of that size below (raw JSON vs idxmap, pretraining, the first half of a resume)."""
+    the other runs of that size below (raw JSON vs idxmap, pretraining, the first half of a resume).
+    ``slow``: the SLOW_LAYOUTS and their baselines instead."""
+    in_batch = {*SLOW_LAYOUTS, *SLOW_LAYOUTS.values()} if slow else set(LAYOUT_FLAGS) - set(SLOW_LAYOUTS)
+    folder = _layout_folder(work, slow)
     jobs = {}
     for name, (procs, preset, extra) in LAYOUT_FLAGS.items():
-        if procs == nproc:
+        if procs == nproc and name in in_batch:
             hf_dir, mcore = converted(work, preset)
-            log_dir = Path(work) / "layouts" / name
-            save = ["--save", log_dir / "checkpoint", "--no-save-optim"] if name in SAVED_LAYOUTS else []
-            jobs[name] = ("train", [*sft_run_flags(sft_data(work, 64), hf_dir, log_dir), "--load", mcore, *save,
-                                    *extra])
-    jobs.update(raw_and_idxmap_jobs(work) if nproc == 1 else {"resume-first-half": resume_job(work, first_half=True)})
-    if nproc == 1:
-        jobs["pretrain"] = pretraining_job(work)
-    return torchrun_batch(nproc, jobs, Path(work) / "layouts" / f"batch-{nproc}")
+            save = ["--save", folder / name / "checkpoint", "--no-save-optim"] if name in SAVED_LAYOUTS else []
+            jobs[name] = ("train", [*sft_run_flags(sft_data(work, 64), hf_dir, folder / name), "--load", mcore,
+                                    *save, *extra])
+    if not slow:
+        jobs.update(raw_and_idxmap_jobs(work) if nproc == 1 else {"resume-first-half": resume_job(work, True)})
+        if nproc == 1:
+            jobs["pretrain"] = pretraining_job(work)
+    return torchrun_batch(nproc, jobs, folder / f"batch-{nproc}")
 
 
-def layout_curve(work: str, name: str) -> dict[int, float]:
-    _layout_runs(work, LAYOUT_FLAGS[name][0])
-    return losses(Path(work) / "layouts" / name)
+def layout_curve(work: str, name: str, slow: bool = False) -> dict[int, float]:
+    _layout_runs(work, LAYOUT_FLAGS[name][0], slow)
+    return losses(_layout_folder(work, slow) / name)
 
 
 def saved_weights(work: str, name: str) -> dict:
@@ -153,13 +166,13 @@ ROUTING_DRIFT = 5e-3
 
 @pytest.mark.parametrize("name, baseline, tolerance", [
     ("moe-dp2", "moe-1", 1e-4), ("moe-ep2", "moe-1", 1e-4), ("moe-etp2", "moe-1", 1e-4), ("moe-pp2", "moe-1", 1e-4),
-    ("moe-pp2-vp", "moe-1", 1e-4), ("moe-pp2-first1", "moe-1", 1e-4), ("moe-recompute", "moe-1", 1e-4),
-    ("moe-sel", "moe-1", 1e-4),
-    ("moe-local-mbs2", "moe-mbs2", 1e-4), ("moe-pp2-mbs2", "moe-mbs2", 1e-4),
+    ("moe-recompute", "moe-1", 1e-4), ("moe-pp2-mbs2", "moe-mbs2", 1e-4),
     ("moe-tp2-ep2-sp", "moe-1", ROUTING_DRIFT), ("dense-tp2", "dense-1", 1e-4), ("dense-tp2-sp", "dense-1", 1e-4),
+    *(pytest.param(name, baseline, 1e-4, marks=pytest.mark.slow) for name, baseline in SLOW_LAYOUTS.items()),
 ])
 def test_parallel_layouts_give_the_one_process_loss_curve(work, name, baseline, tolerance):
-    expected, got = layout_curve(work, baseline), layout_curve(work, name)
+    slow = name in SLOW_LAYOUTS
+    expected, got = layout_curve(work, baseline, slow), layout_curve(work, name, slow)
     assert sorted(got) == sorted(expected) == list(range(1, ITERATIONS + 1))
     assert expected[ITERATIONS] < expected[1]
     for iteration in expected:
@@ -167,12 +180,12 @@ def test_parallel_layouts_give_the_one_process_loss_curve(work, name, baseline, 
     if tolerance < ROUTING_DRIFT:
         # The first gradient norm sees every gradient reduction (e.g. norm weights under SP, which
         # Adam's normalised step would hide from the losses).
-        norms = [first_grad_norm(work, n) for n in (name, baseline)]
+        norms = [first_grad_norm(_layout_folder(work, slow) / n) for n in (name, baseline)]
         assert norms[0] == pytest.approx(norms[1], rel=1e-6), norms
 
 
-def first_grad_norm(work: str, name: str) -> float:
-    return read_metrics(Path(work) / "layouts" / name)[0]["grad_norm"]
+def first_grad_norm(log_dir: Path) -> float:
+    return read_metrics(log_dir)[0]["grad_norm"]
 
 
 def test_overlapped_parameter_gather_trains_and_saves_like_the_synchronous_one(work):
@@ -190,13 +203,13 @@ def test_overlapped_parameter_gather_trains_and_saves_like_the_synchronous_one(w
 
 
 def resume_job(work: str, first_half: bool) -> tuple[str, list]:
-    """EP=2 on 2 processes: stop after step 2 (first half), or rerun to continue from its save."""
+    """EP=2 on 2 processes: stop after step RESUME_AFTER (first half), or rerun to continue from its save."""
     hf_dir, mcore = converted(work, "tiny-moe")
     root = Path(work) / "resume"
     flags = [*sft_run_flags(sft_data(work, 64), hf_dir, root / "log"), "--expert-model-parallel-size", 2,
              "--save", root / "checkpoint"]
     # Both halves start from the converted model (--load): the rerun continues from its own save.
-    return "train", [*flags, "--load", mcore, *(["--exit-interval", 2] if first_half else [])]
+    return "train", [*flags, "--load", mcore, *(["--exit-interval", RESUME_AFTER] if first_half else [])]
 
 
 def test_stop_and_resume_continues_with_the_same_losses(work):
@@ -204,13 +217,13 @@ def test_stop_and_resume_continues_with_the_same_losses(work):
     continues from the latest checkpoint of its --save with the same losses."""
     full = layout_curve(work, "moe-ep2")
     root = Path(work) / "resume"
-    assert (root / "checkpoint" / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert (root / "checkpoint" / "latest_checkpointed_iteration.txt").read_text() == str(RESUME_AFTER)
     result = torchrun_module(2, "megatron_patch.train", *resume_job(work, first_half=False)[1])
-    assert f"resuming from {root / 'checkpoint'} (iteration 2)" in result.stdout
-    assert "resuming at iteration 2" in result.stdout
+    assert f"resuming from {root / 'checkpoint'} (iteration {RESUME_AFTER})" in result.stdout
+    assert f"resuming at iteration {RESUME_AFTER}" in result.stdout
     resumed = losses(root / "log")  # the log holds both runs: 1, 2, then the rest
     assert list(resumed) == list(range(1, ITERATIONS + 1))
-    for iteration in range(3, ITERATIONS + 1):
+    for iteration in range(RESUME_AFTER + 1, ITERATIONS + 1):
         assert abs(resumed[iteration] - full[iteration]) < 1e-6, (iteration, resumed, full)
 
 
@@ -221,7 +234,7 @@ def raw_and_idxmap_jobs(work: str) -> dict[str, tuple[str, list]]:
     for name, data in (("idxmap", ["--data-path", prefix]),
                        ("raw", ["--dataset-type", "raw", "--data-path", Path(prefix).parent / "train.jsonl"])):
         log_dir = Path(work) / "raw-vs-idxmap" / name
-        flags = [f for f in sft_run_flags(prefix, hf_dir, log_dir, iterations=4) if f != "--sft-packing"]
+        flags = [f for f in sft_run_flags(prefix, hf_dir, log_dir) if f != "--sft-packing"]
         flags[flags.index("--data-path"):flags.index("--data-path") + 2] = data
         jobs[name] = ("train", [*flags, "--load", mcore])
     return jobs
@@ -229,9 +242,9 @@ def raw_and_idxmap_jobs(work: str) -> dict[str, tuple[str, list]]:
 
 def test_raw_json_sft_trains_like_its_preprocessed_idxmap(work):
     """MP_DATASET_TYPE=raw tokenizes on the fly: same samples, masks and order as build_sft's output."""
-    _layout_runs(work, 1)
+    _layout_runs(work, 1, False)
     curves = {name: losses(Path(work) / "raw-vs-idxmap" / name) for name in ("idxmap", "raw")}
-    assert sorted(curves["raw"]) == [1, 2, 3, 4] and curves["raw"][4] < curves["raw"][1]
+    assert sorted(curves["raw"]) == list(range(1, ITERATIONS + 1)) and curves["raw"][ITERATIONS] < curves["raw"][1]
     assert curves["raw"] == pytest.approx(curves["idxmap"], abs=1e-6)
 
 
@@ -250,7 +263,7 @@ def pretraining_job(work: str) -> tuple[str, list]:
 
 
 def test_pretraining_on_idxmap_reports_validation(work):
-    _layout_runs(work, 1)
+    _layout_runs(work, 1, False)
     records = read_metrics(Path(work) / "pretrain" / "log")
     valid = {r["iteration"]: r["valid_loss"] for r in records if "valid_loss" in r}
     assert sorted(valid) == [2, 4] and valid[4] < valid[2]

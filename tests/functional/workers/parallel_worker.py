@@ -4,6 +4,8 @@
   train:  a few steps on a fixed batch with DDP + distributed optimizer; save the loss per step.
   train-save: train, then save a checkpoint as the training loop does (model + optimizer +
           iteration, tracker file) under --save-dir and the trained model's logits to --out.
+  rollout: sample with the kit's generator (models/generation.py), each data-parallel rank its own
+          prompts and token budget; save the largest |rollout - teacher-forced log-prob| of any rank.
   lora:   the base from --torch-dist plus the adapters of the LoRA save --lora-checkpoint, at the
           given layout: save the logits to --out and the adapters again (adapter-only) under --save-dir.
 The model comes from --hf-dir, or from a torch_dist checkpoint with --torch-dist.
@@ -19,7 +21,7 @@ import torch.distributed as dist
 def run(argv=None):
     """One check in this process group (several may run in one launch: workers/batch.py)."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["logits", "train", "train-save", "lora"])
+    parser.add_argument("mode", choices=["logits", "train", "train-save", "lora", "rollout"])
     parser.add_argument("--hf-dir", required=True, help="HF dir (weights, or only config.json with --torch-dist)")
     parser.add_argument("--torch-dist", help="load the weights from this torch_dist checkpoint dir instead")
     parser.add_argument("--save-dir", help="train-save: Megatron save dir")
@@ -84,6 +86,8 @@ def run(argv=None):
             from megatron_patch.training.checkpointing import save_checkpoint
 
             save_checkpoint(args.save_dir, 1, [model], None, None, 0, save_optim=False, keep=is_adapter_key)
+    elif args.mode == "rollout":
+        _rollout_check(model, arch.vocab_size, args.out, writer)
     elif args.mode == "train":
         losses, _ = train_on_fixed_batch(model, tokens, steps=args.steps, lr=3e-3)
         if writer:
@@ -99,3 +103,25 @@ def run(argv=None):
         if writer:
             torch.save(logits, args.out)
     dist.barrier()
+
+
+def _rollout_check(model, vocab_size: int, out: str, writer: bool) -> None:
+    """Data-parallel ranks differ in prompts and budget, so one stops stepping long before the other
+    (under EP it must still take part in every forward's token exchange)."""
+    from megatron.core import parallel_state
+
+    from megatron_patch.models.generation import Sampling
+    from tests.helpers import rollout_log_prob_gap
+
+    rank = parallel_state.get_data_parallel_rank()
+    generator = torch.Generator().manual_seed(rank)
+    lengths, budget = ((3, 8, 13, 21), 24) if rank == 0 else ((30, 5), 6)
+    prompts = [torch.randint(2, vocab_size, (n,), generator=generator).tolist() for n in lengths]
+    sampling = Sampling(max_new_tokens=budget, temperature=0.9, top_k=100)
+    completions, gap = rollout_log_prob_gap(model, vocab_size, prompts, sampling, seed=rank)
+    totals = torch.tensor([gap, sum(len(c.tokens) for c in completions)], dtype=torch.float64)
+    dist.all_reduce(totals[:1], op=dist.ReduceOp.MAX)
+    dist.all_reduce(totals[1:])
+    if writer:
+        with open(out, "w") as handle:
+            json.dump({"gap": totals[0].item(), "tokens": int(totals[1])}, handle)

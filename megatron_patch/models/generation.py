@@ -1,0 +1,206 @@
+"""Sampling from a Megatron-Core GPTModel with its own static KV cache: the kit's one generator.
+
+Used by GRPO rollout (on the training model itself, in its TP/EP layout) and by the evaluation
+model's ``generate_until``. Pipeline parallelism is not supported (one model chunk).
+
+Prompts of different lengths share one cache without padding: every row starts at position 0, the
+batch is prefilled up to the shortest prompt, and from there one token per row goes in at each
+step, the row's own next prompt token while it has one, else the token just sampled for it. So
+after the prefill every row attends to exactly its own tokens. (Left padding would not be safe:
+Megatron-Core drops the causal mask once the prefill is done, and torch SDPA aligns a causal mask
+top-left when query and key lengths differ, so padded rows would silently attend to their padding.)
+
+Every process of a data-parallel group gives the same prompts and an identically seeded generator,
+so tensor-parallel ranks (which see the same gathered logits) sample the same tokens. The steps
+continue until no row on any process is still going, because expert-parallel ranks exchange
+tokens inside every forward and must all call it the same number of times (so all prefill up to
+the shortest prompt of any process and share one cache length).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens {self.max_new_tokens}: at least 1 token must be generated")
+        if self.temperature < 0:
+            raise ValueError(f"temperature {self.temperature} must be >= 0 (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p {self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k {self.top_k} must be >= 0 (0 is off)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def scale(self) -> float:
+        """What the logits are divided by before log-probs are taken (verl's convention; greedy: 1)."""
+        return self.temperature if self.temperature > 0 else 1.0
+
+
+@dataclass
+class Completion:
+    """One row's generated tokens (the stop token included when one ended it) and their log-probs."""
+
+    tokens: list[int]
+    log_probs: list[float]
+    stopped: bool  # a stop token ended it (else it ran to max_new_tokens)
+
+    @property
+    def truncated(self) -> bool:
+        return not self.stopped
+
+
+def sampling_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _filtered(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Temperature-scaled logits [rows, vocab] with what top-k and top-p leave out set to -inf."""
+    logits = logits / sampling.scale
+    if sampling.top_k and sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        ordered, order = torch.sort(logits, dim=-1, descending=True)
+        # Drop a token once the tokens before it already hold top_p of the mass (the first always stays).
+        before = torch.softmax(ordered, dim=-1).cumsum(dim=-1) - torch.softmax(ordered, dim=-1)
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before >= sampling.top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None):
+    """(tokens [rows], their log-probs [rows]) from fp32 logits [rows, vocab].
+
+    The log-prob is of the unfiltered temperature-scaled distribution: what the training pass
+    computes for the same token, so the two can be compared (and clipped) as ratios.
+    """
+    log_probs = torch.log_softmax(logits / sampling.scale, dim=-1)
+    if sampling.greedy:
+        tokens = logits.argmax(dim=-1)
+    else:
+        probs = torch.softmax(_filtered(logits, sampling), dim=-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _any_process(flag: bool, device) -> bool:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _shared_schedule(shortest_prompt: int, longest_need: int, device) -> tuple[int, int]:
+    """(prefill length, cache length) that every process uses, so that all take the same steps."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return shortest_prompt, longest_need
+    both = torch.tensor([-shortest_prompt, longest_need], device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return int(-both[0].item()), int(both[1].item())
+
+
+@contextmanager
+def _without_sequence_parallel(model):
+    """Sequence parallelism off outside the MoE layers while generating, as Megatron-Core's own
+    static-batching controller does (0.16.1): a one-token step cannot be split over TP ranks."""
+    if not model.config.sequence_parallel:
+        yield
+        return
+    from megatron.core.transformer.moe.moe_layer import BaseMoELayer
+    from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+    set_model_to_sequence_parallel(model, False, exclude_modules=[BaseMoELayer])
+    try:
+        yield
+    finally:
+        set_model_to_sequence_parallel(model, True, exclude_modules=[BaseMoELayer])
+
+
+def _unwrapped(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: int,
+             generator: torch.Generator | None = None) -> list[Completion]:
+    """Complete every prompt (token ids) with ``model`` (a GPTModel, or DDP/Float16Module around one).
+
+    ``vocab_size`` trims the padded vocabulary. Each process calls this together with the others
+    of its job (see the module docstring); the model is put in eval mode and left there.
+    """
+    if not prompts or any(not prompt for prompt in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    gpt = _unwrapped(model)
+    if not getattr(gpt, "pre_process", True) or not getattr(gpt, "post_process", True):
+        raise ValueError("generation needs the whole model in one chunk (pipeline parallelism is not supported)")
+    device = next(gpt.parameters()).device
+    model.eval()
+    lengths = [len(prompt) for prompt in prompts]
+    rows = len(prompts)
+    # Every process takes the same steps (expert ranks exchange tokens in each): from the shortest
+    # prompt anywhere to the longest prompt + budget anywhere, or until no row anywhere is going.
+    position, capacity = _shared_schedule(min(lengths), max(lengths) + sampling.max_new_tokens, device)
+    context = StaticInferenceContext(max_batch_size=rows, max_sequence_length=capacity)
+    padding = sampling.stop_token_ids[0] if sampling.stop_token_ids else 0
+    sequence = torch.full((rows, capacity), padding, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        sequence[row, :len(prompt)] = torch.tensor(prompt, device=device)
+    stops = torch.tensor(sampling.stop_token_ids or [-1], device=device)
+    prompt_ends = torch.tensor(lengths, device=device)
+    generated = torch.zeros(rows, dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    stopped = torch.zeros(rows, dtype=torch.bool, device=device)
+    log_probs = torch.zeros(rows, capacity, dtype=torch.float32, device=device)
+
+    def step(tokens: torch.Tensor, start: int) -> torch.Tensor:
+        positions = torch.arange(start, start + tokens.shape[1], device=device).expand_as(tokens)
+        logits = model(input_ids=tokens, position_ids=positions, attention_mask=None,
+                       inference_context=context, runtime_gather_output=True)
+        context.increment_sequence_len_offset(tokens.shape[1])
+        return logits[:, -1, :vocab_size].float()
+
+    with _without_sequence_parallel(gpt):
+        logits = step(sequence[:, :position], 0)
+        context.enable_decode_mode()
+        while position < capacity:
+            choosing = (prompt_ends <= position) & ~finished  # rows past their prompt, still generating
+            if choosing.any():
+                tokens, token_log_probs = next_tokens(logits, sampling, generator)
+                sequence[choosing, position] = tokens[choosing]
+                log_probs[choosing, position] = token_log_probs[choosing]
+                generated += choosing
+                stopped |= choosing & torch.isin(tokens, stops)
+                finished |= stopped | (generated >= sampling.max_new_tokens)
+            if not _any_process(bool((~finished).any()), device):
+                break
+            logits = step(sequence[:, position:position + 1], position)
+            position += 1
+    sequence, log_probs = sequence.cpu(), log_probs.cpu()
+    return [Completion(tokens=sequence[row, lengths[row]:lengths[row] + int(generated[row])].tolist(),
+                       log_probs=log_probs[row, lengths[row]:lengths[row] + int(generated[row])].tolist(),
+                       stopped=bool(stopped[row])) for row in range(rows)]

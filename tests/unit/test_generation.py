@@ -1,0 +1,115 @@
+"""The kit's generator (Megatron-Core's static KV cache) and the chunked log-probs RL trains on."""
+
+import pytest
+import torch
+
+from megatron_patch.models.generation import Sampling, generate, sampling_generator
+from megatron_patch.models.log_probs import token_entropy, token_log_probs
+from megatron_patch.models.logits import forward_logits
+from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
+from tests.conftest import TINY_DENSE, TINY_MOE
+from tests.helpers import rollout_log_prob_gap
+
+# Different lengths, so rows join generation at different steps.
+PROMPT_LENGTHS = (3, 8, 13, 21)
+# Untied: a random tied model only repeats its last input token, which any cache bug would also give.
+ARCHS = {"moe": TINY_MOE, "dense": TINY_DENSE.replace(tie_word_embeddings=False)}
+
+
+def prompts_of(lengths, vocab_size, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab_size, (n,), generator=generator).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def models(megatron_world):
+    torch.manual_seed(7)
+    return {name: build_gpt_model(arch, BuildOptions(aux_loss_coeff=0.0)).eval() for name, arch in ARCHS.items()}
+
+
+def uncached_greedy(model, prompt, steps, vocab_size):
+    tokens = list(prompt)
+    for _ in range(steps):
+        logits = forward_logits(model, torch.tensor([tokens]), vocab_size)
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+@pytest.mark.parametrize("name", ["moe", "dense"])
+def test_kv_cached_greedy_equals_uncached_greedy(models, name):
+    model, arch = models[name], ARCHS[name]
+    prompts = prompts_of(PROMPT_LENGTHS, arch.vocab_size)
+    completions = generate(model, prompts, Sampling(max_new_tokens=48, temperature=0), arch.vocab_size)
+    for prompt, completion in zip(prompts, completions):
+        assert len(completion.tokens) == 48 and completion.truncated
+        assert completion.tokens == uncached_greedy(model, prompt, 48, arch.vocab_size)
+        assert len(set(completion.tokens)) >= 8  # text that depends on the context, not one repeated token
+
+
+@pytest.mark.parametrize("name", ["moe", "dense"])
+def test_sampled_log_probs_equal_the_teacher_forced_ones(models, name):
+    model, arch = models[name], ARCHS[name]
+    sampling = Sampling(max_new_tokens=24, temperature=0.8, top_p=0.95, top_k=100)
+    completions, gap = rollout_log_prob_gap(model, arch.vocab_size, prompts_of(PROMPT_LENGTHS, arch.vocab_size),
+                                            sampling, seed=3)
+    assert gap <= 1e-5, gap
+    assert sum(len(c.tokens) for c in completions) >= 4 * 24 - 8  # stopped rows aside, every token was checked
+
+
+def test_sampling_is_seeded_and_stops_at_a_stop_token(models):
+    model, vocab = models["moe"], TINY_MOE.vocab_size
+    prompts = prompts_of(PROMPT_LENGTHS, vocab)
+    sampling = Sampling(max_new_tokens=16, temperature=1.0)
+    first = generate(model, prompts, sampling, vocab, sampling_generator(11))
+    again = generate(model, prompts, sampling, vocab, sampling_generator(11))
+    other = generate(model, prompts, sampling, vocab, sampling_generator(12))
+    assert [c.tokens for c in first] == [c.tokens for c in again]
+    assert [c.tokens for c in first] != [c.tokens for c in other]
+    # The third token sampled for row 0 becomes a stop token: row 0 ends there, the others run on.
+    stop = first[0].tokens[2]
+    stopping = Sampling(max_new_tokens=16, temperature=1.0, stop_token_ids=(stop,))
+    stopped = generate(model, prompts, stopping, vocab, sampling_generator(11))
+    end = first[0].tokens.index(stop) + 1
+    assert stopped[0].tokens == first[0].tokens[:end] and stopped[0].stopped
+    for row in range(1, len(prompts)):
+        tokens = stopped[row].tokens
+        assert tokens[-1] == stop if stopped[row].stopped else len(tokens) == 16
+
+
+def test_top_k_one_is_greedy(models):
+    model, vocab = models["dense"], ARCHS["dense"].vocab_size
+    prompts = prompts_of(PROMPT_LENGTHS, vocab)
+    greedy = generate(model, prompts, Sampling(max_new_tokens=8, temperature=0), vocab)
+    top1 = generate(model, prompts, Sampling(max_new_tokens=8, temperature=1.3, top_k=1), vocab, sampling_generator(0))
+    assert [c.tokens for c in greedy] == [c.tokens for c in top1]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"max_new_tokens": 0}, "max_new_tokens 0"), ({"temperature": -1}, "temperature -1"),
+    ({"top_p": 0}, "top_p 0"), ({"top_k": -2}, "top_k -2"),
+])
+def test_bad_sampling_settings_are_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        Sampling(**bad)
+
+
+def test_chunked_log_probs_and_entropy_equal_the_whole_vocabulary_ones(megatron_world):
+    generator = torch.Generator().manual_seed(0)
+    padded, vocab = 64, 50  # columns 50..63 are vocabulary padding
+    logits = torch.randn(3, 7, padded, generator=generator, dtype=torch.float64).float().requires_grad_()
+    targets = torch.randint(0, vocab, (3, 7), generator=generator)
+    reference_logits = logits.detach().clone().requires_grad_()
+    reference = torch.log_softmax(reference_logits[..., :vocab] / 0.7, dim=-1)
+    expected = reference.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    got = token_log_probs(logits, targets, temperature=0.7, vocab_size=vocab, chunk_tokens=4)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    weights = torch.randn(3, 7, generator=generator)
+    (got * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(logits.grad, reference_logits.grad, rtol=0, atol=1e-6)
+    assert logits.grad[..., vocab:].abs().max() == 0  # padding gets no gradient
+    entropy = -(reference.exp() * reference).sum(-1)
+    torch.testing.assert_close(token_entropy(logits, 0.7, vocab, chunk_tokens=5), entropy.detach(), rtol=0, atol=1e-5)
+    # bf16 logits stay bf16; each chunk is upcast on its own.
+    halves = logits.detach().bfloat16()
+    assert token_log_probs(halves, targets, vocab_size=vocab).dtype == torch.float32
