@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime
 import os
+import signal
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -98,3 +102,29 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234, backend: str |
     parallel_state.initialize_model_parallel(**layout.megatron_sizes())
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed=seed)
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_launcher() -> None:
+    """Under torchrun, end this worker when torchrun ends, however it ends (even kill -9), and the
+    processes it forks with it.
+
+    torch elastic starts workers in sessions of their own (torch 2.13), so a kill of the launch's
+    process group does not reach them; without this a worker trained on and kept saving. The
+    request is not inherited by forked children (Megatron-Core forks its checkpoint writers), so
+    each child makes it again: an orphaned writer would otherwise finish, or hang, after a kill.
+    """
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+    def request() -> None:
+        parent = os.getppid()
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent ended before the request took effect
+            os._exit(1)
+
+    request()
+    os.register_at_fork(after_in_child=request)

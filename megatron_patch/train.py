@@ -8,20 +8,15 @@ resolved settings without training.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
-import signal
-import sys
 
 import torch.distributed as dist
 import yaml
 
 from megatron_patch.errors import exit_on_input_error
+from megatron_patch.parallel import die_with_launcher
 from megatron_patch.patches.warnings import silence_upstream_warnings
 from megatron_patch.training.config import parse_config
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _run(argv) -> None:
@@ -45,31 +40,8 @@ def _run(argv) -> None:
         print(f"done: iterations {result.start_iteration}..{result.last_iteration}", flush=True)
 
 
-def _die_with_parent() -> None:
-    """Under torchrun, end this worker when torchrun ends, however it ends (even kill -9), and the
-    processes it forks with it.
-
-    torch elastic starts workers in sessions of their own (torch 2.13), so a kill of the launch's
-    process group does not reach them; without this a worker trained on and kept saving. The
-    request is not inherited by forked children (Megatron-Core forks its checkpoint writers), so
-    each child makes it again: an orphaned writer would otherwise finish, or hang, after a kill.
-    """
-    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-    def request() -> None:
-        parent = os.getppid()
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent ended before the request took effect
-            os._exit(1)
-
-    request()
-    os.register_at_fork(after_in_child=request)
-
-
 def main(argv=None) -> int:
-    _die_with_parent()
+    die_with_launcher()
     silence_upstream_warnings()
     return exit_on_input_error(lambda: _run(argv))
 

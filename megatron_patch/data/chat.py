@@ -161,7 +161,7 @@ def render(
     last_query = max(
         (i for i, m in enumerate(messages) if m.role == "user" and not _is_tool_response(m)), default=-1
     )
-    last_assistant = max(i for i, m in enumerate(messages) if m.role == "assistant")
+    last_assistant = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
     parts: list[str] = []
     spans: list[tuple[int, int]] = []
     position = 0
@@ -196,6 +196,25 @@ def render(
             emit(content + "<|im_end|>", trained=trained)
             emit("\n")
     return "".join(parts), _merge(spans)
+
+
+def prompt_messages(turns) -> list[Message]:
+    """The turns (OpenAI-messages form) of a prompt the model is to answer: no closing assistant turn."""
+    messages = _openai({"messages": turns})
+    if not messages:
+        raise SampleError("empty conversation")
+    if any(m.role == "system" for m in messages[1:]):
+        raise SampleError("a system message may only come first")
+    if messages[-1].role not in ("user", "tool"):
+        raise SampleError("the last turn must be the user's (or a tool's) for the model to answer")
+    return messages
+
+
+def generation_prompt(messages: list[Message], enable_thinking: bool = True) -> str:
+    """The chat text of ``messages`` with the assistant's turn opened: the template's
+    ``add_generation_prompt``; without thinking, the empty think block Qwen3 puts there."""
+    text, _ = render(messages, enable_thinking)
+    return text + "<|im_start|>assistant\n" + ("" if enable_thinking else "<think>\n\n</think>\n\n")
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -9,6 +9,8 @@ the adapter keys beside them; a forward hook adds the adapter's output to the li
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from megatron_patch.lora.config import LoraConfigError, LoraSettings
@@ -165,3 +167,17 @@ def trainable_parameter_count(arch, settings: LoraSettings) -> int:
 
 def adapter_parameters(chunks) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for chunk in chunks for n, p in chunk.named_parameters() if p.requires_grad]
+
+
+@contextmanager
+def adapters_disabled(chunks):
+    """The base model inside the block: every adapter's output scaled by 0 (GRPO's reference policy)."""
+    adapters = [m for chunk in chunks for m in chunk.modules() if isinstance(m, (LoraAdapter, GroupedLoraAdapter))]
+    scales = [adapter.scale for adapter in adapters]
+    for adapter in adapters:
+        adapter.scale = 0.0
+    try:
+        yield
+    finally:
+        for adapter, scale in zip(adapters, scales):
+            adapter.scale = scale

@@ -88,9 +88,22 @@ def _filtered(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     return logits
 
 
-def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None):
+def _uniforms(generators, rows: int, device) -> torch.Tensor:
+    """One uniform draw per row: from one generator for the batch, or from each row's own."""
+    if generators is None or isinstance(generators, torch.Generator):
+        origin = generators.device if generators is not None else device
+        return torch.rand(rows, generator=generators, device=origin).to(device)
+    if len(generators) != rows:
+        raise ValueError(f"{len(generators)} generators for {rows} rows")
+    return torch.cat([torch.rand(1, generator=g, device=g.device).to(device) for g in generators])
+
+
+def next_tokens(logits: torch.Tensor, sampling: Sampling, generators=None):
     """(tokens [rows], their log-probs [rows]) from fp32 logits [rows, vocab].
 
+    Sampling inverts each row's cumulative distribution at one uniform draw, so a row's token
+    depends only on its own distribution and generator: with a generator per row (GRPO: one per
+    sample), the same samples come out whatever the batch or the parallel layout around them.
     The log-prob is of the unfiltered temperature-scaled distribution: what the training pass
     computes for the same token, so the two can be compared (and clipped) as ratios.
     """
@@ -98,8 +111,9 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
     if sampling.greedy:
         tokens = logits.argmax(dim=-1)
     else:
-        probs = torch.softmax(_filtered(logits, sampling), dim=-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        cumulative = torch.softmax(_filtered(logits, sampling), dim=-1).cumsum(dim=-1)
+        targets = _uniforms(generators, logits.shape[0], logits.device) * cumulative[:, -1]
+        tokens = torch.searchsorted(cumulative, targets.unsqueeze(-1)).squeeze(-1).clamp(max=logits.shape[-1] - 1)
     return tokens, log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
@@ -145,11 +159,12 @@ def _unwrapped(model):
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: int,
-             generator: torch.Generator | None = None) -> list[Completion]:
+             generator: torch.Generator | list[torch.Generator] | None = None) -> list[Completion]:
     """Complete every prompt (token ids) with ``model`` (a GPTModel, or DDP/Float16Module around one).
 
-    ``vocab_size`` trims the padded vocabulary. Each process calls this together with the others
-    of its job (see the module docstring); the model is put in eval mode and left there.
+    ``vocab_size`` trims the padded vocabulary; ``generator`` is one for the batch, or one per prompt.
+    Each process calls this together with the others of its job (see the module docstring); the
+    model is put in eval mode and left there.
     """
     if not prompts or any(not prompt for prompt in prompts):
         raise ValueError("generate: every prompt needs at least one token")
@@ -188,13 +203,16 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
         logits = step(sequence[:, :position], 0)
         context.enable_decode_mode()
         while position < capacity:
-            choosing = (prompt_ends <= position) & ~finished  # rows past their prompt, still generating
-            if choosing.any():
-                tokens, token_log_probs = next_tokens(logits, sampling, generator)
-                sequence[choosing, position] = tokens[choosing]
-                log_probs[choosing, position] = token_log_probs[choosing]
-                generated += choosing
-                stopped |= choosing & torch.isin(tokens, stops)
+            # Rows past their prompt and still generating draw a token (and only they use their generator).
+            choosing = torch.nonzero((prompt_ends <= position) & ~finished).squeeze(-1)
+            if len(choosing):
+                own = generator if generator is None or isinstance(generator, torch.Generator) \
+                    else [generator[row] for row in choosing.tolist()]
+                tokens, token_log_probs = next_tokens(logits[choosing], sampling, own)
+                sequence[choosing, position] = tokens
+                log_probs[choosing, position] = token_log_probs
+                generated[choosing] += 1
+                stopped[choosing] |= torch.isin(tokens, stops)
                 finished |= stopped | (generated >= sampling.max_new_tokens)
             if not _any_process(bool((~finished).any()), device):
                 break

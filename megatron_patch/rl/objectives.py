@@ -101,6 +101,31 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
     raise ValueError(f"loss aggregation {mode!r}: expected one of {', '.join(AGGREGATIONS)}")
 
 
+def aggregate_parts(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
+                    norm: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(numerator, integer denominator) of the loss over a micro-batch, for a loss over many.
+
+    Megatron-Core's schedules (``calculate_per_token_loss``) sum the numerators of every micro-batch
+    of every data-parallel rank and divide by the summed denominators, so the step's loss is the
+    global batch's: token-mean over all response tokens; seq-mean-* over all sequences (each
+    sequence's token mean or sum); seq-mean-token-sum-norm each sequence's sum / ``norm`` (default
+    the padded response length), averaged over sequences (Dr.GRPO).
+    """
+    mask = mask.to(values.dtype)
+    masked = values * mask
+    tokens = mask.sum(dim=-1)
+    sequences = (tokens > 0).sum()
+    if mode == "token-mean":
+        return masked.sum(), tokens.sum().to(torch.int)
+    if mode == "seq-mean-token-mean":
+        return (masked.sum(dim=-1) / tokens.clamp(min=1.0)).sum(), sequences.to(torch.int)
+    if mode == "seq-mean-token-sum":
+        return masked.sum(), sequences.to(torch.int)
+    if mode == "seq-mean-token-sum-norm":
+        return masked.sum(), (sequences * (norm if norm is not None else mask.shape[-1])).to(torch.int)
+    raise ValueError(f"loss aggregation {mode!r}: expected one of {', '.join(AGGREGATIONS)}")
+
+
 def rollout_correction(logp_old: torch.Tensor, logp_rollout: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
     """Truncated importance weight ``clamp(exp(logp_old - logp_rollout), 0, cap)`` (TIS) per token, for
     a rollout engine whose log-probs differ from the training model's."""

@@ -23,7 +23,7 @@ class TrainConfigError(InputError):
     """An invalid setting; the message names it."""
 
 
-def _opt(default, help: str, flag: str | None = None, **argparse_kwargs):
+def option(default, help: str, flag: str | None = None, **argparse_kwargs):
     """A setting with its help text; a type as ``default`` (``list``) makes a fresh empty value per config."""
     metadata = {"help": help, "flag": flag, **argparse_kwargs}
     if isinstance(default, type):
@@ -34,94 +34,95 @@ def _opt(default, help: str, flag: str | None = None, **argparse_kwargs):
 @dataclass
 class TrainConfig:
     # Model and tokenizer
-    model: str = _opt("tiny-moe", "preset name (0.6B ... 32B, A3B, A22B, tiny-moe, tiny-dense) or an HF model "
-                                  "directory")
-    tokenizer: str | None = _opt(None, "HF tokenizer directory (default: the HF model directory, the --load directory "
-                                       "if it holds tokenizer files, else the bundled Qwen3 tokenizer)")
-    transformer_impl: str = _opt("auto", "attention/experts modules: transformer_engine (TE spec), torch (SDPA and "
-                                         "varlen attention, grouped-GEMM experts), local (Megatron-Core's stock local "
-                                         "spec) or auto (TE when importable on CUDA, else torch) (MP_TRANSFORMER_IMPL)",
-                                 choices=TRANSFORMER_IMPLS)
+    model: str = option("tiny-moe", "preset name (0.6B ... 32B, A3B, A22B, tiny-moe, tiny-dense) or an HF model "
+                                     "directory")
+    tokenizer: str | None = option(None, "HF tokenizer directory (default: the HF model directory, the --load "
+                                          "directory if it holds tokenizer files, else the bundled Qwen3 tokenizer)")
+    transformer_impl: str = option("auto", "attention/experts modules: transformer_engine (TE spec), torch (SDPA "
+                                            "and varlen attention, grouped-GEMM experts), local (Megatron-Core's stock "
+                                            "local spec) or auto (TE when importable on CUDA, else torch) "
+                                            "(MP_TRANSFORMER_IMPL)",
+                                    choices=TRANSFORMER_IMPLS)
     # Parallel layout
-    tensor_model_parallel_size: int = _opt(1, "TP")
-    pipeline_model_parallel_size: int = _opt(1, "PP")
-    context_parallel_size: int = _opt(1, "CP (needs Transformer-Engine attention)")
-    expert_model_parallel_size: int = _opt(1, "EP")
-    expert_tensor_parallel_size: int = _opt(1, "ETP")
-    sequence_parallel: bool = _opt(False, "sequence parallelism (TP > 1)")
-    num_layers_per_virtual_pipeline_stage: int | None = _opt(None, "virtual pipeline: layers per chunk (MP_VP)")
-    decoder_first_pipeline_num_layers: int | None = _opt(None, "layers of the first pipeline stage (MP_PP0_LAYERS)")
+    tensor_model_parallel_size: int = option(1, "TP")
+    pipeline_model_parallel_size: int = option(1, "PP")
+    context_parallel_size: int = option(1, "CP (needs Transformer-Engine attention)")
+    expert_model_parallel_size: int = option(1, "EP")
+    expert_tensor_parallel_size: int = option(1, "ETP")
+    sequence_parallel: bool = option(False, "sequence parallelism (TP > 1)")
+    num_layers_per_virtual_pipeline_stage: int | None = option(None, "virtual pipeline: layers per chunk (MP_VP)")
+    decoder_first_pipeline_num_layers: int | None = option(None, "layers of the first pipeline stage (MP_PP0_LAYERS)")
     # Batch and sequence
-    micro_batch_size: int = _opt(1, "sequences per micro-batch per data-parallel rank")
-    global_batch_size: int = _opt(8, "sequences per optimizer step (micro-batch x micro-batches x DP)")
-    seq_length: int = _opt(128, "training sequence length")
-    max_padding_length: int | None = _opt(None, "raw JSON SFT: pad/truncate samples to this length "
-                                                "(default seq-length)")
+    micro_batch_size: int = option(1, "sequences per micro-batch per data-parallel rank")
+    global_batch_size: int = option(8, "sequences per optimizer step (micro-batch x micro-batches x DP)")
+    seq_length: int = option(128, "training sequence length")
+    max_padding_length: int | None = option(None, "raw JSON SFT: pad/truncate samples to this length "
+                                                   "(default seq-length)")
     # Precision, optimizer, schedule
-    precision: str = _opt("bf16", "parameter/compute precision", choices=TRAINING_PRECISIONS)
-    lr: float = _opt(1e-5, "peak learning rate")
-    min_lr: float = _opt(1e-6, "final learning rate of the cosine decay")
-    lr_decay_style: str = _opt("cosine", "learning-rate decay", choices=("cosine", "linear", "constant"))
-    lr_warmup_iters: int = _opt(0, "linear warmup iterations")
-    lr_decay_iters: int | None = _opt(None, "decay iterations (default: train-iters)")
-    train_iters: int = _opt(10, "optimizer steps in total")
-    weight_decay: float = _opt(0.01, "AdamW weight decay")
-    adam_beta1: float = _opt(0.9, "Adam beta1")
-    adam_beta2: float = _opt(0.95, "Adam beta2")
-    clip_grad: float = _opt(1.0, "gradient-norm clip (0: off)")
-    init_method_std: float = _opt(0.008, "std of the random initialisation (runs without --load)")
-    use_distributed_optimizer: bool = _opt(True, "shard optimizer state over data-parallel ranks")
-    optimizer_offload_fraction: float | None = _opt(None, "offload this fraction of optimizer state to CPU "
-                                                          "(GPU runs; implies the distributed optimizer)")
-    overlap_grad_reduce: bool = _opt(True, "overlap the gradient all-reduce/reduce-scatter with the backward pass")
-    overlap_param_gather: bool = _opt(True, "overlap the distributed optimizer's parameter all-gather with the next "
-                                            "forward pass (off without the distributed optimizer)")
-    moe_aux_loss_coeff: float | None = _opt(None, "MoE load-balancing loss coefficient (default: the model's, "
-                                                  "0.001 for Qwen3-MoE)")
+    precision: str = option("bf16", "parameter/compute precision", choices=TRAINING_PRECISIONS)
+    lr: float = option(1e-5, "peak learning rate")
+    min_lr: float = option(1e-6, "final learning rate of the cosine decay")
+    lr_decay_style: str = option("cosine", "learning-rate decay", choices=("cosine", "linear", "constant"))
+    lr_warmup_iters: int = option(0, "linear warmup iterations")
+    lr_decay_iters: int | None = option(None, "decay iterations (default: train-iters)")
+    train_iters: int = option(10, "optimizer steps in total")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    adam_beta1: float = option(0.9, "Adam beta1")
+    adam_beta2: float = option(0.95, "Adam beta2")
+    clip_grad: float = option(1.0, "gradient-norm clip (0: off)")
+    init_method_std: float = option(0.008, "std of the random initialisation (runs without --load)")
+    use_distributed_optimizer: bool = option(True, "shard optimizer state over data-parallel ranks")
+    optimizer_offload_fraction: float | None = option(None, "offload this fraction of optimizer state to CPU "
+                                                             "(GPU runs; implies the distributed optimizer)")
+    overlap_grad_reduce: bool = option(True, "overlap the gradient all-reduce/reduce-scatter with the backward pass")
+    overlap_param_gather: bool = option(True, "overlap the distributed optimizer's parameter all-gather with the next "
+                                               "forward pass (off without the distributed optimizer)")
+    moe_aux_loss_coeff: float | None = option(None, "MoE load-balancing loss coefficient (default: the model's, "
+                                                     "0.001 for Qwen3-MoE)")
     # LoRA (megatron_patch.lora)
-    lora_rank: int = _opt(0, "LoRA rank; 0 trains every weight (MP_LORA_RANK)")
-    lora_alpha: float = _opt(32.0, "LoRA alpha: the update is scaled by alpha / rank (MP_LORA_ALPHA)")
-    lora_dropout: float = _opt(0.0, "dropout on the adapters' input (MP_LORA_DROPOUT)")
-    lora_target_modules: tuple[str, ...] = _opt(("all",), "linears to adapt: linear_qkv linear_proj linear_fc1 "
-                                          "linear_fc2 (experts included), HF names (q_proj ... down_proj) or all "
-                                          "(MP_LORA_TARGETS)", nargs="+")
-    save_lora_only: bool = _opt(False, "checkpoints hold the adapters (and their optimizer state) only")
-    lora_load: str | None = _opt(None, "resume from an adapter checkpoint (--save-lora-only); --load gives the base")
+    lora_rank: int = option(0, "LoRA rank; 0 trains every weight (MP_LORA_RANK)")
+    lora_alpha: float = option(32.0, "LoRA alpha: the update is scaled by alpha / rank (MP_LORA_ALPHA)")
+    lora_dropout: float = option(0.0, "dropout on the adapters' input (MP_LORA_DROPOUT)")
+    lora_target_modules: tuple[str, ...] = option(("all",), "linears to adapt: linear_qkv linear_proj linear_fc1 "
+                                             "linear_fc2 (experts included), HF names (q_proj ... down_proj) or all "
+                                             "(MP_LORA_TARGETS)", nargs="+")
+    save_lora_only: bool = option(False, "checkpoints hold the adapters (and their optimizer state) only")
+    lora_load: str | None = option(None, "resume from an adapter checkpoint (--save-lora-only); --load gives the base")
     # Recompute
-    recompute: str = _opt("none", "activation recompute: none, sel (core attention), full (whole layers), "
-                                  "offload (activations to CPU)", choices=tuple(RECOMPUTE_MODES))
-    recompute_num_layers: int = _opt(1, "full: layers per recompute group; offload: layers offloaded (MP_AC_LAYERS)")
+    recompute: str = option("none", "activation recompute: none, sel (core attention), full (whole layers), "
+                                     "offload (activations to CPU)", choices=tuple(RECOMPUTE_MODES))
+    recompute_num_layers: int = option(1, "full: layers per recompute group; offload: layers offloaded (MP_AC_LAYERS)")
     # Data
-    train_mode: str = _opt("pretrain", "pretrain (every token trained) or finetune (SFT: loss mask, per-token loss)",
-                           choices=("pretrain", "finetune"))
-    dataset_type: str = _opt("idxmap", "idxmap (Megatron .bin/.idx from the toolkits) or raw (SFT JSON/JSONL, "
-                                       "tokenized on the fly)", choices=("idxmap", "raw"))
-    data_path: list[str] = _opt(list, "idxmap: dataset prefixes, optionally weighted ('0.7 a 0.3 b'); raw: JSON files",
-                                nargs="+")
-    valid_data_path: list[str] | None = _opt(None, "raw: validation JSON files (idxmap uses --split)", nargs="+")
-    split: str = _opt("99,1,0", "idxmap pretraining: train,valid,test split of the documents")
-    sft_packing: bool = _opt(False, "SFT data was packed (build_sft --packing): position ids restart per sample and "
-                                    "attention never crosses samples (MP_SFT_PACKING)")
-    seed: int = _opt(1234, "random seed (initialisation, data order)")
+    train_mode: str = option("pretrain", "pretrain (every token trained) or finetune (SFT: loss mask, per-token loss)",
+                              choices=("pretrain", "finetune"))
+    dataset_type: str = option("idxmap", "idxmap (Megatron .bin/.idx from the toolkits) or raw (SFT JSON/JSONL, "
+                                          "tokenized on the fly)", choices=("idxmap", "raw"))
+    data_path: list[str] = option(list, "idxmap: dataset prefixes, optionally weighted ('0.7 a 0.3 b'); raw: "
+                                           "JSON files", nargs="+")
+    valid_data_path: list[str] | None = option(None, "raw: validation JSON files (idxmap uses --split)", nargs="+")
+    split: str = option("99,1,0", "idxmap pretraining: train,valid,test split of the documents")
+    sft_packing: bool = option(False, "SFT data was packed (build_sft --packing): position ids restart per sample and "
+                                       "attention never crosses samples (MP_SFT_PACKING)")
+    seed: int = option(1234, "random seed (initialisation, data order)")
     # Checkpoints
-    load: str | None = _opt(None, "torch_dist checkpoint to start from: converter output (starts at iteration 0) "
-                                  "or one of our saves (resumes)")
-    save: str | None = _opt(None, "checkpoint directory (iter_XXXXXXX/ and latest_checkpointed_iteration.txt)")
-    save_interval: int | None = _opt(None, "save every N iterations (and at the end)")
-    save_optim: bool = _opt(True, "save optimizer state, LR schedule and RNG with the weights "
-                                  "(needed for exact resume)")
-    load_optim: bool = _opt(True, "restore optimizer state, LR schedule, RNG and data position when resuming")
-    auto_resume: bool = _opt(True, "when --save already holds a complete checkpoint, continue from the latest one "
-                                   "(an interrupted run rerun as it was) instead of starting from --load")
-    exit_interval: int | None = _opt(None, "stop (after saving) once the iteration is a multiple of this")
+    load: str | None = option(None, "torch_dist checkpoint to start from: converter output (starts at iteration 0) "
+                                     "or one of our saves (resumes)")
+    save: str | None = option(None, "checkpoint directory (iter_XXXXXXX/ and latest_checkpointed_iteration.txt)")
+    save_interval: int | None = option(None, "save every N iterations (and at the end)")
+    save_optim: bool = option(True, "save optimizer state, LR schedule and RNG with the weights "
+                                     "(needed for exact resume)")
+    load_optim: bool = option(True, "restore optimizer state, LR schedule, RNG and data position when resuming")
+    auto_resume: bool = option(True, "when --save already holds a complete checkpoint, continue from the latest one "
+                                      "(an interrupted run rerun as it was) instead of starting from --load")
+    exit_interval: int | None = option(None, "stop (after saving) once the iteration is a multiple of this")
     # Logging and validation
-    log_interval: int = _opt(1, "print/log metrics every N iterations")
-    eval_interval: int | None = _opt(None, "validation loss/perplexity every N iterations (None: off)")
-    eval_iters: int = _opt(10, "validation batches per evaluation")
-    tensorboard_dir: str | None = _opt(None, "TensorBoard event files here")
-    log_dir: str | None = _opt(None, "metrics.jsonl (one JSON line per logged iteration) here")
-    peak_tflops: float | None = _opt(None, "the device's peak dense TFLOP/s for MFU (default: known GPUs' bf16 peak)")
-    device: str = _opt("auto", "cuda, cpu (gloo, for smoke tests) or auto", choices=("auto", "cuda", "cpu"))
+    log_interval: int = option(1, "print/log metrics every N iterations")
+    eval_interval: int | None = option(None, "validation loss/perplexity every N iterations (None: off)")
+    eval_iters: int = option(10, "validation batches per evaluation")
+    tensorboard_dir: str | None = option(None, "TensorBoard event files here")
+    log_dir: str | None = option(None, "metrics.jsonl (one JSON line per logged iteration) here")
+    peak_tflops: float | None = option(None, "the device's peak dense TFLOP/s for MFU (default: known GPUs' bf16 peak)")
+    device: str = option("auto", "cuda, cpu (gloo, for smoke tests) or auto", choices=("auto", "cuda", "cpu"))
 
     # ----------------------------------------------------------------------------------------------
     def check(self, world_size: int | None = None) -> None:
@@ -195,23 +196,15 @@ class TrainConfig:
                 for key, value in dataclasses.asdict(self).items()}
 
 
-def _flag(name: str) -> str:
-    spec = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
+def _flag(name: str, settings_class=None) -> str:
+    spec = {f.name: f for f in dataclasses.fields(settings_class or TrainConfig)}[name]
     return (spec.metadata.get("flag") or name.replace("_", "-")).lstrip("-")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m megatron_patch.train",
-        description="Pretrain or fine-tune Qwen3 / Qwen3-MoE on Megatron-Core (GPU, or CPU with gloo). "
-                    "Run under torchrun for more than one process. Settings come from these flags and/or "
-                    "--config FILE.yaml (keys are the flag names with underscores); flags win.",
-        argument_default=argparse.SUPPRESS,
-    )
-    parser.add_argument("--config", type=Path, help="YAML file of settings")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
-    for spec in dataclasses.fields(TrainConfig):
-        flag = "--" + _flag(spec.name)
+def add_flags(parser: argparse.ArgumentParser, settings_class) -> None:
+    """One flag per field of a settings dataclass (``option`` fields), with its help and default."""
+    for spec in dataclasses.fields(settings_class):
+        flag = "--" + _flag(spec.name, settings_class)
         default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
         help_text = f"{spec.metadata['help']} (default: {default})"
         if isinstance(default, bool):
@@ -219,6 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         kwargs = {k: v for k, v in spec.metadata.items() if k not in ("help", "flag")}
         parser.add_argument(flag, dest=spec.name, type=_scalar_type(spec), help=help_text, **kwargs)
+
+
+def build_parser(prog: str = "python -m megatron_patch.train", description: str | None = None,
+                 settings_classes: tuple = (TrainConfig,)) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description or "Pretrain or fine-tune Qwen3 / Qwen3-MoE on Megatron-Core (GPU, or CPU with "
+                                   "gloo). Run under torchrun for more than one process. Settings come from these "
+                                   "flags and/or --config FILE.yaml (keys are the flag names with underscores); "
+                                   "flags win.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", type=Path, help="YAML file of settings")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+    for settings_class in settings_classes:
+        add_flags(parser, settings_class)
     return parser
 
 
@@ -230,7 +239,7 @@ def _scalar_type(spec):
     return str
 
 
-def load_yaml(path: Path) -> dict:
+def load_yaml(path: Path, settings_classes: tuple = (TrainConfig,)) -> dict:
     import yaml
 
     try:
@@ -239,7 +248,7 @@ def load_yaml(path: Path) -> dict:
         raise TrainConfigError(f"{path}: {err}") from None
     if not isinstance(values, dict):
         raise TrainConfigError(f"{path}: expected a mapping of settings")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for settings_class in settings_classes for f in dataclasses.fields(settings_class)}
     values = {key.replace("-", "_"): value for key, value in values.items()}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -247,17 +256,25 @@ def load_yaml(path: Path) -> dict:
     return values
 
 
-def parse_config(argv=None) -> tuple[TrainConfig, bool]:
-    """(config, print_only) from the command line (and its --config file)."""
-    parser = build_parser()
+def parse_settings(argv, parser: argparse.ArgumentParser, settings_classes: tuple) -> tuple[list, bool]:
+    """(one instance per settings class, print_only) from the command line and its --config file."""
     args = vars(parser.parse_args(argv))
     print_only = args.pop("print_config", False)
-    values = load_yaml(args.pop("config")) if "config" in args else {}
+    values = load_yaml(args.pop("config"), settings_classes) if "config" in args else {}
     values.update(args)
     if isinstance(values.get("data_path"), str):
         values["data_path"] = values["data_path"].split()
-    try:
-        config = TrainConfig(**values)
-    except TypeError as err:
-        raise TrainConfigError(str(err)) from None
+    settings = []
+    for settings_class in settings_classes:
+        names = {f.name for f in dataclasses.fields(settings_class)}
+        try:
+            settings.append(settings_class(**{k: v for k, v in values.items() if k in names}))
+        except TypeError as err:
+            raise TrainConfigError(str(err)) from None
+    return settings, print_only
+
+
+def parse_config(argv=None) -> tuple[TrainConfig, bool]:
+    """(config, print_only) from the command line (and its --config file)."""
+    (config,), print_only = parse_settings(argv, build_parser(), (TrainConfig,))
     return config, print_only

@@ -24,7 +24,7 @@ from megatron_patch.training.metrics import (
     device_peak_tflops,
     model_flops_per_token,
 )
-from megatron_patch.training.setup import Run, prepare_run
+from megatron_patch.training.setup import Run, TrainedModel, prepare_run
 from megatron_patch.training.steps import lm_forward_step, synchronized_parameters, train_step
 
 
@@ -93,20 +93,22 @@ def _iteration_report(config: TrainConfig, iteration: int, step: dict, optimizer
     return values, line
 
 
-def _save(run: Run, iteration: int) -> None:
-    config, lora = run.config, run.lora
+def save_model(model: TrainedModel, iteration: int, consumed_samples: int, extra: dict | None = None) -> None:
+    """A checkpoint of ``model`` (its LoRA save policy applied) in --save, with weights in sync."""
+    config, lora = model.config, model.lora
     adapters_only = lora is not None and lora.adapters_only
-    extra = {"model": config.model, "seq_length": config.seq_length}
+    extra = {"model": config.model, "seq_length": config.seq_length, **(extra or {})}
     if lora is not None:
         extra["lora"] = lora.record()
-    with synchronized_parameters(run.ddp_chunks):
+    side_files = None if adapters_only else model.hf_dir or model.tokenizer_dir
+    with synchronized_parameters(model.ddp_chunks):
         path = save_checkpoint(
-            config.save, iteration, run.chunks, run.optimizer, run.scheduler, run.batches.consumed_samples,
-            save_optim=config.save_optim, side_files_from=None if adapters_only else run.hf_dir or run.tokenizer_dir,
-            hf_config=None if adapters_only else run.arch.to_hf_config(), extra=extra,
+            config.save, iteration, model.chunks, model.optimizer, model.scheduler, consumed_samples,
+            save_optim=config.save_optim, side_files_from=side_files,
+            hf_config=None if adapters_only else model.arch.to_hf_config(), extra=extra,
             keep=lora.keep() if lora is not None else None,
         )
-    if run.rank0:
+    if model.rank0:
         print(f"saved {path}", flush=True)
 
 
@@ -155,7 +157,7 @@ def train(config: TrainConfig) -> TrainResult:
         last = iteration == config.train_iters
         stop = config.exit_interval is not None and iteration % config.exit_interval == 0
         if config.save and (last or stop or (config.save_interval and iteration % config.save_interval == 0)):
-            _save(run, iteration)
+            save_model(run, iteration, run.batches.consumed_samples)
             stopwatch.lap()  # saving is not training time
         result.last_iteration = iteration
         if stop and not last:

@@ -6,6 +6,7 @@ does; the loop (``training/loop.py``) only steps, reports, validates and saves.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +46,15 @@ from megatron_patch.training.steps import OptimizerSettings, build_optimizer, wr
 
 
 @dataclass
-class Run:
+class TrainedModel:
+    """The model a run trains, with its DDP wrappers, optimizer and schedule: what SFT, pretraining and
+    GRPO share (their data differs)."""
+
     config: TrainConfig
     arch: Qwen3Arch
     hf_dir: Path | None
     tokenizer_dir: Path
+    tokenizer: Qwen3Tokenizer
     device: str
     impl: str
     chunks: list  # the model chunks (one per virtual pipeline stage)
@@ -57,14 +62,18 @@ class Run:
     optimizer: object
     scheduler: OptimizerParamScheduler
     lora: AdapterSavePolicy | None
-    loaded: LoadedState
-    batches: MicroBatches
-    valid_set: object | None
-    packing: str  # "none", "mask" (block mask, local spec) or "thd" (flattened, varlen attention)
 
     @property
     def rank0(self) -> bool:
         return dist.get_rank() == 0
+
+
+@dataclass
+class Run(TrainedModel):
+    loaded: LoadedState
+    batches: MicroBatches
+    valid_set: object | None
+    packing: str  # "none", "mask" (block mask, local spec) or "thd" (flattened, varlen attention)
 
     def validation_batches(self) -> MicroBatches:
         config = self.config
@@ -173,8 +182,8 @@ def _report_load(loaded: LoadedState, rank0: bool) -> None:
         print(f"loaded {loaded.source} ({how})", flush=True)
 
 
-def prepare_run(config: TrainConfig) -> Run:
-    """Everything ``train`` needs, in this process (one rank of the job)."""
+def prepare_model(config: TrainConfig) -> TrainedModel:
+    """Checks, process groups, model (with LoRA), DDP, optimizer and schedule in this process; nothing loaded."""
     device = resolve_device(config.device)
     arch, hf_dir = resolve_model(config.model)
     impl = resolved_transformer_impl(config)
@@ -199,17 +208,27 @@ def prepare_run(config: TrainConfig) -> Run:
         use_distributed_optimizer=config.use_distributed_optimizer,
         cpu_offload_fraction=config.optimizer_offload_fraction,
     ))
-    scheduler = _scheduler(config, optimizer)
-    loaded = _load(config, chunks, optimizer, scheduler, lora, rank0)
+    return TrainedModel(config, arch, hf_dir, tokenizer_dir, tokenizer, device, impl, chunks, ddp_chunks, optimizer,
+                        _scheduler(config, optimizer), lora)
 
-    train_set, valid_set = build_datasets(config, tokenizer)
-    packing = ("mask" if impl == "local" else "thd") if config.sft_packing else "none"
+
+def load_start(model: TrainedModel) -> LoadedState:
+    """The run's start loaded into ``model``: its own latest save, or --load (and --lora-load)."""
+    return _load(model.config, model.chunks, model.optimizer, model.scheduler, model.lora, model.rank0)
+
+
+def prepare_run(config: TrainConfig) -> Run:
+    """Everything ``train`` needs, in this process (one rank of the job)."""
+    model = prepare_model(config)
+    loaded = load_start(model)
+    train_set, valid_set = build_datasets(config, model.tokenizer)
+    packing = ("mask" if model.impl == "local" else "thd") if config.sft_packing else "none"
     batches = MicroBatches(train_set, config.global_batch_size, config.micro_batch_size,
                            parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
                            consumed_samples=loaded.consumed_samples, seed=config.seed,
                            shuffle=config.sft,  # GPTDataset (pretraining) is shuffled by Megatron-Core already
-                           packing=packing, device=device)
-    if config.eval_interval and valid_set is None and rank0:
+                           packing=packing, device=model.device)
+    if config.eval_interval and valid_set is None and model.rank0:
         print("warning: no validation data (the split leaves none); validation is off", flush=True)
-    return Run(config, arch, hf_dir, tokenizer_dir, device, impl, chunks, ddp_chunks, optimizer, scheduler, lora,
-               loaded, batches, valid_set, packing)
+    parts = {f.name: getattr(model, f.name) for f in dataclasses.fields(TrainedModel)}
+    return Run(**parts, loaded=loaded, batches=batches, valid_set=valid_set, packing=packing)

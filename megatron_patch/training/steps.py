@@ -170,7 +170,8 @@ def train_step(
         summed = torch.stack([r["lm loss"] for r in reports]).sum(dim=0)
         torch.distributed.all_reduce(summed, group=parallel_state.get_data_parallel_group())
         loss = (summed[0] / summed[1]).item()
-    return {"loss": loss, "grad_norm": grad_norm, "update_successful": update_successful}
+    # reports: what the loss function reported per micro-batch (last pipeline stage).
+    return {"loss": loss, "grad_norm": grad_norm, "update_successful": update_successful, "reports": reports}
 
 
 def lm_batch(tokens: torch.Tensor) -> dict:

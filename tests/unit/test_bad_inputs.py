@@ -16,6 +16,7 @@ from megatron_patch.data.build_sft import main as build_sft_main
 from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
 from megatron_patch.evaluation.prepare import main as prepare_main
 from megatron_patch.evaluation.run import main as evaluate_main
+from megatron_patch.rl.__main__ import main as rl_main
 from megatron_patch.train import main as train_main
 from megatron_patch.training.launch import main as launch_main
 from tests.helpers import build_pretrain_data
@@ -125,6 +126,18 @@ CASES = {
                                             "--tokenizer", bundled_qwen3_tokenizer_dir(), "--output-prefix",
                                             d / "x"], {},
         "x would overwrite the input"),
+    "GRPO --seq-length below prompt + response": (
+        rl_main, lambda d, hf: ["--data-path", "p.jsonl", "--seq-length", "64", "--max-prompt-length", "48",
+                                "--max-response-length", "32", "--print-config"], {},
+        "--seq-length 64 is below --max-prompt-length 48 + --max-response-length 32"),
+    "GRPO prompt line without a label": (
+        rl_main, lambda d, hf: ["--model", hf, "--data-path", _lines(d / "data", '{"prompt": "2 + 2?"}\n'),
+                                "--seq-length", "1024"], {},
+        'train.jsonl:1: expected a string "label"'),
+    "GRPO reward file missing": (
+        rl_main, lambda d, hf: ["--data-path", "p.jsonl", "--seq-length", "1024", "--reward",
+                                f"custom:{d / 'mine.py'}:score"], {},
+        "mine.py not found"),
     "JSON line nested 100k deep": (
         build_sft_main, lambda d, hf: ["--input", _lines(d / "data", "[" * 100_000 + "\n"), "--tokenizer",
                                        bundled_qwen3_tokenizer_dir(), "--seq-length", "64", "--output-prefix",

@@ -76,6 +76,19 @@ def test_sampling_is_seeded_and_stops_at_a_stop_token(models):
         assert tokens[-1] == stop if stopped[row].stopped else len(tokens) == 16
 
 
+def test_a_generator_per_row_gives_each_row_the_same_samples_in_any_batch(models):
+    """GRPO seeds each sample by its place in the global batch: its tokens must not depend on the
+    other rows (or on how the batch is split over data-parallel ranks)."""
+    model, vocab = models["moe"], TINY_MOE.vocab_size
+    prompts = prompts_of(PROMPT_LENGTHS, vocab)
+    sampling = Sampling(max_new_tokens=12, temperature=1.0, top_p=0.9)
+    together = generate(model, prompts, sampling, vocab, [sampling_generator(100 + i) for i in range(4)])
+    for row in (1, 3):
+        alone = generate(model, [prompts[row]], sampling, vocab, [sampling_generator(100 + row)])
+        assert alone[0].tokens == together[row].tokens
+        assert alone[0].log_probs == pytest.approx(together[row].log_probs, abs=1e-5)
+
+
 def test_top_k_one_is_greedy(models):
     model, vocab = models["dense"], ARCHS["dense"].vocab_size
     prompts = prompts_of(PROMPT_LENGTHS, vocab)

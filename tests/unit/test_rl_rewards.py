@@ -58,7 +58,7 @@ def test_a_custom_reward_is_loaded_and_its_failures_name_the_sample(tmp_path):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("gsm9k", "expected gsm8k, gsm8k-flexible or custom:PATH.py:FUNCTION"),
+    ("gsm9k", "expected gsm8k, gsm8k-flexible, letters or custom:PATH.py:FUNCTION"),
     ("custom:{d}/missing.py:f", "missing.py not found"),
     ("custom:{d}/reward.py:absent", "reward.py has no function absent"),
     ("custom:{d}/syntax.py:f", "syntax.py:1: "),

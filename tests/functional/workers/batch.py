@@ -2,9 +2,10 @@
 
   python -m torch.distributed.run --nproc_per_node N tests/functional/workers/batch.py JOBS.json
 
-JOBS.json is a list of {"kind": "train" | "eval" | "check", "argv": [...], "stdout": PATH}.
+JOBS.json is a list of {"kind": "train" | "rl" | "eval" | "check", "argv": [...], "stdout": PATH}.
 "train" runs the real trainer (megatron_patch.training.loop.train on the parsed flags, as
-``python -m megatron_patch.train`` does), "eval" the evaluation entry point (what run_eval.sh
+``python -m megatron_patch.train`` does), "rl" GRPO (megatron_patch.rl.loop.train_grpo, as
+``python -m megatron_patch.rl`` does), "eval" the evaluation entry point (what run_eval.sh
 execs), "check" one mode of workers/parallel_worker.py. Each
 job rebuilds Megatron-Core's process groups for its own layout (initialize_parallel), so jobs
 of different layouts follow each other in the same world. Rank 0's output of each job goes to
@@ -21,6 +22,8 @@ import torch.distributed as dist
 from megatron_patch.errors import InputError
 from megatron_patch.evaluation.run import main as evaluate
 from megatron_patch.patches import silence_upstream_warnings
+from megatron_patch.rl.__main__ import parse_rl_config
+from megatron_patch.rl.loop import train_grpo
 from megatron_patch.training.config import parse_config
 from megatron_patch.training.loop import train
 from tests.functional.workers.parallel_worker import run as run_check
@@ -30,6 +33,9 @@ def run_job(job: dict) -> None:
     if job["kind"] == "train":
         config, _ = parse_config(job["argv"])
         train(config)
+    elif job["kind"] == "rl":
+        config, settings, _ = parse_rl_config(job["argv"])
+        train_grpo(config, settings)
     elif job["kind"] == "eval":
         if evaluate(job["argv"]) != 0:
             raise InputError(f"evaluation {' '.join(job['argv'][:3])} failed")

@@ -1,0 +1,78 @@
+"""python -m megatron_patch.rl: GRPO for Qwen3 / Qwen3-MoE on Megatron-Core (rl/loop.py).
+
+One process per device under torchrun (``examples/qwen3/run_mcore_qwen3_grpo.sh`` builds the
+command), or one process on its own; on CPU with gloo without a GPU. The training flags keep
+their names with RL meanings (rl/config.py); ``--help`` lists both kinds, ``--print-config``
+shows the resolved settings without training. A YAML ``--config`` may hold both.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch.distributed as dist
+import yaml
+
+from megatron_patch.data.tokenizer import Qwen3Tokenizer
+from megatron_patch.errors import exit_on_input_error
+from megatron_patch.parallel import die_with_launcher
+from megatron_patch.patches.warnings import silence_upstream_warnings
+from megatron_patch.rl.config import GrpoSettings
+from megatron_patch.rl.prompts import Prompt, read_prompts
+from megatron_patch.training.config import TrainConfig, build_parser, parse_settings
+from megatron_patch.training.preflight import resolve_model, resolve_tokenizer_dir
+
+DESCRIPTION = ("GRPO reinforcement learning for Qwen3 / Qwen3-MoE on Megatron-Core: sample responses to prompts "
+               "with the training model itself, score them, train on the group advantages. --global-batch-size is "
+               "prompts per step, --micro-batch-size sequences per micro-batch, --train-iters steps, --data-path "
+               "and --valid-data-path prompt JSONL files ({\"prompt\" or \"messages\", \"label\"}). Settings come "
+               "from these flags and/or --config FILE.yaml; flags win.")
+
+
+def parse_rl_config(argv) -> tuple[TrainConfig, GrpoSettings, bool]:
+    """(training settings, GRPO settings, print only), checked for a world of WORLD_SIZE processes."""
+    parser = build_parser("python -m megatron_patch.rl", DESCRIPTION, (TrainConfig, GrpoSettings))
+    (config, settings), print_only = parse_settings(argv, parser, (TrainConfig, GrpoSettings))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    settings.check(config, max(world // config.tensor_model_parallel_size, 1))
+    return config, settings, print_only
+
+
+def read_run_prompts(config: TrainConfig, settings: GrpoSettings) -> tuple[list[Prompt], list[Prompt]]:
+    """The training and validation prompts, tokenized with the run's tokenizer (a bad line is named
+    here, before Megatron-Core starts)."""
+    _, hf_dir = resolve_model(config.model)
+    tokenizer = Qwen3Tokenizer.from_dir(resolve_tokenizer_dir(config, hf_dir))
+    read = functools.partial(read_prompts, tokenizer=tokenizer, max_prompt_length=settings.max_prompt_length,
+                             enable_thinking=settings.enable_thinking)
+    return read(config.data_path), read(config.valid_data_path) if config.valid_data_path else []
+
+
+def _run(argv) -> None:
+    config, settings, print_only = parse_rl_config(argv)
+    resolved = {**config.to_dict(), **settings.to_dict()}
+    if print_only:
+        print(yaml.safe_dump(resolved, sort_keys=False), end="")
+        return
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("megatron_patch.rl settings:\n" + yaml.safe_dump(resolved, sort_keys=False), flush=True)
+    # Entry point: Megatron-Core (~5 s to import) only after the settings parsed.
+    prompts = read_run_prompts(config, settings)
+    from megatron_patch.rl.loop import train_grpo
+
+    try:
+        train_grpo(config, settings, prompts)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    die_with_launcher()
+    silence_upstream_warnings()
+    return exit_on_input_error(lambda: _run(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

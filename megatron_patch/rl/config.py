@@ -1,0 +1,102 @@
+"""GRPO settings, beside the training ones: ``python -m megatron_patch.rl`` takes both as flags or YAML.
+
+The training settings (``TrainConfig``) keep their flags with these meanings in RL:
+``--global-batch-size`` prompts per step (each sampled ``--samples-per-prompt`` times),
+``--micro-batch-size`` sequences per micro-batch of the log-prob and update passes,
+``--seq-length`` at least the longest prompt + response, ``--train-iters`` RL steps,
+``--data-path`` / ``--valid-data-path`` prompt JSONL files, ``--load`` the initial policy (and the
+reference), ``--eval-interval`` steps between validations (greedy accuracy on the validation prompts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from megatron_patch.rl.objectives import ADVANTAGE_ESTIMATORS, AGGREGATIONS, KL_ESTIMATORS
+from megatron_patch.rl.rewards import load_reward
+from megatron_patch.training.config import TrainConfig, TrainConfigError, option
+
+
+@dataclass
+class GrpoSettings:
+    samples_per_prompt: int = option(8, "responses sampled per prompt; the group's rewards give the advantages "
+                                        "(MP_GRPO_N)")
+    max_prompt_length: int = option(512, "prompts longer than this (in tokens, chat template included) are an "
+                                         "error (MP_GRPO_MAX_PROMPT_LENGTH)")
+    max_response_length: int = option(512, "tokens generated per response at most (MP_GRPO_MAX_RESPONSE_LENGTH)")
+    temperature: float = option(1.0, "sampling temperature; log-probs are of the logits / temperature, as "
+                                     "verl's (MP_GRPO_TEMPERATURE)")
+    top_p: float = option(1.0, "nucleus sampling; 1 is off (MP_GRPO_TOP_P)")
+    top_k: int = option(0, "sample among the k likeliest tokens; 0 is off (MP_GRPO_TOP_K)")
+    reward: str = option("gsm8k", "gsm8k, gsm8k-flexible or custom:PATH.py:FUNCTION, called as "
+                                  "FUNCTION(prompt, response, label) -> float (MP_GRPO_REWARD)")
+    advantage_estimator: str = option("grpo", "grpo (group z-score), drgrpo (no std division) or rloo "
+                                              "(MP_GRPO_ADVANTAGE)", choices=ADVANTAGE_ESTIMATORS)
+    clip_low: float = option(0.2, "PPO clip below: ratio >= 1 - clip-low (MP_GRPO_CLIP_LOW)")
+    clip_high: float = option(0.2, "PPO clip above: ratio <= 1 + clip-high; DAPO uses 0.28 (MP_GRPO_CLIP_HIGH)")
+    dual_clip: float | None = option(3.0, "bound of a negative advantage's loss, -A * c (c > 1; MP_GRPO_DUAL_CLIP)")
+    kl_coef: float = option(0.001, "weight of the KL to the reference policy in the loss; 0 skips the reference "
+                                   "pass (MP_GRPO_KL_COEF)")
+    kl_estimator: str = option("k3", "k1, k2 or k3 (low-variance) (MP_GRPO_KL_ESTIMATOR)", choices=KL_ESTIMATORS)
+    loss_aggregation: str = option("token-mean", "how token losses form the step's loss (MP_GRPO_LOSS_AGG)",
+                                   choices=AGGREGATIONS)
+    updates_per_rollout: int = option(1, "optimizer steps per rollout, each on its share of the sequences; above "
+                                         "1 the pre-update log-probs are computed (MP_GRPO_UPDATES)")
+    dynamic_sampling: bool = option(False, "leave groups whose rewards are all equal out of the loss (DAPO; no "
+                                           "refill) (MP_GRPO_DYNAMIC_SAMPLING)")
+    overlong_buffer: int = option(0, "DAPO's soft overlong penalty: over the last N tokens before the maximum "
+                                     "response length the reward falls linearly (MP_GRPO_OVERLONG_BUFFER)")
+    overlong_penalty: float = option(1.0, "the penalty at the maximum response length (MP_GRPO_OVERLONG_PENALTY)")
+    enable_thinking: bool = option(True, "Qwen3's thinking mode in the chat template; false adds the empty think "
+                                         "block (MP_GRPO_THINKING)")
+    log_prob_chunk: int = option(1024, "tokens per chunk of the fp32 log-prob/entropy computation")
+
+    def check(self, config: TrainConfig, data_parallel_size: int) -> None:
+        """Raise TrainConfigError naming the setting (``config`` gives the batch, sequence and layout)."""
+        def fail(message):
+            raise TrainConfigError(message)
+
+        for name in ("samples_per_prompt", "max_prompt_length", "max_response_length", "updates_per_rollout",
+                     "log_prob_chunk"):
+            if getattr(self, name) < 1:
+                fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_prompt_length + self.max_response_length > config.seq_length:
+            fail(f"--seq-length {config.seq_length} is below --max-prompt-length {self.max_prompt_length} + "
+                 f"--max-response-length {self.max_response_length}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            fail(f"sampling: --temperature {self.temperature} (>= 0), --top-p {self.top_p} (in (0, 1]), "
+                 f"--top-k {self.top_k} (>= 0)")
+        if not 0 <= self.clip_low < 1 or self.clip_high < 0:
+            fail(f"--clip-low {self.clip_low} must be in [0, 1) and --clip-high {self.clip_high} >= 0")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            fail(f"--dual-clip {self.dual_clip} must be > 1")
+        if self.kl_coef < 0:
+            fail(f"--kl-coef {self.kl_coef} must be >= 0")
+        if not 0 <= self.overlong_buffer < self.max_response_length:
+            fail(f"--overlong-buffer {self.overlong_buffer} must be in [0, --max-response-length "
+                 f"{self.max_response_length})")
+        if config.global_batch_size % data_parallel_size:
+            fail(f"--global-batch-size {config.global_batch_size} (prompts per step) is not a multiple of the "
+                 f"data-parallel size {data_parallel_size}")
+        local = self.sequences_per_update(config, data_parallel_size)
+        if local is None:
+            fail(f"--global-batch-size {config.global_batch_size} x --samples-per-prompt {self.samples_per_prompt} "
+                 f"sequences over {data_parallel_size} data-parallel rank(s) and --updates-per-rollout "
+                 f"{self.updates_per_rollout} do not split into whole micro-batches of --micro-batch-size "
+                 f"{config.micro_batch_size}")
+        if config.pipeline_model_parallel_size > 1 or config.context_parallel_size > 1:
+            fail("GRPO needs --pipeline-model-parallel-size 1 and --context-parallel-size 1: the rollout generates "
+                 "with the whole model on each rank (use tensor and expert parallelism)")
+        load_reward(self.reward)
+
+    def sequences_per_update(self, config: TrainConfig, data_parallel_size: int) -> int | None:
+        """Sequences of one optimizer step on one data-parallel rank (None when they do not divide)."""
+        local = config.global_batch_size * self.samples_per_prompt
+        if local % (data_parallel_size * self.updates_per_rollout):
+            return None
+        per_update = local // data_parallel_size // self.updates_per_rollout
+        return per_update if per_update % config.micro_batch_size == 0 else None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

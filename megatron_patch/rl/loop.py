@@ -1,0 +1,388 @@
+"""The GRPO loop on the kit's engine: rollout -> rewards -> advantages -> (old) -> (reference) -> updates.
+
+Each step, every data-parallel rank takes its share of ``--global-batch-size`` prompts, samples
+``--samples-per-prompt`` responses to each with the training model itself (``models/generation.py``,
+Megatron-Core's KV cache, in the run's TP/EP layout), scores them, and trains on them with the
+kit's DDP and optimizer (``training/steps.train_step`` with a policy-loss forward step).
+
+Reproducible and resumable by construction: the prompt order is a permutation seeded per epoch,
+and each sample of step s has a generator seeded from (seed, s, its place in the global batch), so
+a checkpoint needs only the step (its ``consumed_samples`` is the prompt position) besides weights
+and optimizer, and the samples do not depend on the data-parallel or expert-parallel layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_patch.lora.apply import adapters_disabled
+from megatron_patch.models.generation import Sampling, generate, sampling_generator
+from megatron_patch.models.log_probs import token_entropy, token_log_probs
+from megatron_patch.rl.config import GrpoSettings
+from megatron_patch.rl.objectives import aggregate_parts, group_advantages, kl_penalty, policy_loss
+from megatron_patch.rl.prompts import Prompt, read_prompts
+from megatron_patch.rl.rewards import load_reward
+from megatron_patch.training.checkpointing import load_checkpoint
+from megatron_patch.training.config import TrainConfig
+from megatron_patch.training.loop import save_model
+from megatron_patch.training.metrics import MetricsWriter, Stopwatch
+from megatron_patch.training.setup import TrainedModel, load_start, prepare_model
+from megatron_patch.training.steps import synchronized_parameters, train_step
+
+
+@dataclass
+class Rollout:
+    """One rank's sequences of a step: prompt + response token ids and what the loss needs of each."""
+
+    prompts: list[Prompt]  # one per sequence (a prompt repeated samples-per-prompt times)
+    responses: list[list[int]]
+    rollout_log_probs: list[list[float]]
+    truncated: list[bool]
+    rewards: torch.Tensor  # [sequences]
+    advantages: torch.Tensor  # [sequences]
+    in_loss: torch.Tensor  # [sequences] bool: dynamic sampling leaves equal-reward groups out
+
+
+def _dp() -> tuple[int, int]:
+    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+
+
+def training_view(config: TrainConfig, settings: GrpoSettings) -> TrainConfig:
+    """The settings the model, optimizer and their checks see: a step trains on this many sequences
+    (not prompts), and the data are JSONL files."""
+    dp = max(int(os.environ.get("WORLD_SIZE", "1")) // config.tensor_model_parallel_size, 1)
+    per_update = settings.sequences_per_update(config, dp) or config.micro_batch_size
+    return dataclasses.replace(config, global_batch_size=per_update * dp, dataset_type="raw", train_mode="finetune")
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, count: int) -> list[int]:
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def step_prompts(prompts: list[Prompt], step: int, prompts_per_step: int, seed: int) -> list[Prompt]:
+    """This rank's prompts of ``step`` (0-based): positions step*G ... in a per-epoch seeded order."""
+    rank, size = _dp()
+    local = prompts_per_step // size
+    first = step * prompts_per_step + rank * local
+    return [prompts[_epoch_order(seed, position // len(prompts), len(prompts))[position % len(prompts)]]
+            for position in range(first, first + local)]
+
+
+def sample_generators(seed: int, step: int, prompts_per_step: int, samples: int) -> list[torch.Generator]:
+    """One generator per sequence of this rank, seeded by the sequence's place in the step's global
+    batch: the same samples whatever the data-parallel layout (and on a rerun or resume)."""
+    rank, size = _dp()
+    first = rank * (prompts_per_step // size) * samples
+    count = prompts_per_step // size * samples
+    base = (seed * 1_000_003 + step * 7_919 * prompts_per_step * samples) % (2**62)
+    return [sampling_generator(base + index) for index in range(first, first + count)]
+
+
+def overlong_shaped(reward: float, length: int, settings: GrpoSettings) -> float:
+    """DAPO's soft overlong penalty: linear over the last ``overlong_buffer`` tokens of the budget."""
+    if not settings.overlong_buffer:
+        return reward
+    start = settings.max_response_length - settings.overlong_buffer
+    excess = max(0, length - start)
+    return reward - settings.overlong_penalty * min(excess / settings.overlong_buffer, 1.0)
+
+
+class GrpoTrainer:
+    """One process's share of a GRPO run."""
+
+    def __init__(self, config: TrainConfig, settings: GrpoSettings,
+                 prompts: tuple[list[Prompt], list[Prompt]] | None = None):
+        """``config`` as given (--global-batch-size in prompts); the model is built from its training view.
+        ``prompts``: (training, validation) prompts already read, else read here."""
+        self.config, self.settings = config, settings
+        self.model: TrainedModel = prepare_model(training_view(config, settings))
+        model = self.model
+        self.reward = load_reward(settings.reward)
+        tokenizer = model.tokenizer
+        self.stop_ids = tuple(dict.fromkeys([tokenizer.im_end, tokenizer.eod]))
+        if prompts is None:
+            read = functools.partial(read_prompts, tokenizer=tokenizer, max_prompt_length=settings.max_prompt_length,
+                                     enable_thinking=settings.enable_thinking)
+            prompts = read(config.data_path), read(config.valid_data_path) if config.valid_data_path else []
+        self.prompts, self.valid_prompts = prompts
+        # The reference policy: adapters switched off (LoRA), or the starting weights kept on the CPU.
+        self.reference = None
+        if settings.kl_coef > 0 and model.lora is None:
+            if config.load:  # a resumed run's reference is still its starting policy
+                load_checkpoint(config.load, model.chunks, None, None, load_optim=False)
+            self.reference = [p.detach().to("cpu", copy=True) for p in self._parameters()]
+        self.loaded = load_start(model)
+        self.sampling = Sampling(max_new_tokens=settings.max_response_length, temperature=settings.temperature,
+                                 top_p=settings.top_p, top_k=settings.top_k, stop_token_ids=self.stop_ids)
+
+    # --- pieces of a step ------------------------------------------------------------------------------
+    def _parameters(self):
+        return [p for chunk in self.model.chunks for p in chunk.parameters()]
+
+    def _policy(self):
+        return self.model.chunks[0]
+
+    def rollout(self, step: int) -> Rollout:
+        settings = self.settings
+        prompts = [p for p in step_prompts(self.prompts, step, self.config.global_batch_size, self.config.seed)
+                   for _ in range(settings.samples_per_prompt)]
+        generators = sample_generators(self.config.seed, step, self.config.global_batch_size,
+                                       settings.samples_per_prompt)
+        with synchronized_parameters(self.model.ddp_chunks):
+            completions = generate(self._policy(), [list(p.tokens) for p in prompts], self.sampling,
+                                   self.model.arch.vocab_size, generators)
+        rewards = []
+        for index, (prompt, completion) in enumerate(zip(prompts, completions)):
+            text = self.model.tokenizer.backend.decode(
+                completion.tokens[:-1] if completion.stopped else completion.tokens, skip_special_tokens=False)
+            value = self.reward(prompt.text, text, prompt.label,
+                                where=f"{prompt.where} (sample {index % settings.samples_per_prompt + 1})")
+            rewards.append(overlong_shaped(value, len(completion.tokens), settings))
+        rewards_t = torch.tensor(rewards, dtype=torch.float32)
+        groups = rewards_t.view(-1, settings.samples_per_prompt)
+        advantages = group_advantages(groups, settings.advantage_estimator).view(-1)
+        in_loss = torch.ones_like(rewards_t, dtype=torch.bool)
+        if settings.dynamic_sampling:
+            in_loss = (groups.max(dim=1).values > groups.min(dim=1).values).repeat_interleave(
+                settings.samples_per_prompt)
+        return Rollout(prompts, [c.tokens for c in completions], [c.log_probs for c in completions],
+                       [c.truncated for c in completions], rewards_t, advantages, in_loss)
+
+    def _micro_batches(self, rollout: Rollout, indices: list[int]) -> list[dict]:
+        """Right-padded micro-batches of ``indices``: tokens, targets, the response mask and per-sequence values."""
+        size = self.config.micro_batch_size
+        # Sequence parallelism splits the sequence over TP ranks.
+        multiple = max(8, self.config.tensor_model_parallel_size)
+        batches = []
+        for start in range(0, len(indices), size):
+            rows = indices[start:start + size]
+            sequences = [list(rollout.prompts[i].tokens) + rollout.responses[i] for i in rows]
+            width = -(-max(len(s) for s in sequences) // multiple) * multiple
+            tokens = torch.zeros(len(rows), width + 1, dtype=torch.long)
+            mask = torch.zeros(len(rows), width)
+            response = torch.zeros(len(rows), width, dtype=torch.bool)
+            rollout_logp = torch.zeros(len(rows), width)
+            for row, (index, sequence) in enumerate(zip(rows, sequences)):
+                tokens[row, :len(sequence)] = torch.tensor(sequence)
+                begin = len(rollout.prompts[index].tokens) - 1  # the first target that is a response token
+                end = begin + len(rollout.responses[index])
+                mask[row, begin:end] = float(rollout.in_loss[index])
+                response[row, begin:end] = True
+                rollout_logp[row, begin:end] = torch.tensor(rollout.rollout_log_probs[index])
+            device = self.model.device
+            responses = tuple(torch.nonzero(response, as_tuple=True))
+            batches.append({
+                "tokens": tokens[:, :-1].to(device), "targets": tokens[:, 1:].to(device),
+                "position_ids": torch.arange(width, device=device).expand(len(rows), width),
+                "responses": tuple(index.to(device) for index in responses),
+                "mask": mask.to(device), "rollout_log_probs": rollout_logp.to(device),
+                "advantages": rollout.advantages[rows].to(device).unsqueeze(1),
+            })
+        return batches
+
+    def _response_log_probs(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Log-probs [rows, width] of the targets at response positions (0 elsewhere): the vocabulary
+        work is done for response tokens only."""
+        responses = batch["responses"]
+        values = token_log_probs(logits[responses], batch["targets"][responses], self.sampling.scale,
+                                 self.model.arch.vocab_size, self.settings.log_prob_chunk)
+        return torch.zeros(batch["targets"].shape, dtype=values.dtype, device=values.device).index_put(
+            responses, values)
+
+    def _log_probs(self, batch: dict) -> torch.Tensor:
+        with torch.no_grad():
+            logits = self._policy()(input_ids=batch["tokens"], position_ids=batch["position_ids"],
+                                    attention_mask=None)
+            return self._response_log_probs(logits, batch)
+
+    @contextmanager
+    def _reference_weights(self):
+        """The reference policy in place of the current one for the block."""
+        if self.model.lora is not None:
+            with adapters_disabled(self.model.chunks):
+                yield
+            return
+        parameters = self._parameters()
+        current = [p.detach().to("cpu", copy=True) for p in parameters]
+        with torch.no_grad():
+            for parameter, reference in zip(parameters, self.reference):
+                parameter.copy_(reference)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for parameter, saved in zip(parameters, current):
+                    parameter.copy_(saved)
+
+    def _forward_step(self):
+        settings, vocab = self.settings, self.model.arch.vocab_size
+        temperature = self.sampling.scale
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            logits = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None)
+
+            def loss(logits):
+                mask = batch["mask"]
+                logp = self._response_log_probs(logits, batch)
+                old = batch.get("old_log_probs", logp.detach())
+                per_token, clipped = policy_loss(logp, old, batch["advantages"], settings.clip_low,
+                                                 settings.clip_high, settings.dual_clip)
+                kl = torch.zeros_like(logp)
+                if "ref_log_probs" in batch:
+                    kl = kl_penalty(logp, batch["ref_log_probs"], settings.kl_estimator)
+                    per_token = per_token + settings.kl_coef * kl
+                numerator, denominator = aggregate_parts(per_token, mask, settings.loss_aggregation,
+                                                         settings.max_response_length)
+                live = mask > 0
+                drift = (logp.detach() - batch["rollout_log_probs"]).exp().sub(1).abs()
+                responses = batch["responses"]
+                entropy = token_entropy(logits.detach()[responses], temperature, vocab, settings.log_prob_chunk)
+                report = torch.stack([numerator.detach(), denominator.float(), (clipped & live).sum().float(),
+                                      (kl.detach() * mask).sum(), (entropy * mask[responses]).sum(), mask.sum(),
+                                      torch.where(live, drift, torch.zeros_like(drift)).max()])
+                return numerator, denominator, {"lm loss": report[:2], "grpo": report}
+
+            return logits, loss
+
+        return forward_step
+
+    # --- a step ----------------------------------------------------------------------------------------
+    def step(self, step: int) -> dict:
+        settings, model = self.settings, self.model
+        clock = Stopwatch()
+        rollout = self.rollout(step)
+        times = {"rollout": clock.lap()}
+        # Update u trains on the sequences whose place in the global batch is u modulo the updates:
+        # each rank holds a contiguous share, so the split is the same in every data-parallel layout.
+        order, count = list(range(len(rollout.responses))), settings.updates_per_rollout
+        updates = [order[u::count] for u in range(count)]
+        batches = [self._micro_batches(rollout, rows) for rows in updates]
+        with synchronized_parameters(model.ddp_chunks):
+            for chunk in model.chunks:
+                chunk.eval()
+            if settings.updates_per_rollout > 1:
+                for batch in (b for update in batches for b in update):
+                    batch["old_log_probs"] = self._log_probs(batch)
+            times["log_probs"] = clock.lap()
+            if settings.kl_coef > 0:
+                with self._reference_weights():
+                    for batch in (b for update in batches for b in update):
+                        batch["ref_log_probs"] = self._log_probs(batch)
+            times["reference"] = clock.lap()
+        sums = torch.zeros(7, dtype=torch.float64)
+        grad_norms = []
+        live = torch.tensor([float(rollout.in_loss.sum())], dtype=torch.float64)
+        dist.all_reduce(live, group=parallel_state.get_data_parallel_group())
+        if live.item() == 0:  # dynamic sampling left every group out: nothing to learn from this rollout
+            model.scheduler.step(increment=len(batches))
+            batches = []
+        for number, update in enumerate(batches):
+            result = train_step(model.ddp_chunks, model.optimizer, iter(update), len(update),
+                                update[0]["tokens"].shape[1], self.config.micro_batch_size,
+                                forward_step=self._forward_step())
+            model.scheduler.step(increment=1)
+            grad_norms.append(result["grad_norm"])
+            for report in result["reports"]:
+                sums[:6] += report["grpo"][:6].double().cpu()
+                if number == 0:  # before this step's first update the weights are the rollout's
+                    sums[6] = max(sums[6], report["grpo"][6].double().cpu())
+        times["update"] = clock.lap()
+        return self._metrics(rollout, sums, grad_norms, times)
+
+    def _metrics(self, rollout: Rollout, sums: torch.Tensor, grad_norms: list, times: dict) -> dict:
+        """Over every data-parallel rank: rewards, lengths, loss parts, times."""
+        lengths = torch.tensor([len(r) for r in rollout.responses], dtype=torch.float64)
+        group = parallel_state.get_data_parallel_group()
+        rewards = rollout.rewards.double()
+        binary = bool(((rewards == 0) | (rewards == 1)).all())
+        totals = torch.cat([sums[:6], torch.tensor([
+            rewards.sum().item(), rewards.square().sum().item(), lengths.sum().item(), float(len(lengths)),
+            float(sum(rollout.truncated)), float(not binary), (rewards == 1).sum().item()], dtype=torch.float64)])
+        peaks = torch.stack([sums[6], lengths.max()])
+        dist.all_reduce(totals, group=group)
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=group)
+        loss_sum, loss_norm, clipped, kl, entropy, tokens = totals[:6].tolist()
+        reward_sum, reward_squares, length_sum, count, truncated, not_binary, correct = totals[6:].tolist()
+        mean = reward_sum / count
+        generated = length_sum
+        values = {
+            "loss": loss_sum / max(loss_norm, 1.0), "reward_mean": mean,
+            "reward_std": math.sqrt(max(reward_squares / count - mean * mean, 0.0)),
+            "accuracy": None if not_binary else correct / count,
+            "response_length_mean": length_sum / count, "response_length_max": peaks[1].item(),
+            "truncated_share": truncated / count, "kl": kl / max(tokens, 1.0), "entropy": entropy / max(tokens, 1.0),
+            "clip_fraction": clipped / max(tokens, 1.0), "max_ratio_drift": peaks[0].item(),
+            "grad_norm": float(grad_norms[-1]) if grad_norms and grad_norms[-1] is not None else None,
+            "lr": self.model.optimizer.param_groups[0]["lr"],
+            **{f"seconds_{name}": value for name, value in times.items()},
+            "generated_tokens_per_second": generated / max(times["rollout"], 1e-9),
+        }
+        return values
+
+    def validate(self) -> float:
+        """Greedy accuracy (mean reward) on the validation prompts, shared out over data-parallel ranks."""
+        rank, size = _dp()
+        mine = self.valid_prompts[rank::size]
+        greedy = Sampling(max_new_tokens=self.settings.max_response_length, temperature=0,
+                          stop_token_ids=self.stop_ids)
+        with synchronized_parameters(self.model.ddp_chunks):
+            # Every rank generates (expert ranks exchange tokens); one without prompts repeats the first.
+            completions = generate(self._policy(), [list(p.tokens) for p in (mine or self.valid_prompts[:1])],
+                                   greedy, self.model.arch.vocab_size)
+        total = 0.0
+        for prompt, completion in zip(mine, completions):
+            text = self.model.tokenizer.backend.decode(
+                completion.tokens[:-1] if completion.stopped else completion.tokens, skip_special_tokens=False)
+            total += self.reward(prompt.text, text, prompt.label, where=f"{prompt.where} (validation)")
+        sums = torch.tensor([total, float(len(mine))], dtype=torch.float64)
+        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        return (sums[0] / sums[1]).item()
+
+
+def _is_logging_rank() -> bool:
+    return parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+
+
+def _line(step: int, total: int, values: dict) -> str:
+    accuracy = "" if values["accuracy"] is None else f" | accuracy {values['accuracy']:.3f}"
+    return (f"step {step:5d}/{total} | reward {values['reward_mean']:.4f} ± {values['reward_std']:.4f}{accuracy} | "
+            f"response {values['response_length_mean']:.1f} tokens (max {values['response_length_max']:.0f}, "
+            f"{values['truncated_share']:.0%} truncated) | loss {values['loss']:.5f} | kl {values['kl']:.5f} | "
+            f"entropy {values['entropy']:.3f} | clipped {values['clip_fraction']:.3f} | "
+            f"max |ratio-1| {values['max_ratio_drift']:.2e} | {values['generated_tokens_per_second']:.0f} "
+            f"generated tokens/s")
+
+
+def train_grpo(config: TrainConfig, settings: GrpoSettings,
+               prompts: tuple[list[Prompt], list[Prompt]] | None = None) -> int:
+    """Run GRPO in this process (one rank of the job); returns the last step."""
+    trainer = GrpoTrainer(config, settings, prompts)
+    model = trainer.model
+    writer = MetricsWriter(config.log_dir, config.tensorboard_dir, enabled=_is_logging_rank())
+    step = trainer.loaded.iteration
+    while step < config.train_iters:
+        values = trainer.step(step)
+        step += 1
+        writer.write(step, values, line=_line(step, config.train_iters, values))
+        if config.eval_interval and trainer.valid_prompts and step % config.eval_interval == 0:
+            accuracy = trainer.validate()
+            writer.write(step, {"valid_reward": accuracy}, line=f"validation at step {step} | reward {accuracy:.4f}")
+        last = step == config.train_iters
+        stop = config.exit_interval is not None and step % config.exit_interval == 0
+        if config.save and (last or stop or (config.save_interval and step % config.save_interval == 0)):
+            save_model(model, step, step * config.global_batch_size, {"grpo": settings.to_dict()})
+        if stop and not last:
+            break
+    writer.close()
+    return step
