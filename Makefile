@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-complete
 # A CPU build from local disk on the dev/CI machines; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup lint test test-slow test-unit test-functional demo bench bench-convert gpu-check gpu-check-dry lock clean
+.PHONY: setup lint test test-slow test-unit test-functional demo demo-rl bench bench-convert gpu-check gpu-check-dry lock clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,10 @@ test-functional: setup
 
 demo: setup
 	$(BIN)/python -m megatron_patch.demo
+
+# GRPO on CPU in a few minutes: a tiny model learns the bundled 'letters' task (docs/rl.md).
+demo-rl: setup
+	$(BIN)/python -m megatron_patch.demo --grpo --work-dir runs/demo-rl
 
 bench: setup
 	$(BIN)/python benchmarks/parity.py

@@ -5,7 +5,8 @@ e.g. run_mcore_qwen3.sh's OUTPUT_BASEPATH: every metrics.jsonl below it is plott
 loss.png (training and validation loss per iteration, and the learning rate on a second axis)
 and, for MoE models, expert_load.png (share of routed tokens per layer and expert, summed over
 the run; a balanced router is flat) beside each metrics.jsonl. Each plot is titled with the
-run's name.
+run's name. For GRPO runs (python -m megatron_patch.rl), reward.png: the mean reward per step with
+its spread (and the validation reward), and the mean response length on a second axis.
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ def plot_run(metrics_path: Path) -> list[Path]:
     plt.close(figure)
     written.append(metrics_path.parent / "loss.png")
 
+    rewards = [(r["iteration"], r["reward_mean"], r.get("reward_std", 0.0)) for r in records if "reward_mean" in r]
+    if rewards:
+        written.append(_plot_rewards(records, rewards, metrics_path.parent / "reward.png", name))
+
     loads = [np.asarray(r["expert_load"]) for r in records if "expert_load" in r]
     if loads:
         load = np.mean(loads, axis=0)
@@ -93,6 +98,31 @@ def plot_run(metrics_path: Path) -> list[Path]:
         plt.close(figure)
         written.append(metrics_path.parent / "expert_load.png")
     return written
+
+
+def _plot_rewards(records: list[dict], rewards: list[tuple], path: Path, name: str) -> Path:
+    steps, means, spreads = (np.asarray(column, dtype=float) for column in zip(*rewards))
+    valid = [(r["iteration"], r["valid_reward"]) for r in records if "valid_reward" in r]
+    lengths = [(r["iteration"], r["response_length_mean"]) for r in records if "response_length_mean" in r]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    lines = axes.plot(steps, means, label="reward (mean over samples)")
+    axes.fill_between(steps, means - spreads, means + spreads, alpha=0.2)
+    if valid:
+        lines += axes.plot(*zip(*valid), "o-", label="validation reward (greedy)")
+    axes.set_xlabel("step")
+    axes.set_ylabel("reward")
+    axes.set_title(_title(name), fontsize=8)
+    axes.grid(alpha=0.3)
+    if lengths:
+        length_axes = axes.twinx()
+        lines += length_axes.plot(*zip(*lengths), color="tab:gray", linestyle="--", linewidth=1,
+                                  label="response length (tokens)")
+        length_axes.set_ylabel("response length (tokens)")
+    axes.legend(lines, [line.get_label() for line in lines], fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
 
 
 def main(argv=None) -> int:

@@ -3,18 +3,17 @@
 Used by GRPO rollout (on the training model itself, in its TP/EP layout) and by the evaluation
 model's ``generate_until``. Pipeline parallelism is not supported (one model chunk).
 
-Prompts of different lengths share one cache without padding: every row starts at position 0, the
-batch is prefilled up to the shortest prompt, and from there one token per row goes in at each
-step, the row's own next prompt token while it has one, else the token just sampled for it. So
-after the prefill every row attends to exactly its own tokens. (Left padding would not be safe:
-Megatron-Core drops the causal mask once the prefill is done, and torch SDPA aligns a causal mask
-top-left when query and key lengths differ, so padded rows would silently attend to their padding.)
+Prompts of different lengths are left-padded to the longest and prefilled in one forward pass;
+then every row takes one token a step, at the same position. Megatron-Core drops its causal mask
+once the prefill is done (and torch SDPA would align a causal mask top-left when query and key
+lengths differ), so the padding is masked explicitly, in the prefill and at every step: a padded
+row attends to exactly its own tokens. Its positions are shifted by its padding, which RoPE does
+not see: attention depends only on the distance between query and key.
 
 Every process of a data-parallel group gives the same prompts and an identically seeded generator,
 so tensor-parallel ranks (which see the same gathered logits) sample the same tokens. The steps
 continue until no row on any process is still going, because expert-parallel ranks exchange
-tokens inside every forward and must all call it the same number of times (so all prefill up to
-the shortest prompt of any process and share one cache length).
+tokens inside every forward and must all call it the same number of times.
 """
 
 from __future__ import annotations
@@ -125,13 +124,12 @@ def _any_process(flag: bool, device) -> bool:
     return bool(value.item())
 
 
-def _shared_schedule(shortest_prompt: int, longest_need: int, device) -> tuple[int, int]:
-    """(prefill length, cache length) that every process uses, so that all take the same steps."""
+def _most_over_processes(value: int, device) -> int:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return shortest_prompt, longest_need
-    both = torch.tensor([-shortest_prompt, longest_need], device=device)
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    return int(-both[0].item()), int(both[1].item())
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 @contextmanager
@@ -176,49 +174,56 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
     device = next(gpt.parameters()).device
     model.eval()
     lengths = [len(prompt) for prompt in prompts]
-    rows = len(prompts)
-    # Every process takes the same steps (expert ranks exchange tokens in each): from the shortest
-    # prompt anywhere to the longest prompt + budget anywhere, or until no row anywhere is going.
-    position, capacity = _shared_schedule(min(lengths), max(lengths) + sampling.max_new_tokens, device)
+    rows, longest = len(prompts), max(lengths)
+    # Every process steps as often as the largest token budget anywhere needs (expert ranks exchange
+    # tokens in every forward); a process whose rows are done feeds padding until then.
+    capacity = longest + _most_over_processes(sampling.max_new_tokens, device)
     context = StaticInferenceContext(max_batch_size=rows, max_sequence_length=capacity)
     padding = sampling.stop_token_ids[0] if sampling.stop_token_ids else 0
     sequence = torch.full((rows, capacity), padding, dtype=torch.long, device=device)
+    is_padding = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
     for row, prompt in enumerate(prompts):
-        sequence[row, :len(prompt)] = torch.tensor(prompt, device=device)
+        sequence[row, longest - len(prompt):longest] = torch.tensor(prompt, device=device)
+        is_padding[row, :longest - len(prompt)] = True
     stops = torch.tensor(sampling.stop_token_ids or [-1], device=device)
-    prompt_ends = torch.tensor(lengths, device=device)
     generated = torch.zeros(rows, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     stopped = torch.zeros(rows, dtype=torch.bool, device=device)
     log_probs = torch.zeros(rows, capacity, dtype=torch.float32, device=device)
 
-    def step(tokens: torch.Tensor, start: int) -> torch.Tensor:
-        positions = torch.arange(start, start + tokens.shape[1], device=device).expand_as(tokens)
-        logits = model(input_ids=tokens, position_ids=positions, attention_mask=None,
+    def step(start: int, end: int) -> torch.Tensor:
+        """Feed positions [start, end) of every row; the logits of the last one. Masks: True = not attended."""
+        queries = torch.arange(start, end, device=device)
+        keys = torch.arange(end, device=device)
+        masked = (keys > queries[:, None]) | is_padding[:, None, :end]
+        # A padding query attends to itself only (a row of nothing but masked keys would give NaN).
+        masked &= keys != queries[:, None]
+        tokens = sequence[:, start:end]
+        logits = model(input_ids=tokens, position_ids=queries.expand_as(tokens), attention_mask=masked[:, None],
                        inference_context=context, runtime_gather_output=True)
-        context.increment_sequence_len_offset(tokens.shape[1])
+        context.increment_sequence_len_offset(end - start)
         return logits[:, -1, :vocab_size].float()
 
+    position = longest
     with _without_sequence_parallel(gpt):
-        logits = step(sequence[:, :position], 0)
+        logits = step(0, longest)
         context.enable_decode_mode()
-        while position < capacity:
-            # Rows past their prompt and still generating draw a token (and only they use their generator).
-            choosing = torch.nonzero((prompt_ends <= position) & ~finished).squeeze(-1)
-            if len(choosing):
-                own = generator if generator is None or isinstance(generator, torch.Generator) \
-                    else [generator[row] for row in choosing.tolist()]
-                tokens, token_log_probs = next_tokens(logits[choosing], sampling, own)
-                sequence[choosing, position] = tokens
-                log_probs[choosing, position] = token_log_probs
-                generated[choosing] += 1
-                stopped[choosing] |= torch.isin(tokens, stops)
-                finished |= stopped | (generated >= sampling.max_new_tokens)
+        while True:
+            # Rows still generating draw a token (and only they use their generator).
+            choosing = torch.nonzero(~finished).squeeze(-1)
+            own = generator if generator is None or isinstance(generator, torch.Generator) \
+                else [generator[row] for row in choosing.tolist()]
+            tokens, token_log_probs = next_tokens(logits[choosing], sampling, own)
+            sequence[choosing, position] = tokens
+            log_probs[choosing, position] = token_log_probs
+            generated[choosing] += 1
+            stopped[choosing] |= torch.isin(tokens, stops)
+            finished |= stopped | (generated >= sampling.max_new_tokens)
             if not _any_process(bool((~finished).any()), device):
                 break
-            logits = step(sequence[:, position:position + 1], position)
+            logits = step(position, position + 1)
             position += 1
     sequence, log_probs = sequence.cpu(), log_probs.cpu()
-    return [Completion(tokens=sequence[row, lengths[row]:lengths[row] + int(generated[row])].tolist(),
-                       log_probs=log_probs[row, lengths[row]:lengths[row] + int(generated[row])].tolist(),
+    return [Completion(tokens=sequence[row, longest:longest + int(generated[row])].tolist(),
+                       log_probs=log_probs[row, longest:longest + int(generated[row])].tolist(),
                        stopped=bool(stopped[row])) for row in range(rows)]

@@ -18,10 +18,9 @@ from megatron_patch.data.tokenizer import Qwen3Tokenizer
 from megatron_patch.errors import exit_on_input_error
 from megatron_patch.parallel import die_with_launcher
 from megatron_patch.patches.warnings import silence_upstream_warnings
-from megatron_patch.rl.config import GrpoSettings
+from megatron_patch.rl.config import GrpoSettings, data_parallel_size
 from megatron_patch.rl.prompts import Prompt, read_prompts
 from megatron_patch.training.config import TrainConfig, build_parser, parse_settings
-from megatron_patch.training.preflight import resolve_model, resolve_tokenizer_dir
 
 DESCRIPTION = ("GRPO reinforcement learning for Qwen3 / Qwen3-MoE on Megatron-Core: sample responses to prompts "
                "with the training model itself, score them, train on the group advantages. --global-batch-size is "
@@ -30,18 +29,22 @@ DESCRIPTION = ("GRPO reinforcement learning for Qwen3 / Qwen3-MoE on Megatron-Co
                "from these flags and/or --config FILE.yaml; flags win.")
 
 
-def parse_rl_config(argv) -> tuple[TrainConfig, GrpoSettings, bool]:
-    """(training settings, GRPO settings, print only), checked for a world of WORLD_SIZE processes."""
+def parse_rl_config(argv, world_size: int | None = None) -> tuple[TrainConfig, GrpoSettings, bool]:
+    """(training settings, GRPO settings, print only), checked for ``world_size`` processes (default
+    torchrun's WORLD_SIZE)."""
     parser = build_parser("python -m megatron_patch.rl", DESCRIPTION, (TrainConfig, GrpoSettings))
     (config, settings), print_only = parse_settings(argv, parser, (TrainConfig, GrpoSettings))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    settings.check(config, max(world // config.tensor_model_parallel_size, 1))
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    settings.check(config, data_parallel_size(config, world))
     return config, settings, print_only
 
 
 def read_run_prompts(config: TrainConfig, settings: GrpoSettings) -> tuple[list[Prompt], list[Prompt]]:
     """The training and validation prompts, tokenized with the run's tokenizer (a bad line is named
-    here, before Megatron-Core starts)."""
+    here, before the model is built)."""
+    # The pre-flight module imports Megatron-Core (~5 s): not before the arguments have parsed.
+    from megatron_patch.training.preflight import resolve_model, resolve_tokenizer_dir
+
     _, hf_dir = resolve_model(config.model)
     tokenizer = Qwen3Tokenizer.from_dir(resolve_tokenizer_dir(config, hf_dir))
     read = functools.partial(read_prompts, tokenizer=tokenizer, max_prompt_length=settings.max_prompt_length,

@@ -20,36 +20,41 @@ from megatron_patch.training.config import TrainConfig, TrainConfigError, option
 
 @dataclass
 class GrpoSettings:
-    samples_per_prompt: int = option(8, "responses sampled per prompt; the group's rewards give the advantages "
-                                        "(MP_GRPO_N)")
+    samples_per_prompt: int = option(8, "responses sampled per prompt; the group's rewards give the advantages",
+                                     env="MP_GRPO_N")
     max_prompt_length: int = option(512, "prompts longer than this (in tokens, chat template included) are an "
-                                         "error (MP_GRPO_MAX_PROMPT_LENGTH)")
-    max_response_length: int = option(512, "tokens generated per response at most (MP_GRPO_MAX_RESPONSE_LENGTH)")
-    temperature: float = option(1.0, "sampling temperature; log-probs are of the logits / temperature, as "
-                                     "verl's (MP_GRPO_TEMPERATURE)")
-    top_p: float = option(1.0, "nucleus sampling; 1 is off (MP_GRPO_TOP_P)")
-    top_k: int = option(0, "sample among the k likeliest tokens; 0 is off (MP_GRPO_TOP_K)")
-    reward: str = option("gsm8k", "gsm8k, gsm8k-flexible or custom:PATH.py:FUNCTION, called as "
-                                  "FUNCTION(prompt, response, label) -> float (MP_GRPO_REWARD)")
-    advantage_estimator: str = option("grpo", "grpo (group z-score), drgrpo (no std division) or rloo "
-                                              "(MP_GRPO_ADVANTAGE)", choices=ADVANTAGE_ESTIMATORS)
-    clip_low: float = option(0.2, "PPO clip below: ratio >= 1 - clip-low (MP_GRPO_CLIP_LOW)")
-    clip_high: float = option(0.2, "PPO clip above: ratio <= 1 + clip-high; DAPO uses 0.28 (MP_GRPO_CLIP_HIGH)")
-    dual_clip: float | None = option(3.0, "bound of a negative advantage's loss, -A * c (c > 1; MP_GRPO_DUAL_CLIP)")
+                                         "error", env="MP_GRPO_MAX_PROMPT_LENGTH")
+    max_response_length: int = option(512, "tokens generated per response at most",
+                                      env="MP_GRPO_MAX_RESPONSE_LENGTH")
+    temperature: float = option(1.0, "sampling temperature; log-probs are of the logits / temperature, as verl's",
+                                env="MP_GRPO_TEMPERATURE")
+    top_p: float = option(1.0, "nucleus sampling; 1 is off", env="MP_GRPO_TOP_P")
+    top_k: int = option(0, "sample among the k likeliest tokens; 0 is off", env="MP_GRPO_TOP_K")
+    reward: str = option("gsm8k", "gsm8k, gsm8k-flexible, letters or custom:PATH.py:FUNCTION, called as "
+                                  "FUNCTION(prompt, response, label) -> float", env="MP_GRPO_REWARD")
+    advantage_estimator: str = option("grpo", "grpo (group z-score), drgrpo (no std division) or rloo",
+                                      env="MP_GRPO_ADVANTAGE", choices=ADVANTAGE_ESTIMATORS)
+    clip_low: float = option(0.2, "PPO clip below: ratio >= 1 - clip-low", env="MP_GRPO_CLIP_LOW")
+    clip_high: float = option(0.2, "PPO clip above: ratio <= 1 + clip-high; DAPO uses 0.28",
+                              env="MP_GRPO_CLIP_HIGH")
+    dual_clip: float | None = option(3.0, "bound of a negative advantage's loss, -A * c (c > 1)",
+                                     env="MP_GRPO_DUAL_CLIP")
     kl_coef: float = option(0.001, "weight of the KL to the reference policy in the loss; 0 skips the reference "
-                                   "pass (MP_GRPO_KL_COEF)")
-    kl_estimator: str = option("k3", "k1, k2 or k3 (low-variance) (MP_GRPO_KL_ESTIMATOR)", choices=KL_ESTIMATORS)
-    loss_aggregation: str = option("token-mean", "how token losses form the step's loss (MP_GRPO_LOSS_AGG)",
+                                   "pass", env="MP_GRPO_KL_COEF")
+    kl_estimator: str = option("k3", "k1, k2 or k3 (low-variance)", env="MP_GRPO_KL_ESTIMATOR",
+                               choices=KL_ESTIMATORS)
+    loss_aggregation: str = option("token-mean", "how token losses form the step's loss", env="MP_GRPO_LOSS_AGG",
                                    choices=AGGREGATIONS)
     updates_per_rollout: int = option(1, "optimizer steps per rollout, each on its share of the sequences; above "
-                                         "1 the pre-update log-probs are computed (MP_GRPO_UPDATES)")
+                                         "1 the pre-update log-probs are computed", env="MP_GRPO_UPDATES")
     dynamic_sampling: bool = option(False, "leave groups whose rewards are all equal out of the loss (DAPO; no "
-                                           "refill) (MP_GRPO_DYNAMIC_SAMPLING)")
+                                           "refill)", env="MP_GRPO_DYNAMIC_SAMPLING")
     overlong_buffer: int = option(0, "DAPO's soft overlong penalty: over the last N tokens before the maximum "
-                                     "response length the reward falls linearly (MP_GRPO_OVERLONG_BUFFER)")
-    overlong_penalty: float = option(1.0, "the penalty at the maximum response length (MP_GRPO_OVERLONG_PENALTY)")
+                                     "response length the reward falls linearly", env="MP_GRPO_OVERLONG_BUFFER")
+    overlong_penalty: float = option(1.0, "the penalty at the maximum response length",
+                                     env="MP_GRPO_OVERLONG_PENALTY")
     enable_thinking: bool = option(True, "Qwen3's thinking mode in the chat template; false adds the empty think "
-                                         "block (MP_GRPO_THINKING)")
+                                         "block", env="MP_GRPO_THINKING")
     log_prob_chunk: int = option(1024, "tokens per chunk of the fp32 log-prob/entropy computation")
 
     def check(self, config: TrainConfig, data_parallel_size: int) -> None:
@@ -100,3 +105,16 @@ class GrpoSettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def data_parallel_size(config: TrainConfig, world_size: int) -> int:
+    return max(world_size // config.tensor_model_parallel_size, 1)
+
+
+def training_view(config: TrainConfig, settings: GrpoSettings, world_size: int) -> TrainConfig:
+    """The settings the model, optimizer and their checks see: an optimizer step trains on this many
+    sequences (not prompts), the data are JSONL files, and validation is GRPO's own."""
+    dp = data_parallel_size(config, world_size)
+    per_update = settings.sequences_per_update(config, dp) or config.micro_batch_size
+    return dataclasses.replace(config, global_batch_size=per_update * dp, dataset_type="raw", train_mode="finetune",
+                               eval_interval=None)

@@ -13,7 +13,6 @@ and optimizer, and the samples do not depend on the data-parallel or expert-para
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
@@ -27,7 +26,7 @@ from megatron.core import parallel_state
 from megatron_patch.lora.apply import adapters_disabled
 from megatron_patch.models.generation import Sampling, generate, sampling_generator
 from megatron_patch.models.log_probs import token_entropy, token_log_probs
-from megatron_patch.rl.config import GrpoSettings
+from megatron_patch.rl.config import GrpoSettings, training_view
 from megatron_patch.rl.objectives import aggregate_parts, group_advantages, kl_penalty, policy_loss
 from megatron_patch.rl.prompts import Prompt, read_prompts
 from megatron_patch.rl.rewards import load_reward
@@ -54,14 +53,6 @@ class Rollout:
 
 def _dp() -> tuple[int, int]:
     return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-
-
-def training_view(config: TrainConfig, settings: GrpoSettings) -> TrainConfig:
-    """The settings the model, optimizer and their checks see: a step trains on this many sequences
-    (not prompts), and the data are JSONL files."""
-    dp = max(int(os.environ.get("WORLD_SIZE", "1")) // config.tensor_model_parallel_size, 1)
-    per_update = settings.sequences_per_update(config, dp) or config.micro_batch_size
-    return dataclasses.replace(config, global_batch_size=per_update * dp, dataset_type="raw", train_mode="finetune")
 
 
 @functools.lru_cache(maxsize=4)
@@ -105,7 +96,8 @@ class GrpoTrainer:
         """``config`` as given (--global-batch-size in prompts); the model is built from its training view.
         ``prompts``: (training, validation) prompts already read, else read here."""
         self.config, self.settings = config, settings
-        self.model: TrainedModel = prepare_model(training_view(config, settings))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.model: TrainedModel = prepare_model(training_view(config, settings, world))
         model = self.model
         self.reward = load_reward(settings.reward)
         tokenizer = model.tokenizer

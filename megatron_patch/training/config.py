@@ -23,9 +23,10 @@ class TrainConfigError(InputError):
     """An invalid setting; the message names it."""
 
 
-def option(default, help: str, flag: str | None = None, **argparse_kwargs):
-    """A setting with its help text; a type as ``default`` (``list``) makes a fresh empty value per config."""
-    metadata = {"help": help, "flag": flag, **argparse_kwargs}
+def option(default, help: str, flag: str | None = None, env: str | None = None, **argparse_kwargs):
+    """A setting with its help text; a type as ``default`` (``list``) makes a fresh empty value per config.
+    ``env``: the launcher variable that sets it (named in the help)."""
+    metadata = {"help": help, "flag": flag, "env": env, **argparse_kwargs}
     if isinstance(default, type):
         return field(default_factory=default, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -206,11 +207,12 @@ def add_flags(parser: argparse.ArgumentParser, settings_class) -> None:
     for spec in dataclasses.fields(settings_class):
         flag = "--" + _flag(spec.name, settings_class)
         default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
-        help_text = f"{spec.metadata['help']} (default: {default})"
+        env = spec.metadata.get("env")
+        help_text = f"{spec.metadata['help']}{f' ({env})' if env else ''} (default: {default})"
         if isinstance(default, bool):
             parser.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, help=help_text)
             continue
-        kwargs = {k: v for k, v in spec.metadata.items() if k not in ("help", "flag")}
+        kwargs = {k: v for k, v in spec.metadata.items() if k not in ("help", "flag", "env")}
         parser.add_argument(flag, dest=spec.name, type=_scalar_type(spec), help=help_text, **kwargs)
 
 

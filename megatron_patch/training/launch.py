@@ -20,7 +20,8 @@ import os
 import re
 import shlex
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from megatron_patch.errors import InputError
 from megatron_patch.models.choices import RECOMPUTE_MODES, TRAINING_PRECISIONS, TRANSFORMER_IMPLS
@@ -109,9 +110,48 @@ class Launch:
     master_port: int
     name: str
     device: str
+    module: str = "megatron_patch.train"
 
 
-def plan(arguments: list[str], env: dict | None = None, cuda_devices: int | None = None) -> Launch:
+def _train_data_flags(values: dict, env: dict, pad: int) -> list:
+    """SFT or pretraining data: idxmap prefixes (with the split), or raw JSON (MP_DATASET_TYPE=raw)."""
+    validation = ["--eval-interval", 10000, "--eval-iters", 10]
+    if (env.get("MP_DATASET_TYPE") or "idxmap") == "raw":
+        return ["--data-path", *values["DATASET_PATH"].split(), "--valid-data-path",
+                *values["VALID_DATASET_PATH"].split(), "--max-padding-length", pad, *validation]
+    return ["--data-path", *values["DATASET_PATH"].split(), "--split", "99,1,0", *validation]
+
+
+def _train_check(flags: list[str], world_size: int) -> None:
+    config, _ = parse_config(flags)
+    arch, _ = resolve_model(config.model)
+    check_run(config, arch, resolved_transformer_impl(config), world_size)
+
+
+def _train_inputs(flags: list[str]) -> None:
+    check_inputs(parse_config(flags)[0])
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the 27 arguments launch, and how that job reads the ones whose meaning differs."""
+
+    module: str = "megatron_patch.train"
+    label: str | None = None  # the run name's first word (default: finetune or pretrain, from SFT)
+    steps: bool = False  # TRAIN_TOKENS_OR_ITERS and WARMUP_TOKENS_OR_ITERS count steps whatever SFT says
+    data_flags: Callable[[dict, dict, int], list] = _train_data_flags  # (arguments, environment, PAD_LEN)
+    extra_flags: Callable[[dict], list] = lambda env: []  # from the job's own MP_* variables
+    check: Callable[[list[str], int], None] = _train_check  # the job's own checks; raise TrainConfigError
+    check_inputs: Callable[[list[str]], None] = _train_inputs  # data and checkpoint present (not for a dry run)
+    flag_sources: dict = field(default_factory=dict)  # the job's flags -> the variable that sets them
+    usage: str = USAGE
+
+
+TRAINING = Job()
+
+
+def plan(arguments: list[str], env: dict | None = None, cuda_devices: int | None = None,
+         job: Job = TRAINING) -> Launch:
     """Translate and check the 27 arguments (and MP_* variables); raise LaunchError naming the bad one."""
     env = dict(os.environ if env is None else env)
     if len(arguments) != len(POSITIONALS):
@@ -137,7 +177,7 @@ def plan(arguments: list[str], env: dict | None = None, cuda_devices: int | None
             do = True
     save_interval = _int(v, "SAVE_INTERVAL")
     train_arg, warmup_arg = _int(v, "TRAIN_TOKENS_OR_ITERS"), _int(v, "WARMUP_TOKENS_OR_ITERS", minimum=0)
-    if sft:
+    if sft or job.steps:
         train_iters, warmup_iters = train_arg, warmup_arg
         decay_iters = train_iters - warmup_iters
     else:  # tokens, with Pai's integer division
@@ -159,7 +199,8 @@ def plan(arguments: list[str], env: dict | None = None, cuda_devices: int | None
 
     model = v["MODEL_SIZE"]
     model_label = os.path.basename(os.path.normpath(model)) if os.sep in model or os.path.isdir(model) else model
-    prefix = (f"{'finetune' if sft else 'pretrain'}-mcore-qwen3-moe-megatron-{model_label}-lr-{v['LR']}-minlr-"
+    label = job.label or ("finetune" if sft else "pretrain")
+    prefix = (f"{label}-mcore-qwen3-moe-megatron-{model_label}-lr-{v['LR']}-minlr-"
               f"{v['MIN_LR']}-bs-{micro}-gbs-{gbs}-seqlen-{seq}")
     name = (f"{prefix}-pr-{v['PR']}-tp-{tp}-pp-{pp}-cp-{cp}-ac-{ac}-do-{str(do).lower()}-sp-{str(sp).lower()}"
             f"-ti-{train_iters}-wi-{warmup_iters}")
@@ -187,8 +228,7 @@ def plan(arguments: list[str], env: dict | None = None, cuda_devices: int | None
         "--expert-model-parallel-size", ep, "--recompute", ac, "--recompute-num-layers", ac_layers,
         "--train-iters", train_iters, "--lr-warmup-iters", warmup_iters, "--lr-decay-iters", decay_iters,
         "--lr-decay-style", "cosine", "--weight-decay", 0.01, "--adam-beta1", 0.9, "--adam-beta2", 0.95,
-        "--clip-grad", 1.0, "--init-method-std", 0.008, "--log-interval", 1,
-        "--eval-interval", 10000, "--eval-iters", 10, "--save-interval", save_interval,
+        "--clip-grad", 1.0, "--init-method-std", 0.008, "--log-interval", 1, "--save-interval", save_interval,
         "--save", os.path.join(out, "checkpoint", name),
         "--tensorboard-dir", os.path.join(out, "tensorboard", f"{name}_{stamp}"),
         "--log-dir", os.path.join(out, "log", name), "--train-mode", "finetune" if sft else "pretrain",
@@ -197,11 +237,8 @@ def plan(arguments: list[str], env: dict | None = None, cuda_devices: int | None
         "--use-distributed-optimizer" if do else "--no-use-distributed-optimizer",
         "--save-optim" if env.get("MP_SAVE_OPTIM", "true").lower() != "false" else "--no-save-optim",
     ]
-    if dataset_type == "raw":
-        flags += ["--data-path", *v["DATASET_PATH"].split(), "--valid-data-path", *v["VALID_DATASET_PATH"].split(),
-                  "--max-padding-length", pad]
-    else:
-        flags += ["--data-path", *v["DATASET_PATH"].split(), "--split", "99,1,0"]
+    flags += job.data_flags(v, env, pad)
+    flags += job.extra_flags(env)
     if packing:
         flags.append("--sft-packing")
     lora_rank = _env_int(env, "MP_LORA_RANK")
@@ -227,24 +264,20 @@ def plan(arguments: list[str], env: dict | None = None, cuda_devices: int | None
         print("note: FL=true: Transformer-Engine's flash attention when TE is installed; otherwise the torch "
               "attention (SDPA) already picks PyTorch's flash kernel on CUDA", file=sys.stderr)
     flags = [str(f) for f in flags]
-    _check(flags, nnodes * per_node)
-    return Launch(flags, per_node, nnodes, node_rank, master_addr, master_port, name, device)
-
-
-def _check(flags: list[str], world_size: int) -> None:
-    """The trainer's own checks, run here before anything starts, with Pai's argument names."""
+    # The job's own checks, run here before anything starts, with Pai's argument names.
     try:
-        config, _ = parse_config(flags)
-        arch, _ = resolve_model(config.model)
-        check_run(config, arch, resolved_transformer_impl(config), world_size)
+        job.check(flags, nnodes * per_node)
     except TrainConfigError as err:
-        raise LaunchError(_with_positional_names(str(err))) from None
+        raise LaunchError(_with_positional_names(str(err), job)) from None
+    return Launch(flags, per_node, nnodes, node_rank, master_addr, master_port, name, device, job.module)
 
 
-def _with_positional_names(message: str) -> str:
+def _with_positional_names(message: str, job: Job = TRAINING) -> str:
+    sources = {**FLAG_SOURCES, **job.flag_sources}
+
     def replace(match):
         flag = match.group(0)
-        return f"{flag} ({_name(FLAG_SOURCES[flag])})" if flag in FLAG_SOURCES else flag
+        return f"{flag} ({_name(sources[flag])})" if flag in sources else flag
 
     return re.sub(r"--[a-z0-9-]+", replace, message)
 
@@ -259,17 +292,17 @@ def torchrun_command(launch: Launch) -> list[str]:
     return [
         sys.executable, "-m", "megatron_patch.torchrun", "--nproc_per_node", str(launch.nproc_per_node),
         "--nnodes", str(launch.nnodes), "--node_rank", str(launch.node_rank), "--master_addr", launch.master_addr,
-        "--master_port", str(launch.master_port), "-m", "megatron_patch.train", *launch.flags,
+        "--master_port", str(launch.master_port), "-m", launch.module, *launch.flags,
     ]
 
 
-def main(argv=None) -> int:
+def main(argv=None, job: Job = TRAINING) -> int:
     silence_upstream_warnings()
     arguments = sys.argv[1:] if argv is None else argv
     try:
-        launch = plan(arguments)
+        launch = plan(arguments, job=job)
     except LaunchError as err:
-        print(f"{USAGE}\nerror: {err}", file=sys.stderr)
+        print(f"{job.usage}\nerror: {err}", file=sys.stderr)
         return 2
     command = torchrun_command(launch)
     print(f"{launch.device}: {launch.nnodes} node(s) x {launch.nproc_per_node} process(es); run {launch.name}")
@@ -277,9 +310,9 @@ def main(argv=None) -> int:
     if os.environ.get("MP_DRY_RUN", "false").lower() == "true":
         return 0
     try:
-        check_inputs(parse_config(launch.flags)[0])
+        job.check_inputs(launch.flags)
     except InputError as err:  # missing or truncated data, no checkpoint at PRETRAIN_CHECKPOINT_PATH
-        print(f"error: {_with_positional_names(str(err))}", file=sys.stderr)
+        print(f"error: {_with_positional_names(str(err), job)}", file=sys.stderr)
         return 2
     env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
     if launch.device == "cpu":

@@ -17,6 +17,7 @@ from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
 from megatron_patch.evaluation.prepare import main as prepare_main
 from megatron_patch.evaluation.run import main as evaluate_main
 from megatron_patch.rl.__main__ import main as rl_main
+from megatron_patch.rl.launch import GRPO
 from megatron_patch.train import main as train_main
 from megatron_patch.training.launch import main as launch_main
 from tests.helpers import build_pretrain_data
@@ -134,6 +135,9 @@ CASES = {
         rl_main, lambda d, hf: ["--model", hf, "--data-path", _lines(d / "data", '{"prompt": "2 + 2?"}\n'),
                                 "--seq-length", "1024"], {},
         'train.jsonl:1: expected a string "label"'),
+    "GRPO launcher MP_GRPO_N=0": (
+        lambda argv: launch_main(argv, job=GRPO), lambda d, hf: arguments(DATASET_PATH="p.jsonl"), {"MP_GRPO_N": "0"},
+        "--samples-per-prompt (MP_GRPO_N) must be >= 1, got 0"),
     "GRPO reward file missing": (
         rl_main, lambda d, hf: ["--data-path", "p.jsonl", "--seq-length", "1024", "--reward",
                                 f"custom:{d / 'mine.py'}:score"], {},

@@ -30,13 +30,14 @@ FLOORS = {
     "train": 6, "demo": 6, "torchrun": 6, "rl": 6,
 }
 
-# Imports of our own modules inside a function, each with why it cannot be at the top. All five
+# Imports of our own modules inside a function, each with why it cannot be at the top. All
 # are entry points deferring Megatron-Core (about 5 s to import) or lm-eval until the arguments
 # have parsed, so that --help and a bad argument answer at once, and the warning filters are set
 # before Megatron-Core's import-time warnings fire.
 DEFERRED_IMPORTS = {
     ("megatron_patch.train", "megatron_patch.training.loop"): "Megatron-Core",
     ("megatron_patch.rl.__main__", "megatron_patch.rl.loop"): "Megatron-Core",
+    ("megatron_patch.rl.__main__", "megatron_patch.training.preflight"): "Megatron-Core",
     ("megatron_patch.convert.__main__", "megatron_patch.convert.run"): "Megatron-Core",
     ("megatron_patch.lora.__main__", "megatron_patch.lora.export"): "Megatron-Core",
     ("megatron_patch.evaluation.run", "megatron_patch.evaluation.megatron_lm"): "lm-eval and Megatron-Core",

@@ -103,3 +103,27 @@ def test_readme_lists_the_27_arguments_in_order():
     readme = (REPO / "examples" / "qwen3" / "README.md").read_text()
     table = re.findall(r"^\| (\d+) \| `([A-Z_]+)` \|", readme, re.MULTILINE)
     assert [name for _, name in table] == list(POSITIONALS)
+
+
+def test_the_grpo_script_reads_the_same_arguments_with_rl_meanings():
+    """run_mcore_qwen3_grpo.sh: steps whatever SFT says, prompt files, MP_GRPO_* as GRPO flags."""
+    from megatron_patch.rl.launch import GRPO
+
+    env = {"MP_GRPO_N": "4", "MP_GRPO_REWARD": "gsm8k-flexible", "MP_GRPO_THINKING": "false",
+           "MP_GRPO_EVAL_INTERVAL": "5", "MP_NPROC": "2", "MP_GRPO_MAX_PROMPT_LENGTH": "64",
+           "MP_GRPO_MAX_RESPONSE_LENGTH": "64"}
+    launch = plan(arguments(BATCH_SIZE="4", GLOBAL_BATCH_SIZE="2", TRAIN_TOKENS_OR_ITERS="30",
+                            WARMUP_TOKENS_OR_ITERS="3", DATASET_PATH="/data/prompts.jsonl",
+                            VALID_DATASET_PATH="/data/test.jsonl"), env=env, cuda_devices=0, job=GRPO)
+    assert launch.module == "megatron_patch.rl" and launch.name.startswith("grpo-mcore-qwen3")
+    assert (flag(launch, "--train-iters"), flag(launch, "--lr-warmup-iters")) == ("30", "3")  # steps, SFT=false
+    assert flag(launch, "--samples-per-prompt") == "4" and flag(launch, "--reward") == "gsm8k-flexible"
+    assert "--no-enable-thinking" in launch.flags and flag(launch, "--eval-interval") == "5"
+    assert flag(launch, "--valid-data-path") == "/data/test.jsonl" and "--split" not in launch.flags
+    with pytest.raises(LaunchError, match=r"--samples-per-prompt \(MP_GRPO_N\) must be >= 1, got 0"):
+        plan(arguments(DATASET_PATH="/data/p.jsonl"), env={**env, "MP_GRPO_N": "0"}, cuda_devices=0, job=GRPO)
+    with pytest.raises(LaunchError, match=r"--seq-length \(SEQ_LEN \(argument 7\)\) 128 is below"):
+        plan(arguments(DATASET_PATH="/data/p.jsonl"), env={**env, "MP_GRPO_MAX_RESPONSE_LENGTH": "100"},
+             cuda_devices=0, job=GRPO)
+    with pytest.raises(LaunchError, match="MP_GRPO_THINKING must be true or false, got 'no'"):
+        plan(arguments(), env={**env, "MP_GRPO_THINKING": "no"}, cuda_devices=0, job=GRPO)

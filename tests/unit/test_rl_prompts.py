@@ -100,3 +100,17 @@ def test_grpo_settings_that_cannot_run_are_named(changes, message):
         setattr(config, key, value)
     with pytest.raises(TrainConfigError, match=re.escape(message)):
         GrpoSettings().check(config, data_parallel_size=1)
+
+
+def test_one_yaml_file_holds_training_and_grpo_settings(tmp_path):
+    from megatron_patch.rl.__main__ import parse_rl_config
+
+    path = tmp_path / "grpo.yaml"
+    path.write_text("data_path: [prompts.jsonl]\nlr: 1.0e-6\nseq_length: 2048\nsamples_per_prompt: 4\n"
+                    "kl_coef: 0.0\n")
+    config, settings, _ = parse_rl_config(["--config", str(path), "--samples-per-prompt", "6"], world_size=1)
+    assert config.lr == 1e-6 and config.data_path == ["prompts.jsonl"] and settings.kl_coef == 0.0
+    assert settings.samples_per_prompt == 6  # the flag wins over the file
+    path.write_text("samples_per_promt: 4\n")
+    with pytest.raises(TrainConfigError, match="unknown setting.s. samples_per_promt"):
+        parse_rl_config(["--config", str(path)], world_size=1)
