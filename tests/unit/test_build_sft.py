@@ -9,12 +9,7 @@ from megatron_patch.data.build_sft import MASK_SUFFIX
 from megatron_patch.data.build_sft import main as build_main
 from megatron_patch.data.chat import messages_from_record, tokenize_conversation
 from megatron_patch.data.packing import first_fit_decreasing
-from megatron_patch.data.tokenizer import Qwen3Tokenizer, bundled_qwen3_tokenizer_dir
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Qwen3Tokenizer.from_dir(bundled_qwen3_tokenizer_dir())
+from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
 
 
 def records(count, seed=0):

@@ -3,19 +3,6 @@
 import pytest
 
 from megatron_patch.data.chat import Message, SampleError, messages_from_record, render, tokenize_conversation
-from megatron_patch.data.tokenizer import Qwen3Tokenizer, bundled_qwen3_tokenizer_dir
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Qwen3Tokenizer.from_dir(bundled_qwen3_tokenizer_dir())
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(bundled_qwen3_tokenizer_dir()))
 
 
 def as_dicts(messages):

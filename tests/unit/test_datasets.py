@@ -14,15 +14,10 @@ from megatron_patch.data.datasets import (
 )
 from megatron_patch.data.show_sample import TRAINED_CLOSE, TRAINED_OPEN
 from megatron_patch.data.show_sample import main as inspect_main
-from megatron_patch.data.tokenizer import Qwen3Tokenizer, bundled_qwen3_tokenizer_dir
+from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
 from tests.unit.test_build_sft import records, write_jsonl
 
 SEQ = 192
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Qwen3Tokenizer.from_dir(bundled_qwen3_tokenizer_dir())
 
 
 @pytest.fixture(scope="module")

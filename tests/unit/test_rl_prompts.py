@@ -7,25 +7,11 @@ import pytest
 import torch
 
 from megatron_patch.data.chat import Message, generation_prompt
-from megatron_patch.data.tokenizer import Qwen3Tokenizer, bundled_qwen3_tokenizer_dir
 from megatron_patch.rl.config import GrpoSettings
 from megatron_patch.rl.objectives import aggregate, aggregate_parts
 from megatron_patch.rl.prompts import PromptError, read_prompts
 from megatron_patch.rl.rewards import load_reward
 from megatron_patch.training.config import TrainConfig, TrainConfigError
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Qwen3Tokenizer.from_dir(bundled_qwen3_tokenizer_dir())
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(bundled_qwen3_tokenizer_dir()))
-
 
 PROMPTS = {
     "one question": [Message("user", "What is 2 + 3?")],
