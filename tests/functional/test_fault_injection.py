@@ -21,8 +21,8 @@ from tests.functional.torchrun import REPO
 
 pytestmark = [pytest.mark.functional, pytest.mark.slow]
 
-ITERATIONS = 14
-KILLS = 10
+ITERATIONS = 10
+KILLS = 6
 
 
 def launch(data: str, out: Path, log) -> subprocess.Popen:
