@@ -12,3 +12,12 @@ collect_inputs() {
     inputs=("$1")
   fi
 }
+
+# expect_27_arguments "$@": Pai's 27 positional arguments, or the usage line and exit status 2.
+expect_27_arguments() {
+  if [[ $# -ne 27 ]]; then
+    echo "usage: $0 ENV MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN PR TP PP CP ETP EP SP DO FL SFT AC OPTIMIZER_OFFLOAD SAVE_INTERVAL DATASET_PATH VALID_DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS_OR_ITERS WARMUP_TOKENS_OR_ITERS OUTPUT_BASEPATH" >&2
+    echo "error: expected 27 arguments, got $#" >&2
+    exit 2
+  fi
+}

@@ -5,12 +5,7 @@
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/toolkits/common.sh"
 
-USAGE="usage: $0 ENV MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN PR TP PP CP ETP EP SP DO FL SFT AC OPTIMIZER_OFFLOAD SAVE_INTERVAL DATASET_PATH VALID_DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS_OR_ITERS WARMUP_TOKENS_OR_ITERS OUTPUT_BASEPATH"
-if [[ $# -ne 27 ]]; then
-  echo "$USAGE" >&2
-  echo "error: expected 27 arguments, got $#" >&2
-  exit 2
-fi
+expect_27_arguments "$@"
 
 # Every argument is checked (and named in errors) before torchrun starts.
 exec "$PYTHON" -m megatron_patch.training.launch "$@"

@@ -116,20 +116,16 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, generators=None):
     return tokens, log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def _any_process(flag: bool, device) -> bool:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def _most_over_processes(value: int, device) -> int:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return value
     tensor = torch.tensor([value], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
+
+
+def _any_process(flag: bool, device) -> bool:
+    return _most_over_processes(int(flag), device) > 0
 
 
 @contextmanager

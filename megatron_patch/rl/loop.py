@@ -307,7 +307,6 @@ class GrpoTrainer:
         loss_sum, loss_norm, clipped, kl, entropy, tokens = totals[:6].tolist()
         reward_sum, reward_squares, length_sum, count, truncated, not_binary, correct = totals[6:].tolist()
         mean = reward_sum / count
-        generated = length_sum
         values = {
             "loss": loss_sum / max(loss_norm, 1.0), "reward_mean": mean,
             "reward_std": math.sqrt(max(reward_squares / count - mean * mean, 0.0)),
@@ -318,7 +317,7 @@ class GrpoTrainer:
             "grad_norm": float(grad_norms[-1]) if grad_norms and grad_norms[-1] is not None else None,
             "lr": self.model.optimizer.param_groups[0]["lr"],
             **{f"seconds_{name}": value for name, value in times.items()},
-            "generated_tokens_per_second": generated / max(times["rollout"], 1e-9),
+            "generated_tokens_per_second": length_sum / max(times["rollout"], 1e-9),
         }
         return values
 
