@@ -13,7 +13,7 @@ from tests.functional.torchrun import torchrun_batch
 
 pytestmark = pytest.mark.functional
 
-STEPS = 3
+STEPS = 2
 
 
 def prompt_file(work: str) -> Path:

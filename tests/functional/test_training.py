@@ -77,9 +77,21 @@ LAYOUT_FLAGS = {
 # The layouts whose saved weights a test reads (the others skip the save).
 SAVED_LAYOUTS = ("moe-dp2", "moe-dp2-sync")
 
+# Top-k routing is discrete: TP's reductions add in another order, a few near-tied tokens pick
+# another expert (seen: 2 of 16 micro-batch losses differ by 1e-6 at step 1) and the curves drift
+# apart by up to 2e-3 in 5 steps. So MoE with TP gets a looser bound than layouts that compute
+# every token's arithmetic the same way.
+ROUTING_DRIFT = 5e-3
+
 # Layouts checked in make test-slow (CI), each against its baseline in batches of their own; the
 # others keep make test under 10 minutes. name: baseline.
-SLOW_LAYOUTS = {"moe-pp2-vp": "moe-1", "moe-pp2-first1": "moe-1", "moe-sel": "moe-1", "moe-local-mbs2": "moe-mbs2"}
+SLOW_LAYOUTS = {"moe-pp2-vp": "moe-1", "moe-pp2-first1": "moe-1", "moe-sel": "moe-1", "moe-local-mbs2": "moe-mbs2",
+                "moe-pp2-mbs2": "moe-mbs2", "dense-tp2": "dense-1"}
+# The layouts make test runs: those compared there, and the synchronous one the overlap test reads.
+FAST_LAYOUTS = [("moe-dp2", "moe-1", 1e-4), ("moe-ep2", "moe-1", 1e-4), ("moe-etp2", "moe-1", 1e-4),
+                ("moe-pp2", "moe-1", 1e-4), ("moe-recompute", "moe-1", 1e-4),
+                ("moe-tp2-ep2-sp", "moe-1", ROUTING_DRIFT), ("dense-tp2-sp", "dense-1", 1e-4)]
+_FAST_BATCH = {*(name for pair in FAST_LAYOUTS for name in pair[:2]), "moe-dp2-sync"}
 
 # Enough steps for curves to separate if a layout computed anything differently (the first gradient
 # norm, compared too, sees every reduction); each step costs ~1 s per run.
@@ -119,7 +131,7 @@ def _layout_runs(work: str, nproc: int, slow: bool) -> dict[str, str]:
     """Every job of ``nproc`` processes, one after another in one torchrun launch: the layouts, and
     the other runs of that size below (raw JSON vs idxmap, pretraining, the first half of a resume).
     ``slow``: the SLOW_LAYOUTS and their baselines instead."""
-    in_batch = {*SLOW_LAYOUTS, *SLOW_LAYOUTS.values()} if slow else set(LAYOUT_FLAGS) - set(SLOW_LAYOUTS)
+    in_batch = {*SLOW_LAYOUTS, *SLOW_LAYOUTS.values()} if slow else _FAST_BATCH
     folder = _layout_folder(work, slow)
     jobs = {}
     for name, (procs, preset, extra) in LAYOUT_FLAGS.items():
@@ -128,10 +140,10 @@ def _layout_runs(work: str, nproc: int, slow: bool) -> dict[str, str]:
             save = ["--save", folder / name / "checkpoint", "--no-save-optim"] if name in SAVED_LAYOUTS else []
             jobs[name] = ("train", [*sft_run_flags(sft_data(work, 64), hf_dir, folder / name), "--load", mcore,
                                     *save, *extra])
-    if not slow:
-        jobs.update(raw_and_idxmap_jobs(work) if nproc == 1 else {"resume-first-half": resume_job(work, True)})
-        if nproc == 1:
-            jobs["pretrain"] = pretraining_job(work)
+    if nproc == 1:
+        jobs.update(raw_and_idxmap_jobs(work) if slow else {"pretrain": pretraining_job(work)})
+    elif not slow:
+        jobs["resume-first-half"] = resume_job(work, True)
     return torchrun_batch(nproc, jobs, folder / f"batch-{nproc}")
 
 
@@ -157,17 +169,9 @@ def saved_weights_of(path) -> dict:
     return weights
 
 
-# Top-k routing is discrete: TP's reductions add in another order, a few near-tied tokens pick
-# another expert (seen: 2 of 16 micro-batch losses differ by 1e-6 at step 1) and the curves drift
-# apart by up to 2e-3 in 5 steps. So MoE with TP gets a looser bound than layouts that compute
-# every token's arithmetic the same way.
-ROUTING_DRIFT = 5e-3
-
 
 @pytest.mark.parametrize("name, baseline, tolerance", [
-    ("moe-dp2", "moe-1", 1e-4), ("moe-ep2", "moe-1", 1e-4), ("moe-etp2", "moe-1", 1e-4), ("moe-pp2", "moe-1", 1e-4),
-    ("moe-recompute", "moe-1", 1e-4), ("moe-pp2-mbs2", "moe-mbs2", 1e-4),
-    ("moe-tp2-ep2-sp", "moe-1", ROUTING_DRIFT), ("dense-tp2", "dense-1", 1e-4), ("dense-tp2-sp", "dense-1", 1e-4),
+    *FAST_LAYOUTS,
     *(pytest.param(name, baseline, 1e-4, marks=pytest.mark.slow) for name, baseline in SLOW_LAYOUTS.items()),
 ])
 def test_parallel_layouts_give_the_one_process_loss_curve(work, name, baseline, tolerance):
@@ -240,9 +244,10 @@ def raw_and_idxmap_jobs(work: str) -> dict[str, tuple[str, list]]:
     return jobs
 
 
+@pytest.mark.slow  # two more one-process runs: make test-slow
 def test_raw_json_sft_trains_like_its_preprocessed_idxmap(work):
     """MP_DATASET_TYPE=raw tokenizes on the fly: same samples, masks and order as build_sft's output."""
-    _layout_runs(work, 1, False)
+    _layout_runs(work, 1, True)
     curves = {name: losses(Path(work) / "raw-vs-idxmap" / name) for name in ("idxmap", "raw")}
     assert sorted(curves["raw"]) == list(range(1, ITERATIONS + 1)) and curves["raw"][ITERATIONS] < curves["raw"][1]
     assert curves["raw"] == pytest.approx(curves["idxmap"], abs=1e-6)
