@@ -31,11 +31,12 @@ from lm_eval.api.registry import register_model
 from megatron_patch.checkpoints import load_weights
 from megatron_patch.data.tokenizer import Qwen3Tokenizer, bundled_qwen3_tokenizer_dir
 from megatron_patch.evaluation.tasks import EvalDataError
+from megatron_patch.models.choices import resolve_transformer_impl
 from megatron_patch.models.generation import Sampling, generate
 from megatron_patch.models.layout_check import RunFeatures, layout_problems
 from megatron_patch.models.logits import forward_logits
 from megatron_patch.models.qwen3.arch import Qwen3Arch
-from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model, resolve_transformer_impl
+from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
 from megatron_patch.parallel import ParallelLayout, initialize_parallel
 from megatron_patch.patches import apply_patches
 

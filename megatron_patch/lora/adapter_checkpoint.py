@@ -16,9 +16,9 @@ import torch
 
 from megatron_patch.checkpoints import TorchDistCheckpoint, checkpoint_info, load_weights, resolve_checkpoint
 from megatron_patch.errors import InputError
-from megatron_patch.lora.apply import adapted_shape, apply_lora, is_adapter_key
+from megatron_patch.lora.apply import apply_lora, is_adapter_key
 from megatron_patch.lora.checkpoints import is_base_key
-from megatron_patch.lora.config import LoraSettings
+from megatron_patch.lora.config import LoraSettings, adapted_shape
 from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
 from megatron_patch.models.weight_mapping import MegatronAddress

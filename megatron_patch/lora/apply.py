@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-from megatron_patch.lora.config import LoraConfigError, LoraSettings
+from megatron_patch.lora.config import LoraConfigError, LoraSettings, adapted_shape
 from megatron_patch.lora.layers import GroupedLoraAdapter, LoraAdapter, TpSplit
 from megatron_patch.models.experts import GroupedGemmExperts
 from megatron_patch.patches.expert_grads import expert_params_reduce_with_dense
@@ -140,18 +140,6 @@ def apply_lora(chunks, settings: LoraSettings) -> None:
             else:
                 raise LoraConfigError(f"LoRA: experts module {type(experts).__name__} is not supported "
                                       "(use --transformer-impl torch or local)")
-
-
-def adapted_shape(arch, target: str, expert: bool = False) -> tuple[int, int]:
-    """(out, in) features of the weight a target adapts (an expert's, or a dense layer's)."""
-    hidden, q = arch.hidden_size, arch.num_attention_heads * arch.head_dim
-    ffn = arch.moe_ffn_hidden_size if expert else arch.ffn_hidden_size
-    return {
-        "linear_qkv": (q + 2 * arch.num_query_groups * arch.head_dim, hidden),
-        "linear_proj": (hidden, q),
-        "linear_fc1": (2 * ffn, hidden),
-        "linear_fc2": (hidden, ffn),
-    }[target]
 
 
 def trainable_parameter_count(arch, settings: LoraSettings) -> int:

@@ -63,3 +63,15 @@ class LoraSettings:
     def describe(self) -> dict:
         """What a checkpoint records about its adapters."""
         return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
+
+
+def adapted_shape(arch, target: str, expert: bool = False) -> tuple[int, int]:
+    """(out, in) features of the weight a target adapts (an expert's, or a dense layer's)."""
+    hidden, q = arch.hidden_size, arch.num_attention_heads * arch.head_dim
+    ffn = arch.moe_ffn_hidden_size if expert else arch.ffn_hidden_size
+    return {
+        "linear_qkv": (q + 2 * arch.num_query_groups * arch.head_dim, hidden),
+        "linear_proj": (hidden, q),
+        "linear_fc1": (2 * ffn, hidden),
+        "linear_fc2": (hidden, ffn),
+    }[target]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 # Weight precisions: name -> dtype (converter outputs, model building, evaluation).
@@ -26,3 +28,15 @@ IMPL_MODULES = {
     "torch": "SdpaAttention: torch SDPA / varlen attention; GroupedGemmExperts: torch grouped_mm",
     "local": "Megatron-Core DotProductAttention and SequentialMLP",
 }
+
+
+def transformer_engine_usable() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_transformer_impl(requested: str = "auto") -> str:
+    if requested not in TRANSFORMER_IMPLS:
+        raise ValueError(f"transformer implementation must be one of {TRANSFORMER_IMPLS}, got {requested!r}")
+    if requested == "auto":
+        return "transformer_engine" if transformer_engine_usable() else "torch"
+    return requested

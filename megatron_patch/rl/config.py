@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from megatron_patch.rl.objectives import ADVANTAGE_ESTIMATORS, AGGREGATIONS, KL_ESTIMATORS
 from megatron_patch.rl.rewards import load_reward
 from megatron_patch.training.config import TrainConfig, TrainConfigError, option
+from megatron_patch.training.memory_plan import RolloutShape
 
 
 @dataclass
@@ -109,6 +110,15 @@ class GrpoSettings:
 
 def data_parallel_size(config: TrainConfig, world_size: int) -> int:
     return max(world_size // config.tensor_model_parallel_size, 1)
+
+
+def rollout_shape(config: TrainConfig, settings: GrpoSettings, world_size: int) -> RolloutShape:
+    """What one data-parallel rank's rollout holds at once: every sequence of its share of a step."""
+    dp = data_parallel_size(config, world_size)
+    return RolloutShape(sequences=config.global_batch_size // dp * settings.samples_per_prompt,
+                        prompt_tokens=settings.max_prompt_length, response_tokens=settings.max_response_length,
+                        log_prob_chunk=settings.log_prob_chunk,
+                        reference_on_host=settings.kl_coef > 0 and not config.lora_rank)
 
 
 def training_view(config: TrainConfig, settings: GrpoSettings, world_size: int) -> TrainConfig:

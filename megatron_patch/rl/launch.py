@@ -19,8 +19,9 @@ import dataclasses
 import sys
 
 from megatron_patch.rl.__main__ import parse_rl_config, read_run_prompts
-from megatron_patch.rl.config import GrpoSettings, training_view
+from megatron_patch.rl.config import GrpoSettings, rollout_shape, training_view
 from megatron_patch.training.launch import POSITIONALS, Job, LaunchError, main
+from megatron_patch.training.memory_plan import MemoryPlan, plan_memory
 from megatron_patch.training.preflight import check_inputs as check_training_inputs
 from megatron_patch.training.preflight import check_run, resolve_model, resolved_transformer_impl
 
@@ -67,6 +68,15 @@ def check(flags: list[str], world_size: int) -> None:
     check_run(view, arch, resolved_transformer_impl(view), world_size)
 
 
+def memory(flags: list[str], world_size: int) -> MemoryPlan:
+    """The planned per-GPU memory: the update's, or the rollout's when it needs more."""
+    config, settings, _ = parse_rl_config(flags, world_size)
+    view = training_view(config, settings, world_size)
+    arch, _ = resolve_model(view.model)
+    return plan_memory(view, arch, resolved_transformer_impl(view), world_size,
+                       rollout_shape(config, settings, world_size))
+
+
 def check_inputs(flags: list[str]) -> None:
     """The prompt files read whole (each bad line named) and the checkpoint to start from present."""
     config, settings, _ = parse_rl_config(flags)
@@ -75,7 +85,7 @@ def check_inputs(flags: list[str]) -> None:
 
 
 GRPO = Job(module="megatron_patch.rl", label="grpo", steps=True, data_flags=prompt_flags, extra_flags=grpo_flags,
-           check=check, check_inputs=check_inputs, usage=USAGE,
+           check=check, check_inputs=check_inputs, memory=memory, usage=USAGE,
            flag_sources={_flag(spec): name for name, spec in _variables().items()}
            | {"--eval-interval": "MP_GRPO_EVAL_INTERVAL"})
 

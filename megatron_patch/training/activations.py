@@ -10,17 +10,20 @@ sum on a tiny MoE and on an A3B-width layer). Bytes per token of one layer, for 
 - The router its logits-derived scores, top-k indices and probabilities; the token dispatcher its
   routing map; the grouped experts their permuted input and six ffn-wide bf16 tensors per routed token.
 - The loss the fp32 softmax over the vocabulary.
+The dense MLP's SwiGLU keeps two fc1-wide tensors besides fc2's input.
 Selective recompute (core attention) then keeps q, k, v and the output anyway (the output is the
 projection's input): it frees only the log-sum-exp with a flash kernel, and the s x s scores with
 the local spec's unfused attention. Full recompute keeps each recomputed group's input.
-The Transformer-Engine spec (bf16 norms fused into the linears) is modelled, not measured: no TE here.
+The Transformer-Engine spec is modelled, not measured (no TE here): bf16 norms fused into the
+linears (input and output kept), q/k norms on views of the QKV output, fused RoPE, SwiGLU keeping
+fc1's output and fc2's input, and its fused cross entropy keeping only the bf16 logits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_patch.models.qwen3.builder import padded_vocab_size
+from megatron_patch.models.qwen3.arch import padded_vocab_size
 from megatron_patch.training.memory import FP32, ModelShape
 
 BF16 = 2
@@ -62,10 +65,13 @@ def attention_bytes(shape: ModelShape, tokens: Tokens, recompute: str) -> int:
     h, head = arch.hidden_size, arch.head_dim
     q_heads, kv_heads = arch.num_attention_heads // tp, arch.num_query_groups // tp
     q, kv = q_heads * head, kv_heads * head
-    norm = _norm_te if impl == "transformer_engine" else _norm
-    hidden_part = norm(h) + BF16 * h  # input norm, QKV projection's input
-    heads_part = (norm(q) - FP32 + FP32 * q_heads) + (norm(kv) - FP32 + FP32 * kv_heads)  # q/k norms
-    rope = 4 * BF16 * head  # cos and sin, for q and for k
+    te = impl == "transformer_engine"
+    hidden_part = (_norm_te if te else _norm)(h) + BF16 * h  # input norm, QKV projection's input
+    if te:  # q/k norms save their input (views of the QKV output) and 1/rms; fused RoPE only its table
+        heads_part, rope = FP32 * (q_heads + kv_heads), 0
+    else:
+        heads_part = (_norm(q) - FP32 + FP32 * q_heads) + (_norm(kv) - FP32 + FP32 * kv_heads)
+        rope = 4 * BF16 * head  # cos and sin, for q and for k
     if impl == "local" and recompute != "sel":
         # Unfused attention: GQA-expanded q, k and v, the output, and per pair of tokens the fp32
         # softmax, its bf16 copy and the mask.
@@ -82,19 +88,20 @@ def attention_bytes(shape: ModelShape, tokens: Tokens, recompute: str) -> int:
 def mlp_bytes(shape: ModelShape, layer: int, tokens: Tokens) -> int:
     """What the MLP block (pre-MLP norm to the experts' or the dense MLP's output) saves."""
     arch, layout = shape.arch, shape.layout
-    h = arch.hidden_size
-    norm = (_norm_te if shape.impl == "transformer_engine" else _norm)(h)
+    h, te = arch.hidden_size, shape.impl == "transformer_engine"
+    norm = (_norm_te if te else _norm)(h)
+    # Per token of an ffn-wide layer: fc1's output and fc2's input (TE); our SwiGLU keeps two fc1-wide
+    # tensors besides fc2's input (dense MLP), the grouped experts six ffn-wide ones.
     if not arch.layer_is_moe(layer):
         ffn = arch.ffn_hidden_size // layout.tp
-        # Two fc1-wide tensors for SwiGLU, and fc2's input.
-        return (norm + BF16 * h) * tokens.hidden_share + 5 * BF16 * ffn * tokens.count
+        return (norm + BF16 * h) * tokens.hidden_share + (3 if te else 5) * BF16 * ffn * tokens.count
     experts, topk, ffn = arch.num_experts, arch.moe_topk, arch.moe_ffn_hidden_size // layout.etp
     router = BF16 * h + topk * (INT64 + FP32) + experts * FP32
     dispatch = experts * (1 + FP32) + topk * INT64
     # Tokens routed to this rank's experts per local token: top-k, gathered over the expert-TP group.
     routed = topk * layout.etp
     expert_inputs = routed * (BF16 * h + FP32)
-    expert_ffn = 6 * BF16 * ffn * routed
+    expert_ffn = (3 if te else 6) * BF16 * ffn * routed
     return (norm + router + dispatch + expert_inputs + expert_ffn) * tokens.hidden_share
 
 
@@ -116,16 +123,20 @@ def rope_table_bytes(shape: ModelShape, tokens: Tokens) -> int:
 
 
 def loss_bytes(shape: ModelShape, tokens: Tokens) -> int:
-    """The last stage's final norm, output-layer input and fp32 softmax over its vocabulary shard, with the
-    labels and loss mask."""
-    arch = shape.arch
+    """The last stage's final norm, output-layer input and what the loss keeps over its vocabulary shard:
+    the fp32 softmax, or with Transformer-Engine's fused cross entropy the bf16 logits that its gradient
+    overwrites; and the labels and loss mask."""
+    arch, te = shape.arch, shape.impl == "transformer_engine"
     vocab = padded_vocab_size(arch.vocab_size) // shape.layout.tp
-    norm = (_norm_te if shape.impl == "transformer_engine" else _norm)(arch.hidden_size)
-    return (norm + BF16 * arch.hidden_size) * tokens.hidden_share + (FP32 * vocab + INT64 + 1) * tokens.count
+    norm = (_norm_te if te else _norm)(arch.hidden_size)
+    kept = BF16 if te else FP32
+    return (norm + BF16 * arch.hidden_size) * tokens.hidden_share + (kept * vocab + INT64 + 1) * tokens.count
 
 
 def logits_transient_bytes(shape: ModelShape, tokens: Tokens) -> int:
-    """Live only around the loss: the bf16 logits and the fp32 gradient of the softmax."""
+    """Live only around the unfused loss: the bf16 logits and the fp32 gradient of the softmax."""
+    if shape.impl == "transformer_engine":
+        return 0  # the fused loss writes its gradient into the logits
     vocab = padded_vocab_size(shape.arch.vocab_size) // shape.layout.tp
     return (BF16 + FP32) * vocab * tokens.count
 

@@ -17,6 +17,9 @@ from pathlib import Path
 from megatron_patch.errors import InputError
 from megatron_patch.lora.config import LoraConfigError, LoraSettings
 from megatron_patch.models.choices import RECOMPUTE_MODES, TRAINING_PRECISIONS, TRANSFORMER_IMPLS
+from megatron_patch.models.layout_check import RunFeatures, virtual_stages
+from megatron_patch.models.qwen3.arch import Qwen3Arch
+from megatron_patch.parallel import ParallelLayout
 
 
 class TrainConfigError(InputError):
@@ -187,6 +190,23 @@ class TrainConfig:
     @property
     def sft(self) -> bool:
         return self.train_mode == "finetune"
+
+    def parallel_layout(self, arch: Qwen3Arch) -> ParallelLayout:
+        return ParallelLayout(
+            tp=self.tensor_model_parallel_size, pp=self.pipeline_model_parallel_size,
+            ep=self.expert_model_parallel_size, etp=self.expert_tensor_parallel_size,
+            cp=self.context_parallel_size, sequence_parallel=self.sequence_parallel,
+            virtual_pp=virtual_stages(arch.num_layers, self.pipeline_model_parallel_size,
+                                      self.num_layers_per_virtual_pipeline_stage),
+        )
+
+    def run_features(self) -> RunFeatures:
+        """What beyond the parallel sizes decides whether the layout can run (models/layout_check.py)."""
+        return RunFeatures(
+            precision=self.precision, recompute=self.recompute, recompute_num_layers=self.recompute_num_layers,
+            first_stage_layers=self.decoder_first_pipeline_num_layers,
+            layers_per_virtual_stage=self.num_layers_per_virtual_pipeline_stage, lora=self.lora_rank > 0,
+        )
 
     def resolved_decay_iters(self) -> int:
         return self.train_iters if self.lr_decay_iters is None else self.lr_decay_iters

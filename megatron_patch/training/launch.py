@@ -9,11 +9,13 @@ metrics.jsonl, ``PR=fp32`` is accepted, and without a GPU the job runs on CPU wi
 ``MP_NPROC`` processes (default 1).
 
   python -m megatron_patch.training.launch ENV MODEL_SIZE ... OUTPUT_BASEPATH   (27 arguments)
-  MP_DRY_RUN=true: print the torchrun command and the settings, do not start.
+  MP_DRY_RUN=true: print the torchrun command and the planned memory per GPU (training/memory_plan.py),
+  warn when it exceeds the GPU's (or MP_GPU_MEMORY, e.g. 80GiB), do not start.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import math
 import os
@@ -28,7 +30,9 @@ from megatron_patch.models.choices import RECOMPUTE_MODES, TRAINING_PRECISIONS, 
 from megatron_patch.parallel import free_port
 from megatron_patch.patches.warnings import silence_upstream_warnings
 from megatron_patch.training.config import TrainConfigError, parse_config
+from megatron_patch.training.memory_plan import GIB, MemoryPlan, plan_memory
 from megatron_patch.training.preflight import check_inputs, check_run, resolve_model, resolved_transformer_impl
+from megatron_patch.units import parse_size
 
 POSITIONALS = (
     "ENV", "MODEL_SIZE", "BATCH_SIZE", "GLOBAL_BATCH_SIZE", "LR", "MIN_LR", "SEQ_LEN", "PAD_LEN", "PR",
@@ -132,6 +136,12 @@ def _train_inputs(flags: list[str]) -> None:
     check_inputs(parse_config(flags)[0])
 
 
+def _train_memory(flags: list[str], world_size: int) -> MemoryPlan:
+    config, _ = parse_config(flags)
+    arch, _ = resolve_model(config.model)
+    return plan_memory(config, arch, resolved_transformer_impl(config), world_size)
+
+
 @dataclass(frozen=True)
 class Job:
     """What the 27 arguments launch, and how that job reads the ones whose meaning differs."""
@@ -143,6 +153,7 @@ class Job:
     extra_flags: Callable[[dict], list] = lambda env: []  # from the job's own MP_* variables
     check: Callable[[list[str], int], None] = _train_check  # the job's own checks; raise TrainConfigError
     check_inputs: Callable[[list[str]], None] = _train_inputs  # data and checkpoint present (not for a dry run)
+    memory: Callable[[list[str], int], MemoryPlan] = _train_memory  # planned per-GPU memory (for a dry run)
     flag_sources: dict = field(default_factory=dict)  # the job's flags -> the variable that sets them
     usage: str = USAGE
 
@@ -296,6 +307,36 @@ def torchrun_command(launch: Launch) -> list[str]:
     ]
 
 
+def _gpu_memory(device: str) -> int | None:
+    """MP_GPU_MEMORY (e.g. 80GiB), else the visible GPU's; None on a machine without one."""
+    if os.environ.get("MP_GPU_MEMORY"):
+        try:
+            return parse_size(os.environ["MP_GPU_MEMORY"])
+        except argparse.ArgumentTypeError as err:
+            raise LaunchError(f"MP_GPU_MEMORY: {err}") from None
+    if device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory
+
+
+def _report_memory(launch: Launch, job: Job) -> int:
+    """The dry run's memory plan; a warning (not a failure) when it exceeds the GPU."""
+    try:
+        plan = job.memory(launch.flags, launch.nnodes * launch.nproc_per_node)
+        capacity = _gpu_memory(launch.device)
+    except InputError as err:
+        print(f"error: {_with_positional_names(str(err), job)}", file=sys.stderr)
+        return 2
+    print("planned memory per GPU (docs/planner.md):")
+    print("\n".join(plan.lines()))
+    if capacity is not None and plan.peak > capacity:
+        print(f"warning: the plan ({plan.peak / GIB:.1f} GiB) exceeds the GPU's {capacity / GIB:.1f} GiB; see "
+              "python -m megatron_patch.plan for layouts that fit", file=sys.stderr)
+    return 0
+
+
 def main(argv=None, job: Job = TRAINING) -> int:
     silence_upstream_warnings()
     arguments = sys.argv[1:] if argv is None else argv
@@ -308,7 +349,7 @@ def main(argv=None, job: Job = TRAINING) -> int:
     print(f"{launch.device}: {launch.nnodes} node(s) x {launch.nproc_per_node} process(es); run {launch.name}")
     print(shlex.join(command), flush=True)
     if os.environ.get("MP_DRY_RUN", "false").lower() == "true":
-        return 0
+        return _report_memory(launch, job)
     try:
         job.check_inputs(launch.flags)
     except InputError as err:  # missing or truncated data, no checkpoint at PRETRAIN_CHECKPOINT_PATH

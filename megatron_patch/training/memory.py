@@ -19,16 +19,14 @@ tensor per expert; its padding may differ by under 64 elements per tensor.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
-from megatron_patch.lora.apply import adapted_shape
-from megatron_patch.lora.config import LoraSettings
-from megatron_patch.models.qwen3.arch import Qwen3Arch
-from megatron_patch.models.qwen3.builder import padded_vocab_size
+from megatron_patch.lora.config import LoraSettings, adapted_shape
+from megatron_patch.models.qwen3.arch import Qwen3Arch, padded_vocab_size
 from megatron_patch.parallel import ParallelLayout
 from megatron_patch.training.config import TrainConfig
-from megatron_patch.training.preflight import parallel_layout
 
 FP32 = 4
 # Bytes per weight element; fp8 training keeps bf16 weights (Transformer-Engine's fp8 GEMMs).
@@ -296,6 +294,7 @@ def data_parallel_sizes(layout: ParallelLayout, world_size: int) -> tuple[int, i
     return world_size // (layout.tp * layout.pp), world_size // (layout.pp * layout.ep * layout.etp)
 
 
+@functools.lru_cache(maxsize=4096)  # the planner asks for the same layout under many batch settings
 def static_memory(shape: ModelShape, world_size: int, ranks: Ranks = Ranks(), distributed_optimizer: bool = True,
                   overlap_grad_reduce: bool = True, first_stage_layers: int | None = None,
                   optimizer_offload_fraction: float = 0.0) -> StaticMemory:
@@ -334,7 +333,7 @@ def static_memory(shape: ModelShape, world_size: int, ranks: Ranks = Ranks(), di
 def run_shape(config: TrainConfig, arch: Qwen3Arch, impl: str) -> ModelShape:
     lora = LoraSettings(config.lora_rank, config.lora_alpha, config.lora_dropout,
                         tuple(config.lora_target_modules)) if config.lora_rank else None
-    return ModelShape(arch, parallel_layout(config, arch), config.precision, impl, lora)
+    return ModelShape(arch, config.parallel_layout(arch), config.precision, impl, lora)
 
 
 def run_static_memory(config: TrainConfig, arch: Qwen3Arch, impl: str, world_size: int,

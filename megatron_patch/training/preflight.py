@@ -14,9 +14,9 @@ from megatron_patch.checkpoints import resolve_checkpoint, tracked_iteration
 from megatron_patch.data.build_sft import MASK_SUFFIX
 from megatron_patch.data.indexed import IndexedDatasetError, check_indexed_dataset
 from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
-from megatron_patch.models.layout_check import RunFeatures, layout_problems, virtual_stages
+from megatron_patch.models.choices import resolve_transformer_impl, transformer_engine_usable
+from megatron_patch.models.layout_check import layout_problems
 from megatron_patch.models.qwen3.arch import Qwen3Arch
-from megatron_patch.models.qwen3.builder import resolve_transformer_impl, transformer_engine_usable
 from megatron_patch.models.qwen3.presets import get_preset
 from megatron_patch.parallel import ParallelLayout
 from megatron_patch.training.config import TrainConfig, TrainConfigError
@@ -61,29 +61,11 @@ def resolved_transformer_impl(config: TrainConfig) -> str:
     return resolve_transformer_impl(config.transformer_impl)
 
 
-def run_features(config: TrainConfig) -> RunFeatures:
-    return RunFeatures(
-        precision=config.precision, recompute=config.recompute, recompute_num_layers=config.recompute_num_layers,
-        first_stage_layers=config.decoder_first_pipeline_num_layers,
-        layers_per_virtual_stage=config.num_layers_per_virtual_pipeline_stage, lora=config.lora_rank > 0,
-    )
-
-
-def parallel_layout(config: TrainConfig, arch: Qwen3Arch) -> ParallelLayout:
-    return ParallelLayout(
-        tp=config.tensor_model_parallel_size, pp=config.pipeline_model_parallel_size,
-        ep=config.expert_model_parallel_size, etp=config.expert_tensor_parallel_size,
-        cp=config.context_parallel_size, sequence_parallel=config.sequence_parallel,
-        virtual_pp=virtual_stages(arch.num_layers, config.pipeline_model_parallel_size,
-                                  config.num_layers_per_virtual_pipeline_stage),
-    )
-
-
 def check_run(config: TrainConfig, arch: Qwen3Arch, impl: str, world_size: int | None = None) -> ParallelLayout:
     """The settings, the model's fit to the layout and the machine; the layout when all is well."""
     config.check(world_size)
-    layout = parallel_layout(config, arch)
-    problems = layout_problems(arch, layout, impl, run_features(config), world_size)
+    layout = config.parallel_layout(arch)
+    problems = layout_problems(arch, layout, impl, config.run_features(), world_size)
     if problems:
         raise TrainConfigError(problems[0])
     if config.optimizer_offload_fraction is not None and not torch.cuda.is_available():

@@ -16,6 +16,7 @@ from megatron_patch.data.build_sft import main as build_sft_main
 from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
 from megatron_patch.evaluation.prepare import main as prepare_main
 from megatron_patch.evaluation.run import main as evaluate_main
+from megatron_patch.plan.__main__ import main as plan_main
 from megatron_patch.rl.__main__ import main as rl_main
 from megatron_patch.rl.launch import GRPO
 from megatron_patch.train import main as train_main
@@ -142,6 +143,19 @@ CASES = {
         rl_main, lambda d, hf: ["--data-path", "p.jsonl", "--seq-length", "1024", "--reward",
                                 f"custom:{d / 'mine.py'}:score"], {},
         "mine.py not found"),
+    "planner unknown preset": (
+        plan_main, lambda d, hf: ["A4B", "--gpus", 8, "--seq-length", 4096, "--global-batch-size", 8], {},
+        "MODEL_SIZE 'A4B': not a directory and not a preset"),
+    "planner impossible constraint": (
+        plan_main, lambda d, hf: ["tiny-moe", "--gpus", 4, "--seq-length", 128, "--global-batch-size", 8, "--tp", 3],
+        {}, "--tensor-model-parallel-size 3 does not divide the 4 attention heads"),
+    "planner memory that does not parse": (
+        plan_main, lambda d, hf: ["tiny-moe", "--gpus", 4, "--seq-length", 128, "--global-batch-size", 8,
+                                  "--gpu-memory", "80XB"], {},
+        "--gpu-memory: not a size: '80XB'"),
+    "dry run MP_GPU_MEMORY=lots": (
+        launch_main, lambda d, hf: arguments(), {"MP_DRY_RUN": "true", "MP_GPU_MEMORY": "lots"},
+        "MP_GPU_MEMORY: not a size: 'lots'"),
     "JSON line nested 100k deep": (
         build_sft_main, lambda d, hf: ["--input", _lines(d / "data", "[" * 100_000 + "\n"), "--tokenizer",
                                        bundled_qwen3_tokenizer_dir(), "--seq-length", "64", "--output-prefix",

@@ -1,10 +1,10 @@
 import pytest
 
+from megatron_patch.models.qwen3.arch import padded_vocab_size
 from megatron_patch.models.qwen3.builder import (
     BuildOptions,
     build_gpt_model,
     build_transformer_config,
-    padded_vocab_size,
 )
 from megatron_patch.models.qwen3.presets import PRESETS, get_preset
 from megatron_patch.models.sharded_state import local_shards

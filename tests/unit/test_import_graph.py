@@ -9,6 +9,7 @@ Floors, lowest first (a module may import its own package and any lower floor):
   4  lora                                adapters; their merged export is a conversion with a delta
   5  training, evaluation, plot          jobs on top of the floors below
   6  train, demo, torchrun, rl           entry points; GRPO (a job on top of training)
+  7  plan                                the planner: plans training and GRPO runs
 Each ``__main__`` module is an entry point of its package's floor.
 """
 
@@ -28,6 +29,7 @@ FLOORS = {
     "lora": 4,
     "training": 5, "evaluation": 5, "plot": 5,
     "train": 6, "demo": 6, "torchrun": 6, "rl": 6,
+    "plan": 7,
 }
 
 # Imports of our own modules inside a function, each with why it cannot be at the top. All

@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_patch.models.qwen3.arch import ConfigError, Qwen3Arch
-from megatron_patch.models.qwen3.builder import build_transformer_config, padded_vocab_size
+from megatron_patch.models.qwen3.arch import ConfigError, Qwen3Arch, padded_vocab_size
+from megatron_patch.models.qwen3.builder import build_transformer_config
 from megatron_patch.models.qwen3.presets import PRESETS, get_preset
 from megatron_patch.patches.warnings import silence_upstream_warnings
 

@@ -282,6 +282,15 @@ class Qwen3Arch:
         return {"total": total, "active": active, "embedding": embedding, "output_layer": head}
 
 
+# Megatron-LM's default; the padded size depends only on the vocabulary, not on
+# TP, so a checkpoint written at one TP loads at another (151936 = 128 * 1187).
+VOCAB_PAD_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
+    return -(-vocab_size // multiple) * multiple
+
+
 _CONSUMED_HF_FIELDS = frozenset(
     """architectures model_type hidden_size num_hidden_layers num_attention_heads num_key_value_heads
     head_dim intermediate_size vocab_size max_position_embeddings rms_norm_eps rope_theta rope_parameters

@@ -7,8 +7,7 @@ Transformer-Engine layer specs (see ``builder.build_layer_spec``).
 
 from __future__ import annotations
 
-from megatron_patch.models.qwen3.arch import Qwen3Arch
-from megatron_patch.models.qwen3.builder import padded_vocab_size
+from megatron_patch.models.qwen3.arch import Qwen3Arch, padded_vocab_size
 from megatron_patch.models.weight_mapping import (
     BoundMapping,
     FuseGateUp,
