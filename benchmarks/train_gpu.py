@@ -144,6 +144,18 @@ def check_gpu_paths(device: str) -> dict:
     return results
 
 
+def planned_memory_gib(arch, args, impl: str) -> float:
+    """What the planner (training/memory_plan.py) expects torch.cuda.max_memory_allocated to reach for this run:
+    one GPU, the distributed optimizer without overlap (wrap_with_ddp's defaults here), no recompute."""
+    from megatron_patch.training.config import TrainConfig
+    from megatron_patch.training.memory_plan import plan_memory
+
+    config = TrainConfig(model="A3B", precision="bf16", seq_length=args.seq_length,
+                         micro_batch_size=args.micro_batch_size, global_batch_size=args.micro_batch_size,
+                         overlap_grad_reduce=False, overlap_param_gather=False, data_path=["(benchmark)"])
+    return plan_memory(config, arch, impl, world_size=1).allocated / 2**30
+
+
 def run_ours(arch, args, impl: str, profile: bool) -> dict:
     from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
     from megatron_patch.training.steps import OptimizerSettings, build_optimizer, lm_batch, train_step, wrap_with_ddp
@@ -160,7 +172,10 @@ def run_ours(arch, args, impl: str, profile: bool) -> dict:
         train_step(chunks, optimizer, iter(batches), 1, args.seq_length, args.micro_batch_size)
 
     seconds = timed(step, args.warmup, args.steps, args.device)
-    result = {"seconds_per_step": seconds, "peak_memory_gib": peak_memory_gib(args.device)}
+    result = {"seconds_per_step": seconds, "peak_memory_gib": peak_memory_gib(args.device),
+              "planned_memory_gib": planned_memory_gib(arch, args, impl)}
+    if result["peak_memory_gib"]:
+        result["planned_over_measured"] = result["planned_memory_gib"] / result["peak_memory_gib"]
     if profile:
         result["profile"] = profile_table(step, args.device)
     model = chunks = optimizer = None  # free them before the next measurement (closures hold the names)
@@ -258,6 +273,8 @@ def print_report(report: dict):
             print(f"{name:14s} {run['error']}")
             continue
         memory = "" if run["peak_memory_gib"] is None else f" | peak {run['peak_memory_gib']:.1f} GiB"
+        if run.get("planned_over_measured"):
+            memory += f" (planned {run['planned_memory_gib']:.1f} GiB, {run['planned_over_measured']:.2f}x)"
         datasheet = "" if run["mfu_datasheet"] is None else f" | MFU {run['mfu_datasheet']:.1%} of datasheet"
         print(f"{name:14s} {run['tokens_per_s']:10,.0f} tokens/s | {run['tflops']:7.3g} TFLOP/s | MFU "
               f"{run['mfu_measured_peak']:.1%} of measured peak{datasheet}{memory}")

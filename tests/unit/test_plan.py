@@ -26,7 +26,7 @@ BRIDGE_16_H100 = ["A3B", "--gpus", "16", "--gpu", "h100", "--mode", "pretrain", 
 # slime's Qwen3-30B-A3B GRPO example (scripts/run-qwen3-30B-A3B.sh): 8 prompts x 4 samples a step,
 # responses up to 8192 tokens, TP4 + SP, EP8, ETP1, full recompute; prompts taken as up to 1024 tokens.
 SLIME_8_H800 = ["A3B", "--gpus", "8", "--gpu", "h800", "--mode", "grpo", "--tp", "4", "--sp", "true", "--ep", "8",
-                "--etp", "1", "--ac", "none", "--seq-length", "9216", "--global-batch-size", "8",
+                "--etp", "1", "--ac", "full", "--seq-length", "9216", "--global-batch-size", "8",
                 "--samples-per-prompt", "4", "--max-prompt-length", "1024", "--max-response-length", "8192",
                 "--micro-batch-size", "1", "--kl-coef", "0"]
 
