@@ -56,7 +56,8 @@ class GrpoSettings:
                                      env="MP_GRPO_OVERLONG_PENALTY")
     enable_thinking: bool = option(True, "Qwen3's thinking mode in the chat template; false adds the empty think "
                                          "block", env="MP_GRPO_THINKING")
-    log_prob_chunk: int = option(1024, "tokens per chunk of the fp32 log-prob/entropy computation")
+    log_prob_chunk: int = option(1024, "tokens per chunk of the fp32 log-prob/entropy computation",
+                                 env="MP_GRPO_LOG_PROB_CHUNK")
 
     def check(self, config: TrainConfig, data_parallel_size: int) -> None:
         """Raise TrainConfigError naming the setting (``config`` gives the batch, sequence and layout)."""

@@ -4,8 +4,8 @@
 The peak of a pipeline stage is its static memory (training/memory.py: exact) plus the activations of
 the micro-batches in flight there (training/activations.py), plus what lives only briefly: the
 logits and their gradient around the loss, one recompute group rebuilt during its backward pass,
-and for GRPO the rollout's KV cache and prefill logits (the rollout and the update do not overlap,
-so the larger phase counts). A fixed overhead stands for what ``torch.cuda.max_memory_allocated``
+and for GRPO the rollout's KV cache and prefill (the rollout and the update do not overlap, so
+the larger phase counts). A fixed overhead stands for what ``torch.cuda.max_memory_allocated``
 does not see. Every stage is planned; the run's peak is the worst stage's.
 """
 
@@ -106,15 +106,20 @@ def _training_phase(config: TrainConfig, shape, stage: int, tokens: Tokens, micr
 
 
 def _rollout_phase(shape, rollout: RolloutShape) -> dict[str, int]:
+    """Generation: the KV cache, and what the prefill (every prompt at once, no gradients) holds besides."""
     arch, layout = shape.arch, shape.layout
     capacity = rollout.prompt_tokens + rollout.response_tokens
     kv_heads = arch.num_query_groups // layout.tp
-    prefill = Tokens(rollout.prompt_tokens, rollout.sequences)
+    prompts = Tokens(rollout.prompt_tokens, rollout.sequences)
+    # Megatron-Core's static inference context materialises only the last position's logits (gathered
+    # over TP, then fp32); the prefill's mask is one byte per pair of prompt tokens; a layer's
+    # intermediate tensors live one layer at a time.
+    last_logits = rollout.sequences * padded_vocab_size(arch.vocab_size) * (BF16 + FP32)
+    mask = rollout.sequences * rollout.prompt_tokens ** 2
+    working = max(layer_bytes(shape, layer, prompts, "none") for layer in range(arch.num_layers))
     return {
         "rollout KV cache": 2 * arch.num_layers * rollout.sequences * capacity * kv_heads * arch.head_dim * BF16,
-        # The prefill returns every position's logits, gathered over TP, before the last one is kept.
-        "rollout prefill": rollout.sequences * rollout.prompt_tokens * padded_vocab_size(arch.vocab_size) * BF16
-        + max(layer_bytes(shape, layer, prefill, "none") for layer in range(arch.num_layers)),
+        "rollout prefill": last_logits + mask + working,
     }
 
 

@@ -95,7 +95,7 @@ _FAST_BATCH = {*(name for pair in FAST_LAYOUTS for name in pair[:2]), "moe-dp2-s
 
 # Enough steps for curves to separate if a layout computed anything differently (the first gradient
 # norm, compared too, sees every reduction); each step costs ~1 s per run.
-ITERATIONS = 3
+ITERATIONS = 2
 # The resume test's first half stops here; the rerun continues to ITERATIONS.
 RESUME_AFTER = 1
 

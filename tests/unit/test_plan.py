@@ -24,11 +24,12 @@ BRIDGE_16_H100 = ["A3B", "--gpus", "16", "--gpu", "h100", "--mode", "pretrain", 
                   "1", "--tp", "1", "--pp", "1", "--cp", "1", "--ep", "16", "--etp", "1", "--ac", "none",
                   "--optimizer-offload", "false"]
 # slime's Qwen3-30B-A3B GRPO example (scripts/run-qwen3-30B-A3B.sh): 8 prompts x 4 samples a step,
-# responses up to 8192 tokens, TP4 + SP, EP8, ETP1, full recompute; prompts taken as up to 1024 tokens.
+# responses up to 8192 tokens, TP4 + SP, EP8, ETP1, full recompute, micro-batches of up to 20480 tokens
+# (--max-tokens-per-gpu; here 2 x 10240); prompts taken as up to 1024 tokens.
 SLIME_8_H800 = ["A3B", "--gpus", "8", "--gpu", "h800", "--mode", "grpo", "--tp", "4", "--sp", "true", "--ep", "8",
-                "--etp", "1", "--ac", "full", "--seq-length", "9216", "--global-batch-size", "8",
+                "--etp", "1", "--ac", "full", "--seq-length", "10240", "--global-batch-size", "8",
                 "--samples-per-prompt", "4", "--max-prompt-length", "1024", "--max-response-length", "8192",
-                "--micro-batch-size", "1", "--kl-coef", "0"]
+                "--micro-batch-size", "2", "--kl-coef", "0"]
 
 
 def planned(argv, capsys) -> tuple[int, dict]:
@@ -54,11 +55,16 @@ def test_full_fine_tuning_of_a3b_does_not_fit_one_80gb_gpu_and_lora_fits_one_141
 
 
 def test_slimes_a3b_grpo_layout_on_eight_h800_fits_only_with_optimizer_offload(capsys):
-    status, without = planned([*SLIME_8_H800, "--optimizer-offload", "false"], capsys)
+    # As slime computes them: log-probs over a whole micro-batch's vocabulary at once.
+    whole = [*SLIME_8_H800, "--log-prob-chunk", "20480"]
+    status, without = planned([*whole, "--optimizer-offload", "false"], capsys)
     assert status == 1 and not without["layouts"][0]["fits"]
-    status, offloaded = planned([*SLIME_8_H800, "--optimizer-offload", "1"], capsys)
+    status, offloaded = planned([*whole, "--optimizer-offload", "1"], capsys)
     assert status == 0 and offloaded["layouts"][0]["fits"]
     assert offloaded["layouts"][0]["host_bytes"]["optimizer (offloaded)"] > 40 * GIB
+    # The kit's own log-probs, in 1024-token chunks, leave room for the optimizer on the GPU.
+    status, chunked = planned([*SLIME_8_H800, "--optimizer-offload", "false"], capsys)
+    assert status == 0 and chunked["layouts"][0]["fits"]
 
 
 def _launcher_accepts(config, gpus: int) -> bool:
