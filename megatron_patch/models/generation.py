@@ -18,6 +18,7 @@ tokens inside every forward and must all call it the same number of times.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -223,3 +224,24 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
     return [Completion(tokens=sequence[row, longest:longest + int(generated[row])].tolist(),
                        log_probs=log_probs[row, longest:longest + int(generated[row])].tolist(),
                        stopped=bool(stopped[row])) for row in range(rows)]
+
+
+def generate_in_batches(model, prompts: list[list[int]], sampling: Sampling, vocab_size: int,
+                        generator: torch.Generator | list[torch.Generator] | None = None,
+                        batch: int = 0) -> list[Completion]:
+    """``generate`` on at most ``batch`` prompts at a time (0: all at once), which bounds the KV cache and
+    the prefill. Every process makes as many calls as the one that needs the most; a process with no
+    prompts left for a call repeats its first one greedily and drops the result."""
+    if batch <= 0:
+        return generate(model, prompts, sampling, vocab_size, generator)
+    device = next(_unwrapped(model).parameters()).device
+    calls = _most_over_processes(-(-len(prompts) // batch), device)
+    completions = []
+    for call in range(calls):
+        part = slice(call * batch, (call + 1) * batch)
+        if not prompts[part]:
+            generate(model, prompts[:1], dataclasses.replace(sampling, temperature=0.0), vocab_size)
+            continue
+        own = generator[part] if isinstance(generator, list) else generator
+        completions += generate(model, prompts[part], sampling, vocab_size, own)
+    return completions

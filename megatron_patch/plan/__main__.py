@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     grpo.add_argument("--kl-coef", type=float, default=0.001, help="MP_GRPO_KL_COEF (default: 0.001)")
     grpo.add_argument("--log-prob-chunk", type=int, default=1024,
                       help="tokens per chunk of the fp32 log-prob computation (default: 1024)")
+    grpo.add_argument("--rollout-batch", type=int, default=0,
+                      help="MP_GRPO_ROLLOUT_BATCH: sequences a rank generates at once (default: 0, all)")
     model = parser.add_argument_group("machine model (docs/planner.md)")
     model.add_argument("--efficiency", type=float, default=0.4,
                        help="share of peak TFLOP/s the GEMMs reach (default: 0.4)")
@@ -132,7 +134,8 @@ def _request(args) -> Request:
     if args.mode == "grpo":
         grpo = GrpoSettings(samples_per_prompt=args.samples_per_prompt, max_prompt_length=args.max_prompt_length,
                             max_response_length=args.max_response_length, kl_coef=args.kl_coef,
-                            log_prob_chunk=args.log_prob_chunk, reward="letters")
+                            log_prob_chunk=args.log_prob_chunk, rollout_batch=args.rollout_batch,
+                            reward="letters")
     return Request(args.model, arch, cluster, args.seq_length, args.global_batch_size, args.mode, args.precision,
                    args.transformer_impl, lora, fixed, grpo)
 
@@ -162,6 +165,8 @@ def command_line(request: Request, config) -> str:
                    MP_GRPO_MAX_RESPONSE_LENGTH=request.grpo.max_response_length, MP_GRPO_KL_COEF=request.grpo.kl_coef)
         if request.grpo.log_prob_chunk != GrpoSettings.log_prob_chunk:
             env["MP_GRPO_LOG_PROB_CHUNK"] = request.grpo.log_prob_chunk
+        if request.grpo.rollout_batch:
+            env["MP_GRPO_ROLLOUT_BATCH"] = request.grpo.rollout_batch
     arguments = [
         "dsw" if cluster.gpus <= cluster.gpus_per_node else "dlc", request.model, config.micro_batch_size,
         config.global_batch_size, "1e-5", "1e-6", config.seq_length, config.seq_length, config.precision,

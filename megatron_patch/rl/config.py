@@ -58,6 +58,9 @@ class GrpoSettings:
                                          "block", env="MP_GRPO_THINKING")
     log_prob_chunk: int = option(1024, "tokens per chunk of the fp32 log-prob/entropy computation",
                                  env="MP_GRPO_LOG_PROB_CHUNK")
+    rollout_batch: int = option(0, "sequences a rank generates at once (0: its whole share of the step): bounds the "
+                                   "rollout's KV cache and prefill (python -m megatron_patch.plan shows them)",
+                                env="MP_GRPO_ROLLOUT_BATCH")
 
     def check(self, config: TrainConfig, data_parallel_size: int) -> None:
         """Raise TrainConfigError naming the setting (``config`` gives the batch, sequence and layout)."""
@@ -78,6 +81,8 @@ class GrpoSettings:
             fail(f"--clip-low {self.clip_low} must be in [0, 1) and --clip-high {self.clip_high} >= 0")
         if self.dual_clip is not None and self.dual_clip <= 1:
             fail(f"--dual-clip {self.dual_clip} must be > 1")
+        if self.rollout_batch < 0:
+            fail(f"--rollout-batch must be >= 0, got {self.rollout_batch}")
         if self.kl_coef < 0:
             fail(f"--kl-coef {self.kl_coef} must be >= 0")
         if not 0 <= self.overlong_buffer < self.max_response_length:
@@ -116,7 +121,8 @@ def data_parallel_size(config: TrainConfig, world_size: int) -> int:
 def rollout_shape(config: TrainConfig, settings: GrpoSettings, world_size: int) -> RolloutShape:
     """What one data-parallel rank's rollout holds at once: every sequence of its share of a step."""
     dp = data_parallel_size(config, world_size)
-    return RolloutShape(sequences=config.global_batch_size // dp * settings.samples_per_prompt,
+    share = config.global_batch_size // dp * settings.samples_per_prompt
+    return RolloutShape(sequences=min(settings.rollout_batch or share, share),
                         prompt_tokens=settings.max_prompt_length, response_tokens=settings.max_response_length,
                         log_prob_chunk=settings.log_prob_chunk,
                         reference_on_host=settings.kl_coef > 0 and not config.lora_rank)

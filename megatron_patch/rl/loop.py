@@ -24,7 +24,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_patch.lora.apply import adapters_disabled
-from megatron_patch.models.generation import Sampling, generate, sampling_generator
+from megatron_patch.models.generation import Sampling, generate_in_batches, sampling_generator
 from megatron_patch.models.log_probs import token_entropy, token_log_probs
 from megatron_patch.rl.config import GrpoSettings, training_view
 from megatron_patch.rl.objectives import aggregate_parts, group_advantages, kl_penalty, policy_loss
@@ -131,8 +131,8 @@ class GrpoTrainer:
         generators = sample_generators(self.config.seed, step, self.config.global_batch_size,
                                        settings.samples_per_prompt)
         with synchronized_parameters(self.model.ddp_chunks):
-            completions = generate(self._policy(), [list(p.tokens) for p in prompts], self.sampling,
-                                   self.model.arch.vocab_size, generators)
+            completions = generate_in_batches(self._policy(), [list(p.tokens) for p in prompts], self.sampling,
+                                              self.model.arch.vocab_size, generators, settings.rollout_batch)
         rewards = []
         for index, (prompt, completion) in enumerate(zip(prompts, completions)):
             text = self.model.tokenizer.backend.decode(
@@ -329,8 +329,9 @@ class GrpoTrainer:
                           stop_token_ids=self.stop_ids)
         with synchronized_parameters(self.model.ddp_chunks):
             # Every rank generates (expert ranks exchange tokens); one without prompts repeats the first.
-            completions = generate(self._policy(), [list(p.tokens) for p in (mine or self.valid_prompts[:1])],
-                                   greedy, self.model.arch.vocab_size)
+            tokens = [list(p.tokens) for p in (mine or self.valid_prompts[:1])]
+            completions = generate_in_batches(self._policy(), tokens, greedy, self.model.arch.vocab_size,
+                                              batch=self.settings.rollout_batch)
         total = 0.0
         for prompt, completion in zip(mine, completions):
             text = self.model.tokenizer.backend.decode(

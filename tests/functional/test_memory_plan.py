@@ -2,9 +2,9 @@
 
 - Static memory, byte for byte: the weights (parameters and DDP parameter buffers), gradient buffers
   and optimizer state of runs built as the trainer builds them (``prepare_model``) and stepped once:
-  in this process, and in two processes under torchrun at DP2, EP2, ETP2, dense TP2 with SP, PP2
-  (a tied embedding split over the stages), interleaved PP2, with and without the distributed
-  optimizer, with LoRA.
+  in this process, and (make test-slow) in two processes under torchrun at DP2, EP2, ETP2, dense TP2
+  with SP, PP2 (a tied embedding split over the stages), interleaved PP2, with and without the
+  distributed optimizer, with LoRA.
 - Activations: the bytes one micro-batch saves for backward (distinct storages, through
   ``saved_tensors_hooks``) within 10 % of the plan (they agree to 0.1 %) for AC none, sel and full,
   on a tiny MoE, a tiny dense model and (make test-slow) one A3B-width layer at sequence 1024.
@@ -79,6 +79,7 @@ def two_process_reports(sft_file, tmp_path_factory) -> dict[str, list[dict]]:
     return {name: json.loads(output.strip().splitlines()[-1]) for name, output in outputs.items()}
 
 
+@pytest.mark.slow  # one two-process launch of nine runs (about 25 s): make test-slow
 @pytest.mark.parametrize("name", TWO_PROCESSES)
 def test_planned_static_memory_is_what_megatron_allocates_on_each_of_two_ranks(name, two_process_reports):
     for rank, report in enumerate(two_process_reports[name]):

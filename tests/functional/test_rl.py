@@ -87,7 +87,8 @@ def _learning_runs(work: str) -> dict[str, str]:
     demo = Path(__file__).resolve().parents[2] / "megatron_patch" / "resources" / "demo_rl_prompts.jsonl"
     jobs = {name: ("rl", [*LEARN_FLAGS, "--data-path", demo, "--train-iters", LEARN_STEPS,
                           "--log-dir", _slow_root(work) / name / "log", *extra])
-            for name, extra in (("learn-lora", LORA_FLAGS),)}
+            # Rollouts of 8 of the step's 32 sequences at a time (--rollout-batch), as a memory-bound run would.
+            for name, extra in (("learn-lora", [*LORA_FLAGS, "--rollout-batch", 8]),)}
     return torchrun_batch(1, jobs, _slow_root(work) / "batch-learn")
 
 

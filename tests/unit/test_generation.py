@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_patch.models.generation import Sampling, generate, sampling_generator
+from megatron_patch.models.generation import Sampling, generate, generate_in_batches, sampling_generator
 from megatron_patch.models.log_probs import token_entropy, token_log_probs
 from megatron_patch.models.logits import forward_logits
 from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
@@ -85,7 +85,7 @@ def test_sampling_is_seeded_and_stops_at_a_stop_token(models):
 
 def test_a_generator_per_row_gives_each_row_the_same_samples_in_any_batch(models):
     """GRPO seeds each sample by its place in the global batch: its tokens must not depend on the
-    other rows (or on how the batch is split over data-parallel ranks)."""
+    other rows (or on how the batch is split over data-parallel ranks or rollout batches)."""
     model, vocab = models["moe"], TINY_MOE.vocab_size
     prompts = prompts_of(PROMPT_LENGTHS, vocab)
     sampling = Sampling(max_new_tokens=12, temperature=1.0, top_p=0.9)
@@ -94,6 +94,10 @@ def test_a_generator_per_row_gives_each_row_the_same_samples_in_any_batch(models
         alone = generate(model, [prompts[row]], sampling, vocab, [sampling_generator(100 + row)])
         assert alone[0].tokens == together[row].tokens
         assert alone[0].log_probs == pytest.approx(together[row].log_probs, abs=1e-5)
+    # GRPO's --rollout-batch: the same rows, three at a time.
+    batched = generate_in_batches(model, prompts, sampling, vocab, [sampling_generator(100 + i) for i in range(4)],
+                                  batch=3)
+    assert [c.tokens for c in batched] == [c.tokens for c in together]
 
 
 def test_top_k_one_is_greedy(models):
