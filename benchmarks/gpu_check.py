@@ -18,6 +18,8 @@ else $OUT, else ./gpu_check_out):
                    measured peak), torch vs local spec vs transformers, peak memory
   script_bf16      run_mcore_qwen3.sh in bf16 on one GPU: tiny-MoE SFT, the loss must fall
   script_lora      the same with MP_LORA_RANK=8
+  script_grpo      run_mcore_qwen3_grpo.sh in bf16: tiny dense model, the bundled letters task, a few
+                   steps: rollout / reference / update seconds, generated tokens/s, peak memory
   eval             benchmarks/eval.py: our lm-eval model vs lm-eval's hf model, requests/s
 
 The dry mode runs the same steps on CPU (fp32 where the CPU has no bf16 training, a few steps),
@@ -69,6 +71,7 @@ STEPS = [
     Step("script_bf16", 150, "the 27-argument script trained and the loss fell"),
     Step("script_lora", 150, "the same with LoRA"),
     Step("eval", 150, "the evaluation benchmark ran (figures in result)"),
+    Step("script_grpo", 150, "the GRPO script ran its steps (figures in result)"),
 ]
 
 
@@ -195,6 +198,15 @@ def sft_data(work: Path, dry: bool, timeout: float) -> Path:
     return prefix
 
 
+def planned_memory_gib(script: Path, arguments: list, env: dict, dry: bool, timeout: float) -> float | None:
+    """The launch's own memory plan (MP_DRY_RUN=true), as torch.cuda.max_memory_allocated would count it."""
+    from megatron_patch.training.memory_plan import FIXED_OVERHEAD, GIB
+
+    out = run(["bash", script, *arguments], dry, timeout, {**env, "MP_DRY_RUN": "true"})
+    peaks = [line.split()[1] for line in out.splitlines() if line.strip().startswith("peak ")]
+    return float(peaks[-1]) - FIXED_OVERHEAD / GIB if peaks else None
+
+
 def script_run(dry: bool, work: Path, timeout: float, name: str, extra_env: dict) -> dict:
     """run_mcore_qwen3.sh: tiny-MoE SFT from random weights; first and last loss."""
     data = sft_data(work, dry, timeout / 4)
@@ -204,16 +216,17 @@ def script_run(dry: bool, work: Path, timeout: float, name: str, extra_env: dict
     arguments = ["dsw", "tiny-moe", "1", "8", "1e-3", "1e-4", "128", "128", precision, "1", "1", "1", "1", "1",
                  "false", "true", "false", "true", "none", "false", str(iterations), data, data, "none",
                  str(iterations), "1", out_dir]
+    script, env = REPO / "examples/qwen3/run_mcore_qwen3.sh", {"MP_SFT_PACKING": "true", "MP_NPROC": "1", **extra_env}
+    planned = planned_memory_gib(script, arguments, env, dry, timeout / 4)
     started = time.perf_counter()
-    run(["bash", REPO / "examples/qwen3/run_mcore_qwen3.sh", *arguments], dry, timeout,
-        {"MP_SFT_PACKING": "true", "MP_NPROC": "1", **extra_env})
+    run(["bash", script, *arguments], dry, timeout, env)
     seconds = time.perf_counter() - started
     (metrics,) = out_dir.glob("log/*/metrics.jsonl")
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     result = {"precision": precision, "iterations": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
               "seconds": seconds, "tokens_per_second": records[-1].get("tokens_per_second"),
-              "peak_memory_gib": records[-1].get("memory_peak_gib")}
+              "peak_memory_gib": records[-1].get("memory_peak_gib"), "planned_memory_gib": planned}
     if not losses[-1] < losses[0]:
         raise RuntimeError(f"the loss did not fall: {result}")
     return result
@@ -233,6 +246,30 @@ def step_eval(dry: bool, work: Path, timeout: float) -> dict:
                                                                                   "256", "--batch-size", "16"]
     run([sys.executable, "benchmarks/eval.py", *shape, "--json", report], dry, timeout)
     return json.loads(report.read_text())
+
+
+def step_script_grpo(dry: bool, work: Path, timeout: float) -> dict:
+    """run_mcore_qwen3_grpo.sh on the bundled letters prompts: a tiny dense model, a few GRPO steps."""
+    prompts = REPO / "megatron_patch" / "resources" / "demo_rl_prompts.jsonl"
+    steps, precision, out_dir = (2, "fp32", work / "grpo") if dry else (6, "bf16", work / "grpo")
+    arguments = ["dsw", "tiny-dense", "8", "8", "1e-3", "1e-3", "64", "64", precision, "1", "1", "1", "1", "1",
+                 "false", "true", "false", "true", "none", "false", str(steps), prompts, "none", "none", str(steps),
+                 "0", out_dir]
+    script = REPO / "examples/qwen3/run_mcore_qwen3_grpo.sh"
+    env = {"MP_NPROC": "1", "MP_GRPO_N": "8", "MP_GRPO_REWARD": "letters", "MP_GRPO_MAX_PROMPT_LENGTH": "32",
+           "MP_GRPO_MAX_RESPONSE_LENGTH": "16"}
+    planned = planned_memory_gib(script, arguments, env, dry, timeout / 4)
+    run(["bash", script, *arguments], dry, timeout, env)
+    (metrics,) = out_dir.glob("log/*/metrics.jsonl")
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps_run = [r for r in records if "reward_mean" in r]
+    if len(steps_run) != steps:
+        raise RuntimeError(f"{len(steps_run)} GRPO steps logged of {steps}")
+    last = steps_run[-1]
+    keys = ("reward_mean", "kl", "seconds_rollout", "seconds_reference", "seconds_update",
+            "generated_tokens_per_second", "memory_peak_gib")
+    return {"precision": precision, "steps": len(steps_run), "first_reward": steps_run[0]["reward_mean"],
+            **{key: last.get(key) for key in keys}, "planned_memory_gib": planned}
 
 
 # ------------------------------------------------------------------------------------------ driver

@@ -33,7 +33,7 @@ from megatron_patch.rl.rewards import load_reward
 from megatron_patch.training.checkpointing import load_checkpoint
 from megatron_patch.training.config import TrainConfig
 from megatron_patch.training.loop import save_model
-from megatron_patch.training.metrics import MetricsWriter, Stopwatch
+from megatron_patch.training.metrics import MetricsWriter, Stopwatch, memory_peak_gib
 from megatron_patch.training.setup import TrainedModel, load_start, prepare_model
 from megatron_patch.training.steps import synchronized_parameters, train_step
 
@@ -318,6 +318,7 @@ class GrpoTrainer:
             "lr": self.model.optimizer.param_groups[0]["lr"],
             **{f"seconds_{name}": value for name, value in times.items()},
             "generated_tokens_per_second": length_sum / max(times["rollout"], 1e-9),
+            "memory_peak_gib": memory_peak_gib(),
         }
         return values
 

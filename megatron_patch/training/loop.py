@@ -22,6 +22,7 @@ from megatron_patch.training.metrics import (
     Stopwatch,
     collect_aux_loss,
     device_peak_tflops,
+    memory_peak_gib,
     model_flops_per_token,
 )
 from megatron_patch.training.setup import Run, TrainedModel, prepare_run
@@ -84,7 +85,7 @@ def _iteration_report(config: TrainConfig, iteration: int, step: dict, optimizer
         "grad_norm": None if step["grad_norm"] is None else float(step["grad_norm"]),
         "tokens_per_second": tokens_per_second, "tflops_per_device": tflops,
         "mfu": None if peak is None else tflops / peak, "aux_loss": aux, "seconds": seconds,
-        "skipped": not step["update_successful"],
+        "skipped": not step["update_successful"], "memory_peak_gib": memory_peak_gib(),
     }
     line = (f"iteration {iteration:6d}/{config.train_iters} | loss {step['loss']:.6f} | lr {values['lr']:.3e} | "
             f"grad norm {values['grad_norm'] or 0:.3f} | {tokens_per_second:,.0f} tokens/s | "

@@ -35,6 +35,11 @@ def model_flops_per_token(arch, seq_length: int) -> float:
     return 6.0 * matmul + 6.0 * attention
 
 
+def memory_peak_gib() -> float | None:
+    """This process's peak allocated GPU memory so far (what the memory plan's "allocated" predicts); None on CPU."""
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
 def device_peak_tflops(override: float | None = None) -> float | None:
     if override is not None:
         return override
