@@ -21,13 +21,15 @@ def test_every_step_of_the_gpu_check_runs_on_cpu(tmp_path):
               if entry["status"] not in ("ok", "skipped")}
     assert result.returncode == 0 and not failed, (result.stdout, failed)
     assert list(steps) == ["install", "environment", "kernels", "checkpoint", "train", "script_bf16", "script_lora",
-                           "eval"]
+                           "eval", "script_grpo"]
     assert steps["install"]["status"] == "skipped"  # the dry mode uses this environment
     assert steps["environment"]["result"]["megatron-core"] == "0.16.1"
     assert steps["checkpoint"]["result"]["verify"].startswith("verify: fp32: max |dlogits| = ")  # else exit 2
     assert steps["train"]["result"]["runs"]["torch"]["tokens_per_s"] > 0
     for name in ("script_bf16", "script_lora"):
         assert steps[name]["result"]["last_loss"] < steps[name]["result"]["first_loss"]
+        assert steps[name]["result"]["planned_memory_gib"] > 0  # the launch's dry-run plan was read
+    assert steps["script_grpo"]["result"]["steps"] == 2 and steps["script_grpo"]["result"]["seconds_rollout"] > 0
     assert steps["eval"]["result"]["max_loglikelihood_difference"] < 1e-4
 
 
