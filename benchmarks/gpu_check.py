@@ -18,8 +18,9 @@ else $OUT, else ./gpu_check_out):
                    measured peak), torch vs local spec vs transformers, peak memory
   script_bf16      run_mcore_qwen3.sh in bf16 on one GPU: tiny-MoE SFT, the loss must fall
   script_lora      the same with MP_LORA_RANK=8
-  script_grpo      run_mcore_qwen3_grpo.sh in bf16: tiny dense model, the bundled letters task, a few
-                   steps: rollout / reference / update seconds, generated tokens/s, peak memory
+  script_grpo      run_mcore_qwen3_grpo.sh with LoRA in bf16 on an A3B-shaped model (2 layers of its
+                   width), the bundled letters task, 3 steps: seconds per phase, generated tokens/s,
+                   peak memory against the launch's own plan
   eval             benchmarks/eval.py: our lm-eval model vs lm-eval's hf model, requests/s
 
 The dry mode runs the same steps on CPU (fp32 where the CPU has no bf16 training, a few steps),
@@ -248,16 +249,28 @@ def step_eval(dry: bool, work: Path, timeout: float) -> dict:
     return json.loads(report.read_text())
 
 
+def a3b_slice_config(work: Path, layers: int = 2) -> Path:
+    """An HF model directory holding only the config of Qwen3-30B-A3B cut to ``layers`` layers (random weights)."""
+    from megatron_patch.models.qwen3.presets import get_preset
+
+    target = work / f"a3b-{layers}-layers"
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "config.json").write_text(json.dumps(get_preset("A3B").replace(num_layers=layers).to_hf_config()))
+    return target
+
+
 def step_script_grpo(dry: bool, work: Path, timeout: float) -> dict:
-    """run_mcore_qwen3_grpo.sh on the bundled letters prompts: a tiny dense model, a few GRPO steps."""
+    """run_mcore_qwen3_grpo.sh with LoRA (rank 8) on the bundled letters prompts: an A3B-shaped model (2 layers
+    of its width, random weights) in bf16 on the GPU, tiny-MoE in fp32 in the dry mode; a few steps."""
     prompts = REPO / "megatron_patch" / "resources" / "demo_rl_prompts.jsonl"
-    steps, precision, out_dir = (2, "fp32", work / "grpo") if dry else (6, "bf16", work / "grpo")
-    arguments = ["dsw", "tiny-dense", "8", "8", "1e-3", "1e-3", "64", "64", precision, "1", "1", "1", "1", "1",
+    model, steps, precision = ("tiny-moe", 2, "fp32") if dry else (a3b_slice_config(work), 3, "bf16")
+    out_dir = work / "grpo"
+    arguments = ["dsw", model, "8", "8", "1e-4", "1e-4", "96", "96", precision, "1", "1", "1", "1", "1",
                  "false", "true", "false", "true", "none", "false", str(steps), prompts, "none", "none", str(steps),
                  "0", out_dir]
     script = REPO / "examples/qwen3/run_mcore_qwen3_grpo.sh"
     env = {"MP_NPROC": "1", "MP_GRPO_N": "8", "MP_GRPO_REWARD": "letters", "MP_GRPO_MAX_PROMPT_LENGTH": "32",
-           "MP_GRPO_MAX_RESPONSE_LENGTH": "16"}
+           "MP_GRPO_MAX_RESPONSE_LENGTH": "16" if dry else "64", "MP_LORA_RANK": "8", "MP_LORA_ALPHA": "16"}
     planned = planned_memory_gib(script, arguments, env, dry, timeout / 4)
     run(["bash", script, *arguments], dry, timeout, env)
     (metrics,) = out_dir.glob("log/*/metrics.jsonl")
@@ -266,9 +279,9 @@ def step_script_grpo(dry: bool, work: Path, timeout: float) -> dict:
     if len(steps_run) != steps:
         raise RuntimeError(f"{len(steps_run)} GRPO steps logged of {steps}")
     last = steps_run[-1]
-    keys = ("reward_mean", "kl", "seconds_rollout", "seconds_reference", "seconds_update",
+    keys = ("reward_mean", "kl", "seconds_rollout", "seconds_log_probs", "seconds_reference", "seconds_update",
             "generated_tokens_per_second", "memory_peak_gib")
-    return {"precision": precision, "steps": len(steps_run), "first_reward": steps_run[0]["reward_mean"],
+    return {"model": str(model), "precision": precision, "lora_rank": 8, "steps": len(steps_run),
             **{key: last.get(key) for key in keys}, "planned_memory_gib": planned}
 
 
