@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from dataclasses import dataclass, field
 
 from megatron_patch.errors import InputError
@@ -30,6 +31,11 @@ LAYOUT_SETTINGS = {
     "vp": "num_layers_per_virtual_pipeline_stage", "ac": "recompute", "do": "use_distributed_optimizer",
     "optimizer_offload": "optimizer_offload_fraction", "micro_batch_size": "micro_batch_size",
 }
+
+
+# Searched values that depend on TP: ETP equal to it, and SP on exactly when TP > 1 (MoE with TP needs it;
+# a dense model keeps less with it).
+SAME_AS_TP, ON_WITH_TP = "same as TP", "on with TP"
 
 
 class PlanError(InputError):
@@ -72,8 +78,8 @@ def _options(request: Request) -> dict[str, list]:
         "pp": [1] if grpo else [n for n in range(1, 17) if arch.num_layers % n == 0 and cluster.gpus % n == 0],
         "cp": [n for n in (1, 2, 4) if n == 1 or (impl == "transformer_engine" and not grpo)],
         "ep": [n for n in powers if n <= max(arch.num_experts, 1) and n <= cluster.gpus],
-        "etp": [1, "tp"] if arch.is_moe else [1],
-        "sp": ["tp>1"],
+        "etp": [1, SAME_AS_TP] if arch.is_moe else [1],
+        "sp": [ON_WITH_TP],
         "vp": [None],
         "ac": ["none", "full"] + (["sel"] if impl == "local" else []),
         "do": [True],
@@ -88,8 +94,8 @@ def _options(request: Request) -> dict[str, list]:
 def _config(request: Request, choice: dict) -> TrainConfig:
     tp = choice["tp"]
     values = {LAYOUT_SETTINGS[name]: value for name, value in choice.items()}
-    values["expert_tensor_parallel_size"] = tp if choice["etp"] == "tp" else choice["etp"]
-    values["sequence_parallel"] = tp > 1 if choice["sp"] == "tp>1" else choice["sp"]
+    values["expert_tensor_parallel_size"] = tp if choice["etp"] == SAME_AS_TP else choice["etp"]
+    values["sequence_parallel"] = tp > 1 if choice["sp"] == ON_WITH_TP else choice["sp"]
     return TrainConfig(model=request.model, transformer_impl=request.impl, precision=request.precision,
                        seq_length=request.seq_length, global_batch_size=request.global_batch_size,
                        train_mode="pretrain" if request.mode == "pretrain" else "finetune",
@@ -134,10 +140,10 @@ def search(request: Request) -> tuple[list[Candidate], str | None]:
     candidates, seen, first_refusal = [], set(), None
     for values in itertools.product(*(options[name] for name in names)):
         config = _config(request, dict(zip(names, values)))
-        key = tuple(sorted(config.to_dict().items(), key=lambda item: item[0]))
-        if str(key) in seen:
+        key = json.dumps(config.to_dict(), sort_keys=True)  # ETP 1 and "same as TP" meet at TP 1
+        if key in seen:
             continue
-        seen.add(str(key))
+        seen.add(key)
         refusal = _accepted(request, config)
         if refusal is not None:
             first_refusal = first_refusal or refusal
