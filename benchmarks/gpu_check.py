@@ -263,7 +263,7 @@ def step_script_grpo(dry: bool, work: Path, timeout: float) -> dict:
     """run_mcore_qwen3_grpo.sh with LoRA (rank 8) on the bundled letters prompts: an A3B-shaped model (2 layers
     of its width, random weights) in bf16 on the GPU, tiny-MoE in fp32 in the dry mode; a few steps."""
     prompts = REPO / "megatron_patch" / "resources" / "demo_rl_prompts.jsonl"
-    model, steps, precision = ("tiny-moe", 2, "fp32") if dry else (a3b_slice_config(work), 3, "bf16")
+    model, steps, precision = ("tiny-moe", 1, "fp32") if dry else (a3b_slice_config(work), 3, "bf16")
     out_dir = work / "grpo"
     arguments = ["dsw", model, "8", "8", "1e-4", "1e-4", "96", "96", precision, "1", "1", "1", "1", "1",
                  "false", "true", "false", "true", "none", "false", str(steps), prompts, "none", "none", str(steps),

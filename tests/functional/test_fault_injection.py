@@ -22,7 +22,7 @@ from tests.functional.torchrun import REPO
 pytestmark = [pytest.mark.functional, pytest.mark.slow]
 
 ITERATIONS = 10
-KILLS = 6
+KILLS = 5
 
 
 def launch(data: str, out: Path, log) -> subprocess.Popen:
