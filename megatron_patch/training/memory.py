@@ -77,7 +77,7 @@ class Buffer:
 class StaticMemory:
     """Bytes one rank holds for the whole run (not counting activations)."""
 
-    dense_weights: int
+    dense_weights: int  # everything but the experts' own weights, with the DDP buffers' padding
     expert_weights: int
     gradients: int
     optimizer: int  # on the GPU
