@@ -58,13 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu", choices=sorted(GPU_KINDS), default="h100",
                         help="GPU kind: its memory, peak TFLOP/s and bandwidths (default: h100)")
     parser.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GiB (default: the kind's)")
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="(default: 8)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs joined by NVLink (default: 8)")
     parser.add_argument("--seq-length", type=int, required=True, help="SEQ_LEN")
     parser.add_argument("--global-batch-size", type=int, required=True,
                         help="GLOBAL_BATCH_SIZE: sequences per step (GRPO: prompts per step)")
     parser.add_argument("--micro-batch-size", type=int, help="BATCH_SIZE (default: search 1, 2, 4)")
     parser.add_argument("--precision", choices=TRAINING_PRECISIONS, default="bf16", help="PR (default: bf16)")
-    parser.add_argument("--mode", choices=MODES, default="sft", help="(default: sft)")
+    parser.add_argument("--mode", choices=MODES, default="sft",
+                        help="pretrain, sft (full fine-tuning), lora or grpo (default: sft)")
     parser.add_argument("--lora-rank", type=int, help="MP_LORA_RANK: --mode lora (default: 8), or LoRA GRPO")
     parser.add_argument("--transformer-impl", choices=IMPLS, default="torch",
                         help="MP_TRANSFORMER_IMPL the run will use (default: torch, what runs without "
