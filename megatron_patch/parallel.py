@@ -38,6 +38,10 @@ class ParallelLayout:
             )
         return world_size // self.model_parallel_size
 
+    def expert_data_parallel_size(self, world_size: int) -> int:
+        """The group that reduces expert gradients: Megatron-Core lays experts over each stage's ranks."""
+        return world_size // (self.pp * self.ep * self.etp)
+
     def megatron_sizes(self) -> dict[str, int | None]:
         """The layout in the parameter names that both ``initialize_model_parallel`` and ``TransformerConfig`` use."""
         return dict(

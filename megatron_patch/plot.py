@@ -58,27 +58,14 @@ def plot_run(metrics_path: Path) -> list[Path]:
     train = [(r["iteration"], r["loss"]) for r in records if "loss" in r]
     valid = [(r["iteration"], r["valid_loss"]) for r in records if "valid_loss" in r]
     rates = [(r["iteration"], r["lr"]) for r in records if r.get("lr") is not None]
-    figure, axes = plt.subplots(figsize=(7, 4))
-    lines = []
-    if train:
-        lines += axes.plot(*zip(*train), label="training loss")
-    if valid:
-        lines += axes.plot(*zip(*valid), "o-", label="validation loss")
-    axes.set_xlabel("iteration")
-    axes.set_ylabel("loss (per token)")
-    axes.set_title(_title(name), fontsize=8)
-    axes.grid(alpha=0.3)
-    if rates:
-        lr_axes = axes.twinx()
-        lines += lr_axes.plot(*zip(*rates), color="tab:gray", linestyle="--", linewidth=1, label="learning rate")
-        lr_axes.set_ylabel("learning rate")
-        lr_axes.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    if lines:
-        axes.legend(lines, [line.get_label() for line in lines], fontsize=8)
-    figure.tight_layout()
-    figure.savefig(metrics_path.parent / "loss.png", dpi=120)
-    plt.close(figure)
-    written.append(metrics_path.parent / "loss.png")
+    path = metrics_path.parent / "loss.png"
+
+    def losses(axes) -> list:
+        lines = axes.plot(*zip(*train), label="training loss") if train else []
+        return lines + (axes.plot(*zip(*valid), "o-", label="validation loss") if valid else [])
+
+    written.append(_curves(path, name, "iteration", "loss (per token)", losses, rates, "learning rate",
+                           scientific=True))
 
     rewards = [(r["iteration"], r["reward_mean"], r.get("reward_std", 0.0)) for r in records if "reward_mean" in r]
     if rewards:
@@ -104,21 +91,33 @@ def _plot_rewards(records: list[dict], rewards: list[tuple], path: Path, name: s
     steps, means, spreads = (np.asarray(column, dtype=float) for column in zip(*rewards))
     valid = [(r["iteration"], r["valid_reward"]) for r in records if "valid_reward" in r]
     lengths = [(r["iteration"], r["response_length_mean"]) for r in records if "response_length_mean" in r]
+
+    def reward(axes) -> list:
+        lines = axes.plot(steps, means, label="reward (mean over samples)")
+        axes.fill_between(steps, means - spreads, means + spreads, alpha=0.2)
+        return lines + (axes.plot(*zip(*valid), "o-", label="validation reward (greedy)") if valid else [])
+
+    return _curves(path, name, "step", "reward", reward, lengths, "response length (tokens)")
+
+
+def _curves(path: Path, name: str, x_label: str, y_label: str, draw, secondary: list, secondary_label: str,
+            scientific: bool = False) -> Path:
+    """A figure of the curves ``draw(axes)`` plots (it returns their lines), with ``secondary`` (x, y)
+    pairs dashed on a right-hand axis of their own; saved to ``path``."""
     figure, axes = plt.subplots(figsize=(7, 4))
-    lines = axes.plot(steps, means, label="reward (mean over samples)")
-    axes.fill_between(steps, means - spreads, means + spreads, alpha=0.2)
-    if valid:
-        lines += axes.plot(*zip(*valid), "o-", label="validation reward (greedy)")
-    axes.set_xlabel("step")
-    axes.set_ylabel("reward")
+    lines = draw(axes)
+    axes.set_xlabel(x_label)
+    axes.set_ylabel(y_label)
     axes.set_title(_title(name), fontsize=8)
     axes.grid(alpha=0.3)
-    if lengths:
-        length_axes = axes.twinx()
-        lines += length_axes.plot(*zip(*lengths), color="tab:gray", linestyle="--", linewidth=1,
-                                  label="response length (tokens)")
-        length_axes.set_ylabel("response length (tokens)")
-    axes.legend(lines, [line.get_label() for line in lines], fontsize=8)
+    if secondary:
+        right = axes.twinx()
+        lines += right.plot(*zip(*secondary), color="tab:gray", linestyle="--", linewidth=1, label=secondary_label)
+        right.set_ylabel(secondary_label)
+        if scientific:
+            right.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    if lines:
+        axes.legend(lines, [line.get_label() for line in lines], fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

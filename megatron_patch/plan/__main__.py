@@ -22,6 +22,7 @@ from megatron_patch.models.choices import RECOMPUTE_MODES, TRAINING_PRECISIONS
 from megatron_patch.plan.cluster import GPU_KINDS, Cluster
 from megatron_patch.plan.search import MODES, Candidate, PlanError, Request, search
 from megatron_patch.rl.config import GrpoSettings
+from megatron_patch.training.launch import POSITIONALS
 from megatron_patch.training.memory_plan import GIB
 from megatron_patch.training.preflight import resolve_model
 from megatron_patch.units import parse_size
@@ -168,17 +169,19 @@ def command_line(request: Request, config) -> str:
             env["MP_GRPO_LOG_PROB_CHUNK"] = request.grpo.log_prob_chunk
         if request.grpo.rollout_batch:
             env["MP_GRPO_ROLLOUT_BATCH"] = request.grpo.rollout_batch
-    arguments = [
-        "dsw" if cluster.gpus <= cluster.gpus_per_node else "dlc", request.model, config.micro_batch_size,
-        config.global_batch_size, "1e-5", "1e-6", config.seq_length, config.seq_length, config.precision,
-        config.tensor_model_parallel_size, config.pipeline_model_parallel_size, config.context_parallel_size,
-        config.expert_tensor_parallel_size, config.expert_model_parallel_size,
-        str(config.sequence_parallel).lower(), str(config.use_distributed_optimizer).lower(), "true",
-        str(request.mode != "pretrain").lower(), "false" if config.recompute == "none" else config.recompute,
-        "false" if config.optimizer_offload_fraction is None else f"{config.optimizer_offload_fraction:g}", 1000,
-        "DATASET_PATH", "VALID_DATASET_PATH", "PRETRAIN_CHECKPOINT_PATH", "TRAIN_TOKENS_OR_ITERS",
-        "WARMUP_TOKENS_OR_ITERS", "OUTPUT_BASEPATH",
-    ]
+    values = dict(
+        ENV="dsw" if cluster.gpus <= cluster.gpus_per_node else "dlc", MODEL_SIZE=request.model,
+        BATCH_SIZE=config.micro_batch_size, GLOBAL_BATCH_SIZE=config.global_batch_size, LR="1e-5", MIN_LR="1e-6",
+        SEQ_LEN=config.seq_length, PAD_LEN=config.seq_length, PR=config.precision,
+        TP=config.tensor_model_parallel_size, PP=config.pipeline_model_parallel_size,
+        CP=config.context_parallel_size, ETP=config.expert_tensor_parallel_size,
+        EP=config.expert_model_parallel_size, SP=str(config.sequence_parallel).lower(),
+        DO=str(config.use_distributed_optimizer).lower(), FL="true", SFT=str(request.mode != "pretrain").lower(),
+        AC="false" if config.recompute == "none" else config.recompute,
+        OPTIMIZER_OFFLOAD="false" if config.optimizer_offload_fraction is None
+        else f"{config.optimizer_offload_fraction:g}", SAVE_INTERVAL=1000)
+    # Paths and the schedule are the user's: their names stand in.
+    arguments = [values.get(name, name) for name in POSITIONALS]
     settings = " ".join(f"{name}={value}" for name, value in env.items())
     return f"{settings} bash examples/qwen3/{script} {shlex.join(str(a) for a in arguments)}"
 

@@ -20,8 +20,7 @@ from megatron_patch.plan.cluster import Cluster
 from megatron_patch.plan.speed import StepTime, step_time
 from megatron_patch.rl.config import GrpoSettings, data_parallel_size, rollout_shape, training_view
 from megatron_patch.training.config import TrainConfig
-from megatron_patch.training.memory import run_shape, static_memory
-from megatron_patch.training.memory_plan import MemoryPlan, RolloutShape, plan_memory
+from megatron_patch.training.memory_plan import MemoryPlan, plan_memory
 
 MODES = ("pretrain", "sft", "lora", "grpo")
 # The settings a user may fix (the rest are searched); their launcher names.
@@ -63,7 +62,6 @@ class Candidate:
     memory: MemoryPlan
     time: StepTime
     fits: bool
-    rollout: RolloutShape | None = None
 
     def tokens_per_gpu_second(self, gpus: int) -> float:
         return self.time.tokens_per_gpu_second(gpus)
@@ -123,14 +121,12 @@ def evaluate(request: Request, config: TrainConfig) -> Candidate:
     rollout = rollout_shape(config, request.grpo, cluster.gpus) if request.grpo is not None else None
     trained = training_view(config, request.grpo, cluster.gpus) if rollout else config
     memory = plan_memory(trained, arch, impl, cluster.gpus, rollout)
-    distributed = trained.use_distributed_optimizer or trained.optimizer_offload_fraction is not None
-    static = static_memory(run_shape(trained, arch, impl), cluster.gpus, distributed_optimizer=distributed,
-                           optimizer_offload_fraction=trained.optimizer_offload_fraction or 0.0)
-    time = step_time(trained, arch, cluster, static, rollout, kl=bool(request.grpo and request.grpo.kl_coef > 0))
+    time = step_time(trained, arch, cluster, memory.static, rollout,
+                     kl=bool(request.grpo and request.grpo.kl_coef > 0))
     if rollout is not None:  # a GRPO step's tokens: every sequence sampled
         time = dataclasses.replace(time, tokens=config.global_batch_size * request.grpo.samples_per_prompt
                                    * config.seq_length)
-    return Candidate(config, memory, time, memory.peak <= cluster.usable_memory, rollout)
+    return Candidate(config, memory, time, memory.peak <= cluster.usable_memory)
 
 
 def search(request: Request) -> tuple[list[Candidate], str | None]:

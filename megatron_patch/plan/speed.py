@@ -27,7 +27,7 @@ from megatron_patch.plan.cluster import Cluster
 from megatron_patch.training.config import TrainConfig
 from megatron_patch.training.memory import StaticMemory
 from megatron_patch.training.memory_plan import RolloutShape
-from megatron_patch.training.metrics import model_flops_per_token
+from megatron_patch.training.metrics import model_flops_per_token_parts
 
 GB = 1e9
 # Host-side Adam (Megatron-Core's HybridDeviceOptimizer on the CPU) and the PCIe link: assumptions.
@@ -71,20 +71,15 @@ def step_time(config: TrainConfig, arch: Qwen3Arch, cluster: Cluster, static: St
               rollout: RolloutShape | None = None, kl: bool = False) -> StepTime:
     layout = config.parallel_layout(arch)
     world, tp, pp, cp, ep, etp = cluster.gpus, layout.tp, layout.pp, layout.cp, layout.ep, layout.etp
-    dp = world // (tp * pp * cp)
-    sequences = config.global_batch_size
-    micro_batches = max(sequences // (config.micro_batch_size * dp), 1)
-    tokens = sequences * config.seq_length
-    flops_per_token = model_flops_per_token(arch, config.seq_length)
-    matmul_share = 1 - arch.num_layers * config.seq_length * arch.num_attention_heads * arch.head_dim * 6 \
-        / flops_per_token
-    factor = 1.0
+    dp = layout.data_parallel_size(world)
+    micro_batches = config.micro_batches(dp)
+    tokens = config.global_batch_size * config.seq_length
+    matmul, attention = model_flops_per_token_parts(arch, config.seq_length)
     if config.lora_rank:
-        factor -= matmul_share * 2 / 6  # no weight gradients for the frozen base
-    if config.recompute == "full":
-        factor += 2 / 6
+        matmul *= 4 / 6  # no weight gradients for the frozen base
+    flops_per_token = (matmul + attention) * (8 / 6 if config.recompute == "full" else 1)  # a second forward
     flops_per_second = cluster.peak_tflops * 1e12 * cluster.efficiency
-    compute = tokens * flops_per_token * factor / world / flops_per_second
+    compute = tokens * flops_per_token / world / flops_per_second
     parts = {"compute": compute}
     virtual = layout.virtual_pp or 1
     parts["pipeline bubble"] = compute * (pp - 1) / (micro_batches * virtual)
@@ -111,10 +106,10 @@ def step_time(config: TrainConfig, arch: Qwen3Arch, cluster: Cluster, static: St
     if pp > 1:
         boundary = hidden_bytes / (tp if layout.sequence_parallel else 1)
         parts["pipeline send"] = micro_batches * 2 * boundary / (cluster.link_gbps(stage_ranks + 1) * GB)
-    distributed = config.use_distributed_optimizer or config.optimizer_offload_fraction is not None
+    distributed = config.uses_distributed_optimizer
     grad_bytes = static.gradients
     weight_bytes = static.weights if distributed else 0
-    expert_dp = world // (pp * ep * etp)
+    expert_dp = layout.expert_data_parallel_size(world)
     expert_share = static.expert_weights / max(static.weights, 1)
     dense_dp, link = dp * cp, cluster.link_gbps(stage_ranks)
     data_parallel = 0.0
@@ -123,7 +118,7 @@ def step_time(config: TrainConfig, arch: Qwen3Arch, cluster: Cluster, static: St
             data_parallel += _ring(grad_bytes * share, size, link) + _ring(weight_bytes * share, size, link)
         else:
             data_parallel += _ring(grad_bytes * share, size, link, all_reduce=True)
-    hidden_under = 2 / 3 * compute * factor if config.overlap_grad_reduce else 0.0
+    hidden_under = 2 / 3 * compute if config.overlap_grad_reduce else 0.0  # the backward pass
     parts["data parallel (exposed)"] = max(0.0, data_parallel - hidden_under)
     if static.optimizer_host:
         elements = static.optimizer_host / 12  # fp32 main weight and two moments each

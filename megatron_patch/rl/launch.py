@@ -60,21 +60,25 @@ def prompt_flags(values: dict, env: dict, pad: int) -> list:
     return flags
 
 
-def check(flags: list[str], world_size: int) -> None:
-    """GRPO's checks and the trainer's, on the settings the model will see."""
+def _grpo_run(flags: list[str], world_size: int):
+    """(the flags' settings, GRPO's settings, the settings the model sees, its architecture, its transformer
+    implementation); GRPO's own checks run on the way."""
     config, settings, _ = parse_rl_config(flags, world_size)
     view = training_view(config, settings, world_size)
     arch, _ = resolve_model(view.model)
-    check_run(view, arch, resolved_transformer_impl(view), world_size)
+    return config, settings, view, arch, resolved_transformer_impl(view)
+
+
+def check(flags: list[str], world_size: int) -> None:
+    """GRPO's checks and the trainer's, on the settings the model will see."""
+    _, _, view, arch, impl = _grpo_run(flags, world_size)
+    check_run(view, arch, impl, world_size)
 
 
 def memory(flags: list[str], world_size: int) -> MemoryPlan:
     """The planned per-GPU memory: the update's, or the rollout's when it needs more."""
-    config, settings, _ = parse_rl_config(flags, world_size)
-    view = training_view(config, settings, world_size)
-    arch, _ = resolve_model(view.model)
-    return plan_memory(view, arch, resolved_transformer_impl(view), world_size,
-                       rollout_shape(config, settings, world_size))
+    config, settings, view, arch, impl = _grpo_run(flags, world_size)
+    return plan_memory(view, arch, impl, world_size, rollout_shape(config, settings, world_size))
 
 
 def check_inputs(flags: list[str]) -> None:

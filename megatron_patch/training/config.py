@@ -191,6 +191,15 @@ class TrainConfig:
     def sft(self) -> bool:
         return self.train_mode == "finetune"
 
+    @property
+    def uses_distributed_optimizer(self) -> bool:
+        """The distributed optimizer is on when asked for, and always under optimizer offload (which needs it)."""
+        return self.use_distributed_optimizer or self.optimizer_offload_fraction is not None
+
+    def micro_batches(self, data_parallel_size: int) -> int:
+        """Micro-batches per optimizer step on each data-parallel rank."""
+        return max(self.global_batch_size // (self.micro_batch_size * data_parallel_size), 1)
+
     def parallel_layout(self, arch: Qwen3Arch) -> ParallelLayout:
         return ParallelLayout(
             tp=self.tensor_model_parallel_size, pp=self.pipeline_model_parallel_size,

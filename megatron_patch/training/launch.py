@@ -126,10 +126,15 @@ def _train_data_flags(values: dict, env: dict, pad: int) -> list:
     return ["--data-path", *values["DATASET_PATH"].split(), "--split", "99,1,0", *validation]
 
 
-def _train_check(flags: list[str], world_size: int) -> None:
+def _train_run(flags: list[str]):
+    """(settings, architecture, transformer implementation) of the trainer's flags."""
     config, _ = parse_config(flags)
     arch, _ = resolve_model(config.model)
-    check_run(config, arch, resolved_transformer_impl(config), world_size)
+    return config, arch, resolved_transformer_impl(config)
+
+
+def _train_check(flags: list[str], world_size: int) -> None:
+    check_run(*_train_run(flags), world_size)
 
 
 def _train_inputs(flags: list[str]) -> None:
@@ -137,9 +142,7 @@ def _train_inputs(flags: list[str]) -> None:
 
 
 def _train_memory(flags: list[str], world_size: int) -> MemoryPlan:
-    config, _ = parse_config(flags)
-    arch, _ = resolve_model(config.model)
-    return plan_memory(config, arch, resolved_transformer_impl(config), world_size)
+    return plan_memory(*_train_run(flags), world_size)
 
 
 @dataclass(frozen=True)

@@ -87,10 +87,6 @@ class StaticMemory:
     def weights(self) -> int:
         return self.dense_weights + self.expert_weights
 
-    @property
-    def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer
-
 
 # ------------------------------------------------------------------------------------------ layers
 
@@ -289,18 +285,14 @@ class Ranks:
     expert_dp_rank: int = 0
 
 
-def data_parallel_sizes(layout: ParallelLayout, world_size: int) -> tuple[int, int]:
-    """(dense DP x CP, expert DP): the groups DDP reduces the dense and the expert buffers over."""
-    return world_size // (layout.tp * layout.pp), world_size // (layout.pp * layout.ep * layout.etp)
-
-
 @functools.lru_cache(maxsize=4096)  # the planner asks for the same layout under many batch settings
 def static_memory(shape: ModelShape, world_size: int, ranks: Ranks = Ranks(), distributed_optimizer: bool = True,
                   overlap_grad_reduce: bool = True, first_stage_layers: int | None = None,
                   optimizer_offload_fraction: float = 0.0) -> StaticMemory:
     """The weights, gradient buffers and optimizer state one rank allocates."""
     layout = shape.layout
-    dp, expert_dp = data_parallel_sizes(layout, world_size)
+    # DDP reduces the dense buffers over DP x CP, the expert buffers over the expert-data-parallel group.
+    dp, expert_dp = layout.data_parallel_size(world_size) * layout.cp, layout.expert_data_parallel_size(world_size)
     bucket_size = max(MIN_BUCKET_SIZE, BUCKET_SIZE_PER_DP_RANK * (dp // layout.cp)) if overlap_grad_reduce \
         else None
     chunks = stage_layers(shape.arch, layout.pp, ranks.pp_rank, first_stage_layers, layout.virtual_pp)
@@ -337,17 +329,9 @@ def run_shape(config: TrainConfig, arch: Qwen3Arch, impl: str) -> ModelShape:
 
 
 def run_static_memory(config: TrainConfig, arch: Qwen3Arch, impl: str, world_size: int,
-                      ranks: Ranks | None = None) -> StaticMemory:
-    """A run's static memory on ``ranks``; by default on the pipeline stage that holds the most (on its
-    first data-parallel rank: the padding at each bucket's end leaves the last ranks the fewest elements)."""
-    shape = run_shape(config, arch, impl)
-    offload = config.optimizer_offload_fraction or 0.0
-    distributed = config.use_distributed_optimizer or config.optimizer_offload_fraction is not None
-
-    def on(where: Ranks) -> StaticMemory:
-        return static_memory(shape, world_size, where, distributed, config.overlap_grad_reduce,
-                             config.decoder_first_pipeline_num_layers, offload)
-
-    if ranks is not None:
-        return on(ranks)
-    return max((on(Ranks(pp_rank=stage)) for stage in range(shape.layout.pp)), key=lambda m: m.total)
+                      ranks: Ranks = Ranks()) -> StaticMemory:
+    """A run's static memory on ``ranks`` (the first data-parallel rank by default: the padding at each
+    bucket's end leaves the last ranks the fewest elements)."""
+    return static_memory(run_shape(config, arch, impl), world_size, ranks, config.uses_distributed_optimizer,
+                         config.overlap_grad_reduce, config.decoder_first_pipeline_num_layers,
+                         config.optimizer_offload_fraction or 0.0)

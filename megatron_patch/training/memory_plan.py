@@ -24,7 +24,7 @@ from megatron_patch.training.activations import (
     recompute_working_bytes,
 )
 from megatron_patch.training.config import TrainConfig
-from megatron_patch.training.memory import FP32, Ranks, run_shape, stage_layers, static_memory
+from megatron_patch.training.memory import FP32, Ranks, StaticMemory, run_shape, run_static_memory, stage_layers
 
 GIB = 1 << 30
 # CUDA context and kernels (~0.5 GiB), NCCL communicators and their buffers (~1 GiB) and the caching
@@ -50,6 +50,7 @@ class MemoryPlan:
     stage: int
     phase: str  # "training", or "rollout" when GRPO's generation needs more
     parts: dict[str, int]
+    static: StaticMemory  # the stage's, as parts of its own (the speed estimate reads its buffers)
     host: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -128,14 +129,11 @@ def plan_memory(config: TrainConfig, arch: Qwen3Arch, impl: str, world_size: int
     """The peak per GPU of a run with these settings on ``world_size`` GPUs (the worst pipeline stage)."""
     shape = run_shape(config, arch, impl)
     layout = shape.layout
-    dp = world_size // (layout.tp * layout.pp * layout.cp)
-    micro_batches = max(config.global_batch_size // (config.micro_batch_size * dp), 1)
+    micro_batches = config.micro_batches(layout.data_parallel_size(world_size))
     tokens = Tokens(config.seq_length // layout.cp, config.micro_batch_size, layout.sequence_parallel, layout.tp)
-    distributed = config.use_distributed_optimizer or config.optimizer_offload_fraction is not None
     plans = []
     for stage in range(layout.pp):
-        static = static_memory(shape, world_size, Ranks(pp_rank=stage), distributed, config.overlap_grad_reduce,
-                               config.decoder_first_pipeline_num_layers, config.optimizer_offload_fraction or 0.0)
+        static = run_static_memory(config, arch, impl, world_size, Ranks(pp_rank=stage))
         parts = {"weights (dense)": static.dense_weights, "weights (experts)": static.expert_weights,
                  "gradients": static.gradients, "optimizer": static.optimizer}
         phase, extra = "training", _training_phase(config, shape, stage, tokens, micro_batches, rollout)
@@ -146,5 +144,5 @@ def plan_memory(config: TrainConfig, arch: Qwen3Arch, impl: str, world_size: int
         host = {"optimizer (offloaded)": static.optimizer_host}
         if rollout is not None and rollout.reference_on_host:
             host["reference weights"] = static.weights
-        plans.append(MemoryPlan(stage, phase, {**parts, **extra, "fixed overhead": FIXED_OVERHEAD}, host))
+        plans.append(MemoryPlan(stage, phase, {**parts, **extra, "fixed overhead": FIXED_OVERHEAD}, static, host))
     return max(plans, key=lambda plan: plan.peak)

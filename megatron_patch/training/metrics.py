@@ -25,14 +25,19 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "H20": 148.0, "
                     "B200": 2250.0, "GB200": 2500.0, "L40S": 362.0}
 
 
-def model_flops_per_token(arch, seq_length: int) -> float:
+def model_flops_per_token_parts(arch, seq_length: int) -> tuple[float, float]:
+    """(matmul, attention) training FLOPs per token: 6 x active matmul parameters, 6 x causal attention."""
     counts = arch.parameter_counts()
     norms = arch.num_layers * (2 * arch.hidden_size + 2 * arch.head_dim) + arch.hidden_size
     matmul = counts["active"] - counts["embedding"] - norms
     if arch.tie_word_embeddings:
         matmul += counts["embedding"]  # the tied output layer still multiplies
     attention = arch.num_layers * seq_length * arch.num_attention_heads * arch.head_dim
-    return 6.0 * matmul + 6.0 * attention
+    return 6.0 * matmul, 6.0 * attention
+
+
+def model_flops_per_token(arch, seq_length: int) -> float:
+    return sum(model_flops_per_token_parts(arch, seq_length))
 
 
 def memory_peak_gib() -> float | None:

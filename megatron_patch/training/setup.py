@@ -200,12 +200,12 @@ def prepare_model(config: TrainConfig) -> TrainedModel:
 
     chunks = _build_model(config, arch, layout, device, impl)
     lora = _attach_lora(config, arch, chunks, rank0) if config.lora_rank else None
-    ddp_chunks = wrap_with_ddp(chunks, config.use_distributed_optimizer, config.overlap_grad_reduce,
+    ddp_chunks = wrap_with_ddp(chunks, config.uses_distributed_optimizer, config.overlap_grad_reduce,
                                config.overlap_param_gather)
     optimizer = build_optimizer(ddp_chunks, OptimizerSettings(
         lr=config.lr, min_lr=config.min_lr, weight_decay=config.weight_decay, adam_beta1=config.adam_beta1,
         adam_beta2=config.adam_beta2, clip_grad=config.clip_grad,
-        use_distributed_optimizer=config.use_distributed_optimizer,
+        use_distributed_optimizer=config.uses_distributed_optimizer,
         cpu_offload_fraction=config.optimizer_offload_fraction,
     ))
     return TrainedModel(config, arch, hf_dir, tokenizer_dir, tokenizer, device, impl, chunks, ddp_chunks, optimizer,

@@ -13,6 +13,7 @@ from megatron_patch.models.qwen3.presets import get_preset
 from megatron_patch.plan.__main__ import main as plan_main
 from megatron_patch.plan.cluster import Cluster
 from megatron_patch.plan.search import Request, search
+from megatron_patch.training.config import TrainConfig
 from megatron_patch.training.launch import POSITIONALS, LaunchError
 from megatron_patch.training.launch import main as launch_main
 from megatron_patch.training.launch import plan as launch_plan
@@ -90,8 +91,6 @@ def test_the_planner_enumerates_exactly_the_layouts_the_launcher_accepts():
                         c.config.sequence_parallel) for c in candidates}
     assert all(_launcher_accepts(c.config, gpus) for c in candidates)
     # Every layout of the searched sizes that the launcher accepts is among them (SP on with TP > 1).
-    from megatron_patch.training.config import TrainConfig
-
     accepted = set()
     for tp in (1, 2, 4):
         for pp in (1, 2, 4):
