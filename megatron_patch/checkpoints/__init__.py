@@ -7,7 +7,8 @@
 - ``reader``: any region of any tensor of a torch_dist checkpoint, without process groups.
 - ``manifest``: ``checksums.json``, written into every staged output and verified before a load.
 - ``metadata``: what our saves record about themselves.
-- ``weights``: model weights into live model chunks (weights only, optionally a subset of keys).
+- ``weights``: model weights into live model chunks (weights only, optionally a subset of keys),
+  from a torch_dist checkpoint or straight from an HF model directory.
 
 Training's resume state (optimizer, schedule, RNG, data position) stays in ``training``.
 """
@@ -16,6 +17,7 @@ from megatron_patch.checkpoints.layout import (
     TRACKER_FILE,
     CheckpointError,
     ResolvedCheckpoint,
+    is_hf_model_dir,
     iteration_dir,
     resolve_checkpoint,
     tracked_iteration,
@@ -25,7 +27,7 @@ from megatron_patch.checkpoints.manifest import MANIFEST_FILE, ChecksumError, ve
 from megatron_patch.checkpoints.metadata import CHECKPOINT_VERSION, checkpoint_info
 from megatron_patch.checkpoints.reader import TorchDistCheckpoint
 from megatron_patch.checkpoints.staging import StagedOutput, copy_side_files
-from megatron_patch.checkpoints.weights import load_weights
+from megatron_patch.checkpoints.weights import check_hf_model, load_hf_model, load_weights
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -36,9 +38,12 @@ __all__ = [
     "ResolvedCheckpoint",
     "StagedOutput",
     "TorchDistCheckpoint",
+    "check_hf_model",
     "checkpoint_info",
     "copy_side_files",
+    "is_hf_model_dir",
     "iteration_dir",
+    "load_hf_model",
     "load_weights",
     "verify_manifest",
     "resolve_checkpoint",

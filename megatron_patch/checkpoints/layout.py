@@ -5,7 +5,8 @@
   SAVE/release/                            converter output: weights only
 
 A load may name the save directory (the tracker picks the iteration, or ``iteration`` overrides
-it) or an iteration directory itself.
+it) or an iteration directory itself. Training (``--load``) also starts from an HF model directory
+(``is_hf_model_dir``), read straight from its safetensors.
 """
 
 from __future__ import annotations
@@ -71,6 +72,17 @@ def resolve_checkpoint(load_dir: str | Path, iteration: str | int | None = None)
     if not (path / COMPLETE_MARKER).is_file():
         raise CheckpointError(f"{path}: not a complete torch_dist checkpoint ({COMPLETE_MARKER} missing)")
     return ResolvedCheckpoint(path, number == RELEASE)
+
+
+def is_hf_model_dir(path: str | Path) -> bool:
+    """An HF model directory (config.json, safetensors weights) rather than a torch_dist checkpoint or a save.
+
+    A save directory also holds config.json (beside its tracker), so the torch_dist markers decide;
+    an HF directory whose weights are missing still counts, so that the load says which are missing.
+    """
+    path = Path(path)
+    return (path / "config.json").is_file() and not (path / TRACKER_FILE).exists() \
+        and not (path / COMPLETE_MARKER).exists()
 
 
 def tracked_iteration(save_dir: str | Path) -> int | str | None:

@@ -1,4 +1,5 @@
-"""Model weights of a torch_dist checkpoint into live Megatron-Core model chunks, at any layout.
+"""Model weights of a torch_dist checkpoint (or an HF model directory) into live Megatron-Core model
+chunks, at any layout.
 
 Keys follow Megatron-LM: "model", or "model0", "model1", ... with virtual pipeline chunks.
 ``keep(checkpoint_key)`` selects a subset of the model's tensors (LoRA: the adapters, or
@@ -12,9 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from megatron_patch.checkpoints.layout import CheckpointError, resolve_checkpoint
-from megatron_patch.checkpoints.manifest import verify_manifest
+from megatron_patch.checkpoints.manifest import MANIFEST_FILE, verify_manifest
 from megatron_patch.checkpoints.metadata import RECORD_KEY, common_state
 from megatron_patch.errors import InputError
+from megatron_patch.models.qwen3.arch import Qwen3Arch
+from megatron_patch.models.qwen3.loading import hf_weight_source, load_hf_weights
 from megatron_patch.patches.safe_checkpoints import REFUSED_PATTERN, UnsafeCheckpointError
 
 KeyFilter = Callable[[str], bool]
@@ -86,4 +89,31 @@ def load_weights(load_dir: str | Path, chunks, keep: KeyFilter | None = None) ->
                               "merge its adapters into the base model first")
     requested = select(model_sharded_state(chunks), keep)
     load_into(chunks, load_sharded(path, requested), requested, partial=keep is not None)
+    return path
+
+
+def check_hf_model(path: str | Path, arch: Qwen3Arch) -> None:
+    """An HF model directory holds ``arch``: its config.json, every shard the index names and every
+    tensor name (headers only; shapes are checked by each rank as it loads)."""
+    path = Path(path)
+    theirs = Qwen3Arch.from_hf_dir(path)  # another architecture is named here, with the file
+    differences = arch.shape_differences(theirs)
+    if differences:
+        raise CheckpointError(f"{path / 'config.json'}: not the model being trained ({differences[0]}; "
+                              "the run's value first)")
+    hf_weight_source(path, arch)
+
+
+def load_hf_model(path: str | Path, chunks, arch: Qwen3Arch, keep: KeyFilter | None = None) -> Path:
+    """The weights of an HF model directory straight into ``chunks`` (no torch_dist copy is written);
+    each rank reads the tensors behind its own shards. Our own HF outputs are checked against their
+    checksums first."""
+    path = Path(path)
+    check_hf_model(path, arch)
+    if (path / MANIFEST_FILE).is_file():
+        verify_manifest(path)
+    try:
+        load_hf_weights(chunks, path, arch, keep=keep)
+    except ValueError as err:  # a shape the model does not take, named by its Megatron tensor
+        raise CheckpointError(f"{path}: {err}") from None
     return path

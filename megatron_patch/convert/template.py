@@ -16,8 +16,8 @@ import torch
 from megatron_patch.models.choices import PRECISIONS
 from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
-from megatron_patch.models.qwen3.mapping import bound_qwen3_mappings
-from megatron_patch.models.sharded_state import address_of, shard_bytes
+from megatron_patch.models.qwen3.loading import hf_tensor_shapes
+from megatron_patch.models.sharded_state import address_of, global_shape, shard_bytes
 from megatron_patch.models.weight_mapping import MegatronAddress
 
 
@@ -74,12 +74,8 @@ def balance_by_bytes(template: CheckpointTemplate, world_size: int) -> list[set[
 def plan_hf_tensors(
     arch: Qwen3Arch, precision: str, template: CheckpointTemplate | None = None
 ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    """Name, shape and dtype of every HF tensor, in mapping order (shapes via the transforms on meta tensors)."""
+    """Name, shape and dtype of every HF tensor, in mapping order."""
     dtype = PRECISIONS[precision]
     template = template or checkpoint_template(arch, precision)
-    shapes = {address_of(s): tuple(s.global_shape[s.prepend_axis_num :]) for s in template.tensors}
-    planned = []
-    for b in bound_qwen3_mappings(arch):
-        meta = torch.empty(shapes[b.address], dtype=dtype, device="meta")
-        planned += [(name, tuple(t.shape), dtype) for name, t in b.to_hf(meta).items()]
-    return planned
+    shapes = hf_tensor_shapes(arch, {address_of(s): global_shape(s) for s in template.tensors})
+    return [(name, shape, dtype) for name, shape in shapes.items()]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_patch.checkpoints import CheckpointError, checkpoint_info
+from megatron_patch.checkpoints import CheckpointError, checkpoint_info, is_hf_model_dir
 from megatron_patch.lora.apply import is_adapter_key
 from megatron_patch.lora.config import LoraSettings
 
@@ -43,6 +43,8 @@ class AdapterSavePolicy:
 
 def base_load_filter(load: str, settings: LoraSettings | None):
     """(key filter, whether optimizer state may be restored) for ``--load`` of a run with or without LoRA."""
+    if is_hf_model_dir(load):  # an HF base model: its weights, fresh adapters
+        return (is_base_key if settings is not None else None), False
     info = checkpoint_info(load)
     if info.get("lora", {}).get("adapters_only"):
         raise CheckpointError(f"--load {load}: holds LoRA adapters only; give the base model as --load and this "

@@ -151,6 +151,9 @@ class HFCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name).entries[name][1]
 
+    def file_of(self, name: str) -> Path:
+        return self._entry(name).path
+
 
 
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}

@@ -65,19 +65,25 @@ def shard_bytes(shard) -> int:
     return shard.data.numel() * shard.data.element_size()
 
 
+def global_shape(shard) -> tuple[int, ...]:
+    """The full tensor's shape of a ShardedTensor (prepended layer / expert axes dropped)."""
+    return tuple(shard.global_shape[shard.prepend_axis_num :])
+
+
 @torch.no_grad()
-def load_full_tensors(model_chunks, full_tensor: Callable[[MegatronAddress], torch.Tensor]) -> int:
+def load_full_tensors(model_chunks, full_tensor: Callable[[MegatronAddress], torch.Tensor], shards=None) -> int:
     """Copy into every local shard its slice of ``full_tensor(address)``; returns the shard count.
 
-    Raises ``ValueError`` naming the tensor if a shape does not fit.
+    ``shards``: (address, ShardedTensor) pairs to fill (default: every local shard). Raises
+    ``ValueError`` naming the tensor if a shape does not fit.
     """
     cached: tuple[MegatronAddress | None, torch.Tensor | None] = (None, None)
     count = 0
-    for address, shard in local_shards(model_chunks):
+    for address, shard in local_shards(model_chunks) if shards is None else shards:
         if cached[0] != address:
             cached = (address, full_tensor(address))
         full = cached[1]
-        expected = tuple(shard.global_shape[shard.prepend_axis_num :])
+        expected = global_shape(shard)
         if tuple(full.shape) != expected:
             raise ValueError(f"{address}: shape {tuple(full.shape)} does not fit the model's {expected}")
         shard.data.copy_(full[local_slice(shard)])
@@ -91,7 +97,7 @@ def read_full_tensors(model_chunks) -> dict[MegatronAddress, torch.Tensor]:
     tensors: dict[MegatronAddress, torch.Tensor] = {}
     filled: dict[MegatronAddress, int] = {}
     for address, shard in local_shards(model_chunks):
-        shape = tuple(shard.global_shape[shard.prepend_axis_num :])
+        shape = global_shape(shard)
         full = tensors.setdefault(address, torch.empty(shape, dtype=shard.data.dtype))
         full[local_slice(shard)] = shard.data
         filled[address] = filled.get(address, 0) + shard.data.numel()

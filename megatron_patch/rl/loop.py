@@ -111,7 +111,7 @@ class GrpoTrainer:
         self.reference = None
         if settings.kl_coef > 0 and model.lora is None:
             if config.load:  # a resumed run's reference is still its starting policy
-                load_checkpoint(config.load, model.chunks, None, None, load_optim=False)
+                load_checkpoint(config.load, model.chunks, None, None, load_optim=False, arch=model.arch)
             self.reference = [p.detach().to("cpu", copy=True) for p in self._parameters()]
         self.loaded = load_start(model)
         self.sampling = Sampling(max_new_tokens=settings.max_response_length, temperature=settings.temperature,

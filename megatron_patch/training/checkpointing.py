@@ -7,8 +7,8 @@
 Where checkpoints live and how model weights load is ``megatron_patch.checkpoints``; this module
 adds what only a training run has. Each iteration directory is written under a temporary name
 and renamed when complete, so a killed run never leaves a directory that looks like a
-checkpoint. ``load_checkpoint`` accepts converter output (weights only: training starts at
-iteration 0) and our own saves (the run continues where it stopped).
+checkpoint. ``load_checkpoint`` accepts converter output and HF model directories (weights only:
+training starts at iteration 0) and our own saves (the run continues where it stopped).
 """
 
 from __future__ import annotations
@@ -28,12 +28,15 @@ from megatron_patch.checkpoints import (
     CHECKPOINT_VERSION,
     StagedOutput,
     copy_side_files,
+    is_hf_model_dir,
     iteration_dir,
+    load_hf_model,
     resolve_checkpoint,
     write_tracker,
 )
 from megatron_patch.checkpoints.metadata import RECORD_KEY, common_state
 from megatron_patch.checkpoints.weights import KeyFilter, load_into, load_sharded, model_sharded_state, select
+from megatron_patch.models.qwen3.arch import Qwen3Arch
 
 
 @dataclass
@@ -42,6 +45,7 @@ class LoadedState:
     consumed_samples: int = 0
     resumed: bool = False  # optimizer/schedule/RNG restored (not just weights)
     source: str = ""
+    hf: bool = False  # read straight from an HF model directory
 
 
 def _rng_state() -> dict:
@@ -116,11 +120,17 @@ def _write_side_files(save_dir: Path, source: str | Path | None, hf_config: dict
 
 
 def load_checkpoint(load_dir, chunks, optimizer, scheduler, load_optim: bool = True,
-                    keep: KeyFilter | None = None) -> LoadedState:
+                    keep: KeyFilter | None = None, arch: Qwen3Arch | None = None) -> LoadedState:
     """Load weights (always) and, from our own saves, optimizer, schedule, RNG and data position.
 
-    ``keep(checkpoint_key)`` loads only part of the model (the rest keeps its values).
+    ``keep(checkpoint_key)`` loads only part of the model (the rest keeps its values). An HF model
+    directory gives weights only, through the mapping of ``arch`` (default: its own config.json).
     """
+    if is_hf_model_dir(load_dir):
+        path = load_hf_model(load_dir, chunks, arch or Qwen3Arch.from_hf_dir(load_dir), keep)
+        if optimizer is not None:  # its main (fp32) copies were made from the initial weights
+            optimizer.reload_model_params()
+        return LoadedState(source=str(path), hf=True)
     resolved = resolve_checkpoint(load_dir)
     common = common_state(resolved.path)
     info = common.get(RECORD_KEY, {})

@@ -109,8 +109,9 @@ class TrainConfig:
                                        "attention never crosses samples (MP_SFT_PACKING)")
     seed: int = option(1234, "random seed (initialisation, data order)")
     # Checkpoints
-    load: str | None = option(None, "torch_dist checkpoint to start from: converter output (starts at iteration 0) "
-                                     "or one of our saves (resumes)")
+    load: str | None = option(None, "checkpoint to start from: an HF model directory (its safetensors read "
+                                     "straight into this layout) or torch_dist converter output (both start at "
+                                     "iteration 0), or one of our saves (resumes)")
     save: str | None = option(None, "checkpoint directory (iter_XXXXXXX/ and latest_checkpointed_iteration.txt)")
     save_interval: int | None = option(None, "save every N iterations (and at the end)")
     save_optim: bool = option(True, "save optimizer state, LR schedule and RNG with the weights "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_patch.checkpoints import resolve_checkpoint, tracked_iteration
+from megatron_patch.checkpoints import check_hf_model, is_hf_model_dir, resolve_checkpoint, tracked_iteration
 from megatron_patch.data.build_sft import MASK_SUFFIX
 from megatron_patch.data.indexed import IndexedDatasetError, check_indexed_dataset
 from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
@@ -93,4 +93,7 @@ def check_inputs(config: TrainConfig) -> None:
                     raise DataConfigError(f"--data-path {prefix}: {err}") from None
     # A rerun that resumes from --save does not read --load (LoRA aside, checked when it loads).
     if config.load and not (config.save and isinstance(tracked_iteration(config.save), int)):
-        resolve_checkpoint(config.load)
+        if is_hf_model_dir(config.load):
+            check_hf_model(config.load, resolve_model(config.model)[0])
+        else:
+            resolve_checkpoint(config.load)

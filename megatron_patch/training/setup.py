@@ -135,33 +135,33 @@ def _latest_save(config: TrainConfig) -> int | None:
     return iteration
 
 
-def _resume_from_save(config: TrainConfig, chunks, optimizer, scheduler, lora: AdapterSavePolicy | None,
-                      iteration: int, rank0: bool) -> LoadedState:
+def _resume_from_save(config: TrainConfig, arch: Qwen3Arch, chunks, optimizer, scheduler,
+                      lora: AdapterSavePolicy | None, iteration: int, rank0: bool) -> LoadedState:
     """Continue an interrupted run from its own latest save (the frozen base of adapter-only saves from --load)."""
     if rank0:
         print(f"resuming from {config.save} (iteration {iteration}), the latest complete checkpoint of --save; "
               f"--load {config.load} {'gives the frozen base only' if lora else 'is not read'} "
               "(--no-auto-resume starts over elsewhere)", flush=True)
     if lora is not None and checkpoint_info(config.save).get("lora", {}).get("adapters_only"):
-        load_checkpoint(config.load, chunks, None, None, load_optim=False, keep=is_base_key)
+        load_checkpoint(config.load, chunks, None, None, load_optim=False, keep=is_base_key, arch=arch)
         return load_checkpoint(config.save, chunks, optimizer, scheduler, config.load_optim, keep=is_adapter_key)
     return load_checkpoint(config.save, chunks, optimizer, scheduler, config.load_optim)
 
 
-def _load(config: TrainConfig, chunks, optimizer, scheduler, lora: AdapterSavePolicy | None,
+def _load(config: TrainConfig, arch: Qwen3Arch, chunks, optimizer, scheduler, lora: AdapterSavePolicy | None,
           rank0: bool) -> LoadedState:
     """The run's start: its own latest save (auto-resume), or --load (base or full checkpoint) and,
     for LoRA, --lora-load (adapters, optimizer, position). A start before --save's latest
     iteration is refused: its saves would move the tracker back."""
     latest = _latest_save(config)
     if latest is not None and config.auto_resume:
-        loaded = _resume_from_save(config, chunks, optimizer, scheduler, lora, latest, rank0)
+        loaded = _resume_from_save(config, arch, chunks, optimizer, scheduler, lora, latest, rank0)
     else:
         loaded = LoadedState()
         if config.load:
             keep, may_resume = base_load_filter(config.load, lora.settings if lora else None)
             loaded = load_checkpoint(config.load, chunks, optimizer, scheduler, config.load_optim and may_resume,
-                                     keep=keep)
+                                     keep=keep, arch=arch)
         if config.lora_load:
             check_adapter_checkpoint(config.lora_load, lora.settings)
             loaded = load_checkpoint(config.lora_load, chunks, optimizer, scheduler, config.load_optim,
@@ -179,7 +179,8 @@ def _load(config: TrainConfig, chunks, optimizer, scheduler, lora: AdapterSavePo
 def _report_load(loaded: LoadedState, rank0: bool) -> None:
     if rank0 and loaded.source:
         how = f"resuming at iteration {loaded.iteration}" if loaded.resumed else "weights only, iteration 0"
-        print(f"loaded {loaded.source} ({how})", flush=True)
+        kind = "HF model directory, read from its safetensors" if loaded.hf else "torch_dist checkpoint"
+        print(f"loaded {loaded.source} ({kind}; {how})", flush=True)
 
 
 def prepare_model(config: TrainConfig) -> TrainedModel:
@@ -214,7 +215,7 @@ def prepare_model(config: TrainConfig) -> TrainedModel:
 
 def load_start(model: TrainedModel) -> LoadedState:
     """The run's start loaded into ``model``: its own latest save, or --load (and --lora-load)."""
-    return _load(model.config, model.chunks, model.optimizer, model.scheduler, model.lora, model.rank0)
+    return _load(model.config, model.arch, model.chunks, model.optimizer, model.scheduler, model.lora, model.rank0)
 
 
 def prepare_run(config: TrainConfig) -> Run:

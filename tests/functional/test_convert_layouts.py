@@ -3,6 +3,7 @@
 - A torch_dist checkpoint written once (the converter's canonical layout) loads at EP=2 (alltoall
   and allgather dispatchers), PP=2 (tied embeddings split across the stages) and TP=2 and gives
   the HF model's logits: every layout computes what one process does.
+- Training's --load of the HF directory itself gives the same tensors at those layouts.
 - A checkpoint saved by training at EP=2 (model + distributed-optimizer state) converts to HF,
   optimizer ignored, and the HF model computes the trained model's logits.
 - 2-process conversion, both directions, gives the same bytes as the HF source.
@@ -76,6 +77,10 @@ def two_process_checks(converted, tmp_path_factory):
     root = converted["moe"][0]
     jobs["train-save"] = ("check", ["train-save", "--hf-dir", root / "hf", "--torch-dist", root / "mcore" / "release",
                                     "--save-dir", folder / "run", "--out", folder / "trained.pt", "--ep", "2"])
+    for name, (model, flags) in LOAD_LAYOUTS.items():
+        jobs[f"hf-start-{name}"] = ("check", ["hf-start", "--hf-dir", converted[model][0] / "hf", "--torch-dist",
+                                              converted[model][0] / "mcore", "--out", folder / f"hf-start-{name}.json",
+                                              *flags])
     for name, (model, flags) in ROLLOUT_LAYOUTS.items():
         jobs[name] = ("check", ["rollout", "--hf-dir", converted[model][0] / "hf", "--torch-dist",
                                 converted[model][0] / "mcore" / "release", "--out", folder / f"{name}.json", *flags])
@@ -87,6 +92,14 @@ def two_process_checks(converted, tmp_path_factory):
 def test_converted_checkpoint_loads_at_another_layout(name, converted, two_process_checks):
     _, reference = converted[LOAD_LAYOUTS[name][0]]
     assert (torch.load(two_process_checks / f"{name}.pt") - reference).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", LOAD_LAYOUTS)
+def test_training_loads_an_hf_directory_as_it_loads_the_converters_output(name, two_process_checks):
+    """--load of the HF directory (each rank reading its own shards' tensors) gives, tensor for tensor,
+    the model --load of its torch_dist conversion gives, at EP2, PP2 and TP2."""
+    report = json.loads((two_process_checks / f"hf-start-{name}.json").read_text())
+    assert report["tensors"] >= 10 and report["different"] == 0, report
 
 
 # Sampling on the model in its training layout (models/generation.py): the log-probs recorded while

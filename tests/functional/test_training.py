@@ -91,7 +91,11 @@ SLOW_LAYOUTS = {"moe-pp2-vp": "moe-1", "moe-pp2-first1": "moe-1", "moe-sel": "mo
 FAST_LAYOUTS = [("moe-dp2", "moe-1", 1e-4), ("moe-ep2", "moe-1", 1e-4), ("moe-etp2", "moe-1", 1e-4),
                 ("moe-pp2", "moe-1", 1e-4), ("moe-recompute", "moe-1", 1e-4),
                 ("moe-tp2-ep2-sp", "moe-1", ROUTING_DRIFT), ("dense-tp2-sp", "dense-1", 1e-4)]
-_FAST_BATCH = {*(name for pair in FAST_LAYOUTS for name in pair[:2]), "moe-dp2-sync"}
+# Runs started from the HF directory itself (--load HF): the same curve as from its torch_dist
+# conversion, exactly (the HF weights are bf16, so the conversion loses nothing).
+HF_START_LAYOUTS = ("moe-1", "moe-pp2", "moe-tp2-ep2-sp")
+_FAST_BATCH = {*(name for pair in FAST_LAYOUTS for name in pair[:2]), "moe-dp2-sync",
+               *(f"{name}-hf" for name in HF_START_LAYOUTS)}
 
 # Enough steps for curves to separate if a layout computed anything differently (the first gradient
 # norm, compared too, sees every reduction); each step costs ~1 s per run.
@@ -117,7 +121,7 @@ def converted(work: str, preset: str) -> tuple[str, str]:
     from megatron_patch.models.qwen3.presets import get_preset
 
     hf_dir, mcore = Path(work) / f"{preset}-hf", Path(work) / f"{preset}-mcore"
-    save_random_hf_checkpoint(get_preset(preset), hf_dir)
+    save_random_hf_checkpoint(get_preset(preset), hf_dir, dtype=torch.bfloat16)
     _build("megatron_patch.convert", "--load-dir", hf_dir, "--save-dir", mcore)
     return str(hf_dir), str(mcore)
 
@@ -135,11 +139,12 @@ def _layout_runs(work: str, nproc: int, slow: bool) -> dict[str, str]:
     folder = _layout_folder(work, slow)
     jobs = {}
     for name, (procs, preset, extra) in LAYOUT_FLAGS.items():
-        if procs == nproc and name in in_batch:
-            hf_dir, mcore = converted(work, preset)
-            save = ["--save", folder / name / "checkpoint", "--no-save-optim"] if name in SAVED_LAYOUTS else []
-            jobs[name] = ("train", [*sft_run_flags(sft_data(work, 64), hf_dir, folder / name), "--load", mcore,
-                                    *save, *extra])
+        hf_dir, mcore = converted(work, preset)
+        for run, load in ((name, mcore), (f"{name}-hf", hf_dir)):
+            if procs == nproc and run in in_batch:
+                save = ["--save", folder / run / "checkpoint", "--no-save-optim"] if run in SAVED_LAYOUTS else []
+                jobs[run] = ("train", [*sft_run_flags(sft_data(work, 64), hf_dir, folder / run), "--load", load,
+                                       *save, *extra])
     if nproc == 1:
         jobs.update(raw_and_idxmap_jobs(work) if slow else {"pretrain": pretraining_job(work)})
     elif not slow:
@@ -148,7 +153,7 @@ def _layout_runs(work: str, nproc: int, slow: bool) -> dict[str, str]:
 
 
 def layout_curve(work: str, name: str, slow: bool = False) -> dict[int, float]:
-    _layout_runs(work, LAYOUT_FLAGS[name][0], slow)
+    _layout_runs(work, LAYOUT_FLAGS[name.removesuffix("-hf")][0], slow)
     return losses(_layout_folder(work, slow) / name)
 
 
@@ -186,6 +191,17 @@ def test_parallel_layouts_give_the_one_process_loss_curve(work, name, baseline, 
         # Adam's normalised step would hide from the losses).
         norms = [first_grad_norm(_layout_folder(work, slow) / n) for n in (name, baseline)]
         assert norms[0] == pytest.approx(norms[1], rel=1e-6), norms
+
+
+@pytest.mark.parametrize("name", HF_START_LAYOUTS)
+def test_a_run_started_from_the_hf_directory_equals_one_started_from_its_conversion(work, name):
+    from_hf, from_torch_dist = layout_curve(work, f"{name}-hf"), layout_curve(work, name)
+    assert sorted(from_hf) == list(range(1, ITERATIONS + 1))
+    assert from_hf == from_torch_dist
+    folder = _layout_folder(work, False)
+    assert first_grad_norm(folder / f"{name}-hf") == first_grad_norm(folder / name)
+    assert "HF model directory, read from its safetensors" in (folder / f"batch-{LAYOUT_FLAGS[name][0]}" /
+                                                               f"{name}-hf.out").read_text()
 
 
 def first_grad_norm(log_dir: Path) -> float:

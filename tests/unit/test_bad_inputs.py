@@ -44,6 +44,37 @@ def _garbage_tracker(hf_dir, folder):
     return folder
 
 
+def _hf_with_a_missing_shard(hf_dir, folder):
+    """An HF directory whose index names a second shard that is not there (an interrupted download)."""
+    shutil.copytree(hf_dir, folder)
+    from megatron_patch.models.hf_checkpoint import HFCheckpoint
+
+    names = sorted(HFCheckpoint(folder).keys())
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    weight_map = {n: f"model-0000{1 + (n == names[-1])}-of-00002.safetensors" for n in names}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+def _hf_with_tensor(hf_dir, folder, name, shape):
+    """An HF directory (config unchanged) with ``name`` replaced by a tensor of another shape."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(hf_dir, folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors[name] = torch.zeros(shape)
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+def _start_from(d, checkpoint, model="tiny-dense"):
+    """The trainer's flags for a 1-step pretraining run on fresh data from ``checkpoint``."""
+    data = build_pretrain_data(d / "data")
+    return ["--model", model, "--precision", "fp32", "--data-path", data, "--seq-length", "64",
+            "--global-batch-size", "1", "--train-iters", "1", "--load", checkpoint, "--save", d / "out"]
+
+
 def _lines(folder, text):
     folder.mkdir()
     (folder / "train.jsonl").write_text(text)
@@ -123,6 +154,25 @@ CASES = {
         launch_main, lambda d, hf: arguments(DATASET_PATH=(p := build_pretrain_data(d / "data")), VALID_DATASET_PATH=p,
                                              PRETRAIN_CHECKPOINT_PATH=d / "no-checkpoint"), {},
         "no-checkpoint: no such directory"),
+    "PRETRAIN_CHECKPOINT_PATH an HF directory missing a shard, before launch": (
+        launch_main, lambda d, hf: arguments(DATASET_PATH=(p := build_pretrain_data(d / "data")), VALID_DATASET_PATH=p,
+                                             MODEL_SIZE=hf,
+                                             PRETRAIN_CHECKPOINT_PATH=_hf_with_a_missing_shard(hf, d / "hf")), {},
+        "model-00002-of-00002.safetensors: listed in model.safetensors.index.json but missing"),
+    "PRETRAIN_CHECKPOINT_PATH an HF directory of another MODEL_SIZE, before launch": (
+        launch_main, lambda d, hf: arguments(DATASET_PATH=(p := build_pretrain_data(d / "data")), VALID_DATASET_PATH=p,
+                                             PRETRAIN_CHECKPOINT_PATH=hf), {},
+        "config.json: not the model being trained (vocab_size: 151936 != 512; the run's value first)"),
+    "PRETRAIN_CHECKPOINT_PATH an HF directory of another architecture, before launch": (
+        launch_main, lambda d, hf: arguments(DATASET_PATH=(p := build_pretrain_data(d / "data")), VALID_DATASET_PATH=p,
+                                             MODEL_SIZE=hf,
+                                             PRETRAIN_CHECKPOINT_PATH=_config_with(hf, d / "hf", model_type="llama",
+                                                                                   architectures=["LlamaForCausalLM"])),
+        {}, "config.json: unsupported architecture ['LlamaForCausalLM']"),
+    "--load an HF directory with a tensor of the wrong shape, before the first step": (
+        train_main, lambda d, hf: _start_from(d, _hf_with_tensor(hf, d / "hf", "model.layers.1.self_attn.k_proj.weight",
+                                                                (8, 64)), model=hf), {},
+        "model.safetensors: tensor model.layers.1.self_attn.k_proj.weight has shape (8, 64), the model needs"),
     "--output-prefix that would overwrite the input": (
         build_pretrain_main, lambda d, hf: ["--input", _lines(d / "data", '{"text": "a"}\n').rename(d / "x.bin"),
                                             "--tokenizer", bundled_qwen3_tokenizer_dir(), "--output-prefix",

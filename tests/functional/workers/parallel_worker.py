@@ -8,6 +8,8 @@
           prompts and token budget; save the largest |rollout - teacher-forced log-prob| of any rank.
   lora:   the base from --torch-dist plus the adapters of the LoRA save --lora-checkpoint, at the
           given layout: save the logits to --out and the adapters again (adapter-only) under --save-dir.
+  hf-start: the model loaded by training's load_checkpoint from --hf-dir (straight from safetensors)
+          and, into a second model, from --torch-dist; save how many local tensors differ (any rank).
 The model comes from --hf-dir, or from a torch_dist checkpoint with --torch-dist.
 """
 
@@ -21,7 +23,7 @@ import torch.distributed as dist
 def run(argv=None):
     """One check in this process group (several may run in one launch: workers/batch.py)."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["logits", "train", "train-save", "lora", "rollout"])
+    parser.add_argument("mode", choices=["logits", "train", "train-save", "lora", "rollout", "hf-start"])
     parser.add_argument("--hf-dir", required=True, help="HF dir (weights, or only config.json with --torch-dist)")
     parser.add_argument("--torch-dist", help="load the weights from this torch_dist checkpoint dir instead")
     parser.add_argument("--save-dir", help="train-save: Megatron save dir")
@@ -64,6 +66,9 @@ def run(argv=None):
         apply_lora([model], LoraSettings(saved["rank"], saved["alpha"], targets=tuple(saved["targets"])))
         load_checkpoint(args.torch_dist, [model], None, None, load_optim=False, keep=lambda k: not is_adapter_key(k))
         load_checkpoint(args.lora_checkpoint, [model], None, None, load_optim=False, keep=is_adapter_key)
+    elif args.mode == "hf-start":
+        _hf_start_check(model, arch, args, layout)
+        return
     elif args.torch_dist:
         from megatron.core import dist_checkpointing
 
@@ -102,6 +107,27 @@ def run(argv=None):
         logits = forward_logits(model, tokens[:, :32], vocab_size=arch.vocab_size)
         if writer:
             torch.save(logits, args.out)
+    dist.barrier()
+
+
+def _hf_start_check(model, arch, args, layout) -> None:
+    """Training's --load of an HF directory against its --load of the converter's output, tensor for tensor."""
+    from megatron.core import parallel_state
+
+    from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
+    from megatron_patch.training.checkpointing import load_checkpoint
+
+    from_torch_dist = build_gpt_model(arch, BuildOptions(layout=layout, aux_loss_coeff=0.0))
+    load_checkpoint(args.hf_dir, [model], None, None, load_optim=False, arch=arch)
+    load_checkpoint(args.torch_dist, [from_torch_dist], None, None, load_optim=False, arch=arch)
+    ours, theirs = model.state_dict(), from_torch_dist.state_dict()
+    tensors = [k for k, v in ours.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    counts = torch.tensor([len(tensors), sum(not torch.equal(ours[k], theirs[k]) for k in tensors)])
+    dist.all_reduce(counts)
+    if dist.get_rank() == 0:
+        with open(args.out, "w") as handle:
+            json.dump({"tensors": int(counts[0]), "different": int(counts[1]),
+                       "pipeline_stages": parallel_state.get_pipeline_model_parallel_world_size()}, handle)
     dist.barrier()
 
 
