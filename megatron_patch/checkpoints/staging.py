@@ -116,13 +116,15 @@ class StagedOutput:
         _barrier()
 
 
-def copy_side_files(source: str | Path, destination: str | Path, dtype_name: str | None = None) -> list[str]:
-    """Copy config/tokenizer files; with ``dtype_name``, config.json records the weights' new dtype."""
+def copy_side_files(source: str | Path, destination: str | Path, dtype_name: str | None = None,
+                    overwrite: bool = True) -> list[str]:
+    """Copy config/tokenizer files; with ``dtype_name``, config.json records the weights' new dtype.
+    ``overwrite=False`` keeps the files ``destination`` already has."""
     source, destination = Path(source), Path(destination)
     copied = []
     for pattern in SIDE_FILE_PATTERNS:
         for path in sorted(source.glob(pattern)):
-            if path.is_file():
+            if path.is_file() and (overwrite or not (destination / path.name).exists()):
                 shutil.copy2(path, destination / path.name)
                 copied.append(path.name)
     config_path = destination / "config.json"

@@ -9,7 +9,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_patch import __version__
-from megatron_patch.checkpoints import StagedOutput, copy_side_files, load_weights, resolve_checkpoint, write_tracker
+from megatron_patch.checkpoints import (
+    StagedOutput,
+    copy_side_files,
+    is_hf_model_dir,
+    load_weights,
+    resolve_checkpoint,
+    write_tracker,
+)
 from megatron_patch.checkpoints.manifest import MANIFEST_FILE, verify_manifest
 from megatron_patch.convert.config import ConversionError, ConvertConfig
 from megatron_patch.convert.finite import FiniteCheck
@@ -108,17 +115,25 @@ def hf_to_megatron(config: ConvertConfig, arch: Qwen3Arch) -> Path:
     return config.save_dir / "release"
 
 
-def megatron_to_hf(config: ConvertConfig, arch: Qwen3Arch, config_dir: Path | None, delta=None) -> Path:
-    """torch_dist -> HF; ``delta`` (see ``write_hf_safetensors``) changes tensors on the way (LoRA merge)."""
-    checkpoint_dir = resolve_checkpoint(config.load_dir, config.iteration).path
+def megatron_to_hf(config: ConvertConfig, arch: Qwen3Arch, config_dir: Path | None, delta=None,
+                   template=None, tokenizer_dir: Path | None = None) -> Path:
+    """torch_dist -> HF; ``delta`` (see ``write_hf_safetensors``) changes tensors on the way (LoRA merge,
+    whose base may also be an HF directory). ``template``: see ``write_hf_safetensors``. Side files
+    come from ``config_dir``, then the ones it lacks from ``tokenizer_dir``."""
+    if is_hf_model_dir(config.load_dir):
+        checkpoint_dir = config.load_dir
+    else:
+        checkpoint_dir = resolve_checkpoint(config.load_dir, config.iteration).path
     finite = FiniteCheck(config.check_finite)
     with _staged_output(config) as staging, Progress("torch_dist -> hf") as progress:
         write_hf_safetensors(arch, checkpoint_dir, staging, config.precision, config.max_shard_bytes, progress,
-                             delta, finite)
+                             delta, finite, template)
         finite.raise_if_found()
         if dist.get_rank() == 0:
             dtype_name = DTYPE_NAMES[config.precision]
             copied = copy_side_files(config_dir, staging, dtype_name) if config_dir else []
+            if tokenizer_dir is not None:
+                copied += copy_side_files(tokenizer_dir, staging, overwrite=False)
             if "config.json" not in copied:
                 hf_config = arch.to_hf_config() | {"torch_dtype": dtype_name}
                 (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

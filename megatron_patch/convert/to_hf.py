@@ -5,7 +5,8 @@ Megatron tensor; ``TorchDistCheckpoint`` reads those regions whatever layout
 wrote the checkpoint (optimizer state and anything else is never read). Each
 tensor is turned into HF tensors by the weight mapping and written at its
 planned offset in the safetensors shards. Ranks split the tensors by bytes and
-work independently.
+work independently. The source may also be an HF directory (the base of a LoRA
+run trained straight from HF), whose tensors come through the same mapping.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_patch.checkpoints import CheckpointError, TorchDistCheckpoint
+from megatron_patch.checkpoints import CheckpointError, TorchDistCheckpoint, is_hf_model_dir
 from megatron_patch.convert.template import balance_by_bytes, checkpoint_template, plan_hf_tensors
 from megatron_patch.models.choices import PRECISIONS
 from megatron_patch.models.hf_checkpoint import StreamingSafetensorsWriter
 from megatron_patch.models.qwen3.arch import Qwen3Arch
+from megatron_patch.models.qwen3.loading import check_hf_shapes, hf_tensor_shapes, hf_weight_source
 from megatron_patch.models.qwen3.mapping import bound_qwen3_mappings
-from megatron_patch.models.sharded_state import address_of, local_slice, shard_bytes
+from megatron_patch.models.sharded_state import address_of, global_shape, local_slice, shard_bytes
 from megatron_patch.models.weight_mapping import MegatronAddress
 
 
@@ -47,6 +49,27 @@ def check_contents(checkpoint: TorchDistCheckpoint, template) -> None:
             )
 
 
+def _torch_dist_source(checkpoint_dir: Path, template) -> Callable[[list, torch.dtype], torch.Tensor]:
+    """The full tensor of a group of template shards (one address), read from their stored regions."""
+    checkpoint = TorchDistCheckpoint(checkpoint_dir)
+    check_contents(checkpoint, template)
+
+    def read(shards: list, dtype: torch.dtype) -> torch.Tensor:
+        full = torch.empty(global_shape(shards[0]), dtype=dtype)
+        for shard in shards:
+            key, offsets, sizes = _stored_region(checkpoint, shard)
+            checkpoint.read(key, offsets, sizes, full.dtype, out=full[local_slice(shard)])
+        return full
+
+    return read
+
+
+def _hf_source(hf_dir: Path, arch: Qwen3Arch, template) -> Callable[[list, torch.dtype], torch.Tensor]:
+    checkpoint, full_tensor = hf_weight_source(hf_dir, arch)
+    check_hf_shapes(checkpoint, hf_tensor_shapes(arch, {address_of(s): global_shape(s) for s in template.tensors}))
+    return lambda shards, dtype: full_tensor(address_of(shards[0])).to(dtype)
+
+
 def write_hf_safetensors(
     arch: Qwen3Arch,
     checkpoint_dir: str | Path,
@@ -56,17 +79,21 @@ def write_hf_safetensors(
     progress=None,
     delta: Callable[[MegatronAddress], torch.Tensor | None] | None = None,
     finite=None,
+    template=None,
 ) -> list[str]:
-    """Write the HF safetensors of a torch_dist checkpoint; every rank of the default group takes part.
+    """Write the HF safetensors of a torch_dist checkpoint (or an HF directory); every rank of the
+    default group takes part.
 
     ``delta(address)``, when given, is added to that Megatron tensor in fp32 before it is
     written (LoRA merge: scale * B @ A); None leaves the tensor as stored. ``finite(name, tensor)``
-    sees every HF tensor before it is written.
+    sees every HF tensor before it is written. ``template``: ``checkpoint_template(arch, precision)``
+    made earlier (it needs the canonical process groups, which a training job no longer has).
     """
     dtype = PRECISIONS[precision]
-    checkpoint = TorchDistCheckpoint(checkpoint_dir)
-    template = checkpoint_template(arch, precision)
-    check_contents(checkpoint, template)
+    template = template or checkpoint_template(arch, precision)
+    checkpoint_dir = Path(checkpoint_dir)
+    read_full = _hf_source(checkpoint_dir, arch, template) if is_hf_model_dir(checkpoint_dir) \
+        else _torch_dist_source(checkpoint_dir, template)
     bound = {b.address: b for b in bound_qwen3_mappings(arch)}
     unmapped = [a for a in template.addresses() if a not in bound]
     if unmapped:
@@ -86,11 +113,7 @@ def write_hf_safetensors(
         progress.start(sum(shard_bytes(s) for group in shards_of.values() for s in group))
     for address, shards in shards_of.items():
         change = delta(address) if delta is not None else None
-        full = torch.empty(shards[0].global_shape[shards[0].prepend_axis_num :],
-                           dtype=dtype if change is None else torch.float32)
-        for shard in shards:
-            key, offsets, sizes = _stored_region(checkpoint, shard)
-            checkpoint.read(key, offsets, sizes, full.dtype, out=full[local_slice(shard)])
+        full = read_full(shards, dtype if change is None else torch.float32)
         if change is not None:
             if change.shape != full.shape:
                 raise CheckpointError(f"{address}: the change {tuple(change.shape)} does not fit the "

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 
 from megatron_patch.checkpoints import StagedOutput
@@ -101,9 +102,11 @@ def write_peft_adapter(arch: Qwen3Arch, adapters: AdapterCheckpoint, output_dir:
     tensors = {name: tensor.to(dtype, copy=True).contiguous() for name, tensor in peft_tensors(arch, adapters)}
     modules, parameters = peft_targets(arch, tensors)
     config = peft_config(adapters, modules, base_model, parameters)
+    # Every rank of a job enters the staged output; one writes the files.
     with StagedOutput(output_dir, force, "--peft-out", sources=(adapters.path,)) as staging:
-        save_file(tensors, str(staging / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
-        (staging / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            save_file(tensors, str(staging / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+            (staging / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return config
 
 

@@ -374,7 +374,7 @@ def train_grpo(config: TrainConfig, settings: GrpoSettings,
         last = step == config.train_iters
         stop = config.exit_interval is not None and step % config.exit_interval == 0
         if config.save and (last or stop or (config.save_interval and step % config.save_interval == 0)):
-            save_model(model, step, step * config.global_batch_size, {"grpo": settings.to_dict()})
+            save_model(model, step, step * config.global_batch_size, {"grpo": settings.to_dict()}, final=last)
         if stop and not last:
             break
     writer.close()

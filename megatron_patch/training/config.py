@@ -19,6 +19,7 @@ from megatron_patch.lora.config import LoraConfigError, LoraSettings
 from megatron_patch.models.choices import RECOMPUTE_MODES, TRAINING_PRECISIONS, TRANSFORMER_IMPLS
 from megatron_patch.models.layout_check import RunFeatures, virtual_stages
 from megatron_patch.models.qwen3.arch import Qwen3Arch
+from megatron_patch.outputs import overlaps
 from megatron_patch.parallel import ParallelLayout
 
 
@@ -120,6 +121,14 @@ class TrainConfig:
     auto_resume: bool = option(True, "when --save already holds a complete checkpoint, continue from the latest one "
                                       "(an interrupted run rerun as it was) instead of starting from --load")
     exit_interval: int | None = option(None, "stop (after saving) once the iteration is a multiple of this")
+    save_hf: str | None = option(None, "also write an HF model directory here (config, safetensors, tokenizer, "
+                                        "checksums.json) from the final save (needs --save): the converter's "
+                                        "torch_dist -> HF of it, in the training precision; LoRA: the merged model "
+                                        "(MP_SAVE_HF)")
+    save_hf_interval: int | None = option(None, "also write --save-hf at every save whose iteration is a multiple of "
+                                                 "this (the newer model replaces the older) (MP_SAVE_HF_INTERVAL)")
+    save_peft: str | None = option(None, "LoRA: also write the final adapters here as an HF PEFT adapter "
+                                          "(MP_SAVE_PEFT)")
     # Logging and validation
     log_interval: int = option(1, "print/log metrics every N iterations")
     eval_interval: int | None = option(None, "validation loss/perplexity every N iterations (None: off)")
@@ -164,6 +173,17 @@ class TrainConfig:
             fail("--save-interval needs --save")
         if self.save_interval is not None and self.save_interval < 1:
             fail("--save-interval must be >= 1")
+        if (self.save_hf or self.save_peft) and self.save is None:
+            fail("--save-hf and --save-peft are written from the final save: they need --save")
+        if self.save_hf_interval is not None and (self.save_hf is None or self.save_hf_interval < 1):
+            fail("--save-hf-interval needs --save-hf and must be >= 1")
+        if self.save_peft and not self.lora_rank:
+            fail("--save-peft writes LoRA adapters: it needs --lora-rank > 0 (MP_LORA_RANK)")
+        hf_outputs = {"--save-hf": self.save_hf, "--save-peft": self.save_peft}
+        for label, path in hf_outputs.items():
+            for other_label, other in {"--save": self.save, "--load": self.load, **hf_outputs}.items():
+                if path and other and other_label != label and overlaps(Path(path), Path(other)):
+                    fail(f"{label} {path} is, contains or lies inside {other_label} {other}")
         if self.eval_interval is not None and self.dataset_type == "raw" and not self.valid_data_path:
             fail("--eval-interval with --dataset-type raw needs --valid-data-path")
         if self.recompute == "full" and self.recompute_num_layers < 1:

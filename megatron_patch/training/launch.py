@@ -56,8 +56,12 @@ FLAG_SOURCES = {
     "--sft-packing": "MP_SFT_PACKING", "--dataset-type": "MP_DATASET_TYPE", "--train-mode": "SFT",
     "--model": "MODEL_SIZE", "--load": "PRETRAIN_CHECKPOINT_PATH", "--transformer-impl": "MP_TRANSFORMER_IMPL",
     "--lora-rank": "MP_LORA_RANK", "--lora-alpha": "MP_LORA_ALPHA", "--lora-dropout": "MP_LORA_DROPOUT",
-    "--lora-target-modules": "MP_LORA_TARGETS",
+    "--lora-target-modules": "MP_LORA_TARGETS", "--save-hf": "MP_SAVE_HF", "--save-hf-interval": "MP_SAVE_HF_INTERVAL",
+    "--save-peft": "MP_SAVE_PEFT",
 }
+# HF outputs written from the saves (training and GRPO alike).
+HF_OUTPUT_VARIABLES = {"MP_SAVE_HF": "--save-hf", "MP_SAVE_HF_INTERVAL": "--save-hf-interval",
+                       "MP_SAVE_PEFT": "--save-peft"}
 
 
 class LaunchError(InputError):
@@ -262,6 +266,9 @@ def plan(arguments: list[str], env: dict | None = None, cuda_devices: int | None
                   "--lora-dropout", env.get("MP_LORA_DROPOUT") or 0.0, "--lora-target-modules", *targets]
         if env.get("MP_SAVE_LORA_ONLY", "false").lower() == "true":
             flags.append("--save-lora-only")
+    for variable, flag_name in HF_OUTPUT_VARIABLES.items():
+        if env.get(variable):
+            flags += [flag_name, env[variable]]
     impl = env.get("MP_TRANSFORMER_IMPL") or "auto"
     if impl not in TRANSFORMER_IMPLS:
         raise LaunchError(f"MP_TRANSFORMER_IMPL must be one of {', '.join(TRANSFORMER_IMPLS)}, got {impl!r}")

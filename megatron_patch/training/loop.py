@@ -94,8 +94,10 @@ def _iteration_report(config: TrainConfig, iteration: int, step: dict, optimizer
     return values, line
 
 
-def save_model(model: TrainedModel, iteration: int, consumed_samples: int, extra: dict | None = None) -> None:
-    """A checkpoint of ``model`` (its LoRA save policy applied) in --save, with weights in sync."""
+def save_model(model: TrainedModel, iteration: int, consumed_samples: int, extra: dict | None = None,
+               final: bool = False) -> None:
+    """A checkpoint of ``model`` (its LoRA save policy applied) in --save, with weights in sync; then
+    --save-hf / --save-peft from it when they are due (``final``: the run's last save)."""
     config, lora = model.config, model.lora
     adapters_only = lora is not None and lora.adapters_only
     extra = {"model": config.model, "seq_length": config.seq_length, **(extra or {})}
@@ -111,6 +113,8 @@ def save_model(model: TrainedModel, iteration: int, consumed_samples: int, extra
         )
     if model.rank0:
         print(f"saved {path}", flush=True)
+    if model.hf_export is not None and model.hf_export.due(iteration, final):
+        model.hf_export.write(path, lora is not None, final)
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -158,7 +162,7 @@ def train(config: TrainConfig) -> TrainResult:
         last = iteration == config.train_iters
         stop = config.exit_interval is not None and iteration % config.exit_interval == 0
         if config.save and (last or stop or (config.save_interval and iteration % config.save_interval == 0)):
-            save_model(run, iteration, run.batches.consumed_samples)
+            save_model(run, iteration, run.batches.consumed_samples, final=last)
             stopwatch.lap()  # saving is not training time
         result.last_iteration = iteration
         if stop and not last:

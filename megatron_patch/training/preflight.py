@@ -10,7 +10,13 @@ from pathlib import Path
 
 import torch
 
-from megatron_patch.checkpoints import check_hf_model, is_hf_model_dir, resolve_checkpoint, tracked_iteration
+from megatron_patch.checkpoints import (
+    MANIFEST_FILE,
+    check_hf_model,
+    is_hf_model_dir,
+    resolve_checkpoint,
+    tracked_iteration,
+)
 from megatron_patch.data.build_sft import MASK_SUFFIX
 from megatron_patch.data.indexed import IndexedDatasetError, check_indexed_dataset
 from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
@@ -91,6 +97,12 @@ def check_inputs(config: TrainConfig) -> None:
                     check_indexed_dataset(part)
                 except IndexedDatasetError as err:
                     raise DataConfigError(f"--data-path {prefix}: {err}") from None
+    for label, output in (("--save-hf", config.save_hf), ("--save-peft", config.save_peft)):
+        # Replaced by each write: only an earlier output of the kit (its checksums.json) may be there.
+        if output and Path(output).is_dir() and any(Path(output).iterdir()) \
+                and not (Path(output) / MANIFEST_FILE).is_file():
+            raise TrainConfigError(f"{label} {output} holds files the kit did not write (no {MANIFEST_FILE}); "
+                                   "choose another directory or empty it")
     # A rerun that resumes from --save does not read --load (LoRA aside, checked when it loads).
     if config.load and not (config.save and isinstance(tracked_iteration(config.save), int)):
         if is_hf_model_dir(config.load):

@@ -34,6 +34,7 @@ from megatron_patch.patches import apply_patches
 from megatron_patch.training.checkpointing import LoadedState, load_checkpoint
 from megatron_patch.training.config import TrainConfig, TrainConfigError
 from megatron_patch.training.data import MicroBatches, build_datasets
+from megatron_patch.training.hf_export import HFExport
 from megatron_patch.training.preflight import (
     check_inputs,
     check_run,
@@ -62,6 +63,7 @@ class TrainedModel:
     optimizer: object
     scheduler: OptimizerParamScheduler
     lora: AdapterSavePolicy | None
+    hf_export: HFExport | None  # --save-hf / --save-peft, written from the saves
 
     @property
     def rank0(self) -> bool:
@@ -192,11 +194,16 @@ def prepare_model(config: TrainConfig) -> TrainedModel:
     layout = check_run(config, arch, impl, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     check_inputs(config)
     apply_patches(cpu=device == "cpu")
-    initialize_parallel(layout, seed=config.seed, backend="gloo" if device == "cpu" else "nccl")
+    backend = "gloo" if device == "cpu" else "nccl"
+    tokenizer_dir = resolve_tokenizer_dir(config, hf_dir)
+    hf_export = None
+    if config.save_hf or config.save_peft:  # its template needs the canonical layout's groups
+        initialize_parallel(ParallelLayout(), seed=config.seed, backend=backend)
+        hf_export = HFExport.prepare(config, arch, hf_dir, tokenizer_dir)
+    initialize_parallel(layout, seed=config.seed, backend=backend)
     rank0 = dist.get_rank() == 0
     if rank0:
         print(f"transformer implementation: {impl} ({IMPL_MODULES[impl]})", flush=True)
-    tokenizer_dir = resolve_tokenizer_dir(config, hf_dir)
     tokenizer = Qwen3Tokenizer.from_dir(tokenizer_dir)
 
     chunks = _build_model(config, arch, layout, device, impl)
@@ -210,7 +217,7 @@ def prepare_model(config: TrainConfig) -> TrainedModel:
         cpu_offload_fraction=config.optimizer_offload_fraction,
     ))
     return TrainedModel(config, arch, hf_dir, tokenizer_dir, tokenizer, device, impl, chunks, ddp_chunks, optimizer,
-                        _scheduler(config, optimizer), lora)
+                        _scheduler(config, optimizer), lora, hf_export)
 
 
 def load_start(model: TrainedModel) -> LoadedState:

@@ -40,6 +40,8 @@ LORA_RUNS = {
     "resume": (2, "tiny-moe", [*EP2_ADAPTERS_ONLY, "--exit-interval", 2], STEPS),
     "dense-tp2-sp": (2, "tiny-dense", ["--tensor-model-parallel-size", 2, "--sequence-parallel"], STEPS),
     "moe-etp2": (2, "tiny-moe", ["--expert-tensor-parallel-size", 2], STEPS),
+    # HF in and out: --load the HF directory itself; the merged model and the PEFT adapter at the end.
+    "hf-in-out": (1, "tiny-moe", ["--save-lora-only"], 2),
 }
 
 
@@ -51,8 +53,10 @@ def lora_flags(work, name, log="log") -> list:
     _, preset, extra, iterations = LORA_RUNS[name]
     hf_dir, mcore = converted(work, preset)
     root = lora_root(work, name)
+    start = ["--load", hf_dir, "--save-hf", root / "hf", "--save-peft", root / "peft"] if name == "hf-in-out" \
+        else ["--load", mcore]
     return [*sft_run_flags(sft_data(work, 64), hf_dir, root / log, iterations), *LORA_FLAGS,
-            "--load", mcore, "--save", root / "checkpoint", *extra]
+            *start, "--save", root / "checkpoint", *extra]
 
 
 @functools.cache
@@ -285,6 +289,28 @@ def test_merged_hf_model_and_peft_adapter_give_the_megatron_logits(work, base_hf
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed <= {name for name in before if name.endswith("_proj.weight")}  # not norms, router, embeddings
     assert {name for name in before if ".self_attn." in name and name.endswith("_proj.weight")} <= changed
+
+
+def test_a_lora_run_from_an_hf_directory_writes_the_merged_model_and_peft_adapter_at_the_end(work, capsys):
+    """--load HF, --save-lora-only, --save-hf, --save-peft: the outputs equal, byte for byte, what the
+    export makes of the final adapter-only save on that HF base, and compute what peft computes."""
+    root, output = lora_run(work, "hf-in-out")
+    hf_dir, _ = converted(work, "tiny-moe")
+    assert f"loaded {hf_dir} (HF model directory" in output
+    assert f"saved HF model {root / 'hf'}" in output and f"saved PEFT adapter {root / 'peft'}" in output
+    merged, peft_dir = Path(work) / "hf-in-out-merged", Path(work) / "hf-in-out-peft"
+    # The adapter-only save records the HF directory as its base: the export reads it from there.
+    export_lora_here(capsys, "--adapter", root / "checkpoint", "--merged-out", merged, "--peft-out", peft_dir,
+                     "--precision", "fp32", "--hf-dir", hf_dir)
+    assert (root / "hf" / "model.safetensors").read_bytes() == (merged / "model.safetensors").read_bytes()
+    assert (root / "peft" / "adapter_model.safetensors").read_bytes() == \
+        (peft_dir / "adapter_model.safetensors").read_bytes()
+    from megatron_patch.models.qwen3.presets import get_preset
+
+    tokens = torch.randint(0, get_preset("tiny-moe").vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    with_peft = hf_logits(hf_dir, tokens, root / "peft")
+    assert (with_peft - hf_logits(hf_dir, tokens)).abs().max() > 1e-3  # the adapters change the model
+    torch.testing.assert_close(hf_logits(root / "hf", tokens), with_peft, rtol=0, atol=1e-4)
 
 
 def test_peft_adapter_of_expert_gate_up_only_loads(work, base_hf, megatron_world, capsys):

@@ -35,8 +35,11 @@ def rl_flags(work: str, name: str, steps: int = STEPS, *extra) -> list:
 
 @functools.cache
 def _rl_runs(work: str) -> dict[str, str]:
+    hf_dir, _ = converted(work, "tiny-dense")
+    # The uninterrupted run starts from the HF directory itself (its reference too) and writes HF at
+    # the end; the halves start from its torch_dist conversion (the same bf16 weights).
     jobs = {
-        "whole": ("rl", rl_flags(work, "whole")),
+        "whole": ("rl", rl_flags(work, "whole", STEPS, "--load", hf_dir, "--save-hf", Path(work) / "rl" / "whole-hf")),
         "first-half": ("rl", rl_flags(work, "halves", STEPS, "--exit-interval", 1)),
         "second-half": ("rl", rl_flags(work, "halves")),
     }
@@ -64,6 +67,13 @@ def test_grpo_steps_report_their_metrics_and_resume_exactly(work):
     assert whole[1]["max_ratio_drift"] <= 1e-5  # rollout log-probs are the training forward's
     checkpoint = Path(work) / "rl" / "whole" / "checkpoint"
     assert (checkpoint / "latest_checkpointed_iteration.txt").read_text() == str(STEPS)
+    # HF out: the converter's HF of the final save, byte for byte.
+    assert "HF model directory, read from its safetensors" in outputs["whole"]
+    converted_back = Path(work) / "rl" / "whole-converted"
+    subprocess.run([sys.executable, "-m", "megatron_patch.convert", "--mg2hf", "--load-dir", checkpoint,
+                    "--precision", "fp32", "--save-dir", converted_back], check=True, capture_output=True)
+    hf_out = Path(work) / "rl" / "whole-hf"
+    assert (hf_out / "model.safetensors").read_bytes() == (converted_back / "model.safetensors").read_bytes()
 
 
 # The demo task (reward "letters"): a tiny model whose random initialisation is peaked enough

@@ -223,21 +223,24 @@ def test_overlapped_parameter_gather_trains_and_saves_like_the_synchronous_one(w
 
 
 def resume_job(work: str, first_half: bool) -> tuple[str, list]:
-    """EP=2 on 2 processes: stop after step RESUME_AFTER (first half), or rerun to continue from its save."""
-    hf_dir, mcore = converted(work, "tiny-moe")
+    """EP=2 on 2 processes, HF in and out: stop after step RESUME_AFTER (first half), or rerun to continue
+    from its save."""
+    hf_dir, _ = converted(work, "tiny-moe")
     root = Path(work) / "resume"
     flags = [*sft_run_flags(sft_data(work, 64), hf_dir, root / "log"), "--expert-model-parallel-size", 2,
-             "--save", root / "checkpoint"]
-    # Both halves start from the converted model (--load): the rerun continues from its own save.
-    return "train", [*flags, "--load", mcore, *(["--exit-interval", RESUME_AFTER] if first_half else [])]
+             "--save", root / "checkpoint", "--save-hf", root / "hf"]
+    # Both halves start from the HF directory (--load): the rerun continues from its own save.
+    return "train", [*flags, "--load", hf_dir, *(["--exit-interval", RESUME_AFTER] if first_half else [])]
 
 
-def test_stop_and_resume_continues_with_the_same_losses(work):
+def test_stop_and_resume_continues_with_the_same_losses_and_writes_hf_at_the_end(work, tmp_path):
     """Optimizer state sharded over DP=2: the interrupted run's command, run again in a new launch,
-    continues from the latest checkpoint of its --save with the same losses."""
+    continues from the latest checkpoint of its --save (not from its HF --load) with the same losses;
+    --save-hf is written once, at the end, and equals the converter's HF of the final save."""
     full = layout_curve(work, "moe-ep2")
     root = Path(work) / "resume"
     assert (root / "checkpoint" / "latest_checkpointed_iteration.txt").read_text() == str(RESUME_AFTER)
+    assert not (root / "hf").exists()  # a stop before the end is not the end
     result = torchrun_module(2, "megatron_patch.train", *resume_job(work, first_half=False)[1])
     assert f"resuming from {root / 'checkpoint'} (iteration {RESUME_AFTER})" in result.stdout
     assert f"resuming at iteration {RESUME_AFTER}" in result.stdout
@@ -245,6 +248,15 @@ def test_stop_and_resume_continues_with_the_same_losses(work):
     assert list(resumed) == list(range(1, ITERATIONS + 1))
     for iteration in range(RESUME_AFTER + 1, ITERATIONS + 1):
         assert abs(resumed[iteration] - full[iteration]) < 1e-6, (iteration, resumed, full)
+    hf_dir, _ = converted(work, "tiny-moe")
+    _build("megatron_patch.convert", "--mg2hf", "--load-dir", root / "checkpoint", "--hf-dir", hf_dir,
+           "--precision", "fp32", "--save-dir", tmp_path / "converted")
+    for name in ("model.safetensors", "config.json"):
+        assert (root / "hf" / name).read_bytes() == (tmp_path / "converted" / name).read_bytes(), name
+    assert (root / "hf" / "tokenizer.json").is_file() and (root / "hf" / "checksums.json").is_file()
+    start = saved_weights_of(Path(converted(work, "tiny-moe")[1]) / "release")
+    trained = saved_weights_of(root / "checkpoint" / f"iter_{ITERATIONS:07d}")
+    assert any(not torch.equal(trained[k], start[k]) for k in start if k in trained)  # trained weights were written
 
 
 def raw_and_idxmap_jobs(work: str) -> dict[str, tuple[str, list]]:

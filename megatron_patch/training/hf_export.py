@@ -1,0 +1,75 @@
+"""HF out: ``--save-hf`` (and ``--save-peft``) written from a save just made, by every rank of the job.
+
+What is written is the converter's own torch_dist -> HF of that checkpoint
+(``convert.run.megatron_to_hf``), so it equals, byte for byte, what
+``python -m megatron_patch.convert --mg2hf`` makes of the same save. LoRA runs write the merged
+model: the base (the save itself, or ``--load`` for adapter-only saves, torch_dist or HF) plus
+scale * B @ A. The converter's template describes the checkpoint at TP=PP=EP=1 and is built under
+Megatron-Core's process groups of that canonical layout, so ``prepare`` runs before the training
+layout's groups exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_patch.convert.config import ConvertConfig
+from megatron_patch.convert.run import megatron_to_hf
+from megatron_patch.convert.template import CheckpointTemplate, checkpoint_template
+from megatron_patch.lora.adapter_checkpoint import AdapterCheckpoint
+from megatron_patch.lora.peft_adapter import write_peft_adapter
+from megatron_patch.models.choices import PRECISIONS
+from megatron_patch.models.qwen3.arch import Qwen3Arch
+from megatron_patch.training.config import TrainConfig
+
+
+def hf_precision(config: TrainConfig) -> str:
+    """The HF weights' precision: the training precision (fp8 trains on bf16 weights)."""
+    return "bf16" if config.precision == "fp8" else config.precision
+
+
+@dataclass
+class HFExport:
+    config: TrainConfig
+    arch: Qwen3Arch
+    template: CheckpointTemplate
+    hf_dir: Path | None  # the run's HF model directory: config.json and the like, and a PEFT adapter's base
+    tokenizer_dir: Path  # the tokenizer files the HF directory lacks
+
+    @classmethod
+    def prepare(cls, config: TrainConfig, arch: Qwen3Arch, hf_dir: Path | None,
+                tokenizer_dir: Path) -> HFExport | None:
+        """None without --save-hf and --save-peft. Needs the canonical process groups (TP=PP=EP=1)."""
+        if not (config.save_hf or config.save_peft):
+            return None
+        return cls(config, arch, checkpoint_template(arch, hf_precision(config)), hf_dir, tokenizer_dir)
+
+    def due(self, iteration: int, final: bool) -> bool:
+        interval = self.config.save_hf_interval
+        return final or (interval is not None and iteration % interval == 0)
+
+    def write(self, checkpoint: Path, lora: bool, final: bool) -> None:
+        """The HF model (and, at the end, the PEFT adapter) of the save ``checkpoint``; every rank calls this."""
+        config, arch, precision = self.config, self.arch, hf_precision(self.config)
+        adapters = AdapterCheckpoint.open(checkpoint) if lora else None
+        if config.save_hf:
+            base, delta = checkpoint, None
+            if adapters is not None:
+                base = Path(config.load) if adapters.adapters_only else checkpoint
+                delta = lambda address: adapters.delta(address, arch)  # noqa: E731
+            convert = ConvertConfig(load_dir=base, save_dir=Path(config.save_hf), mg2hf=True, precision=precision,
+                                    force=True)
+            megatron_to_hf(convert, arch, self.hf_dir, delta, self.template, tokenizer_dir=self.tokenizer_dir)
+            _say(f"saved HF model {config.save_hf} (from {checkpoint})")
+        if config.save_peft and final and adapters is not None:
+            write_peft_adapter(arch, adapters, config.save_peft, PRECISIONS[precision],
+                               base_model=str(self.hf_dir) if self.hf_dir else None, force=True)
+            _say(f"saved PEFT adapter {config.save_peft}")
+
+
+def _say(line: str) -> None:
+    if dist.get_rank() == 0:
+        print(line, flush=True)
