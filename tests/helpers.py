@@ -70,3 +70,41 @@ def rollout_log_prob_gap(model, vocab_size: int, prompts: list[list[int]], sampl
         forced = log_probs[row, len(prompt) - 1:len(prompt) - 1 + len(completion.tokens)]
         gap = max(gap, (forced - torch.tensor(completion.log_probs)).abs().max().item())
     return completions, gap
+
+
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+
+
+def gsm8k_problems(split: str = "test", count: int | None = None) -> list[dict]:
+    """The GSM8K release's problems (``../shared/data/gsm8k``; a test without it skips, saying so)."""
+    import pytest
+
+    path = GSM8K / f"{split}.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} not found: the GSM8K release is expected beside the project (../shared/data/gsm8k)")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines[:count]]
+
+
+def write_verl_gsm8k_parquet(path: Path, problems: list[dict], split: str = "test") -> Path:
+    """A parquet file laid out as verl's gsm8k preprocessing writes it: a chat-message prompt with
+    its instruction, data_source, ability, reward_model {style, ground_truth} and extra_info."""
+    import re
+
+    import pyarrow
+    import pyarrow.parquet
+
+    instruction = 'Let\'s think step by step and output the final answer after "####".'
+    rows = []
+    for index, problem in enumerate(problems):
+        solution = re.search("#### (\\-?[0-9\\.\\,]+)", problem["answer"]).group(1).replace(",", "")
+        rows.append({
+            "data_source": "openai/gsm8k",
+            "prompt": [{"role": "user", "content": problem["question"] + " " + instruction}],
+            "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": solution},
+            "extra_info": {"split": split, "index": index, "answer": problem["answer"],
+                           "question": problem["question"]},
+        })
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+    return path

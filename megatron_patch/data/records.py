@@ -1,4 +1,5 @@
-"""JSON records from .jsonl (one per line) or .json (an array) files, with errors that name file:line."""
+"""Records from .jsonl (one per line), .json (an array) or .parquet (one per row) files, with errors that
+name file:line (file:row N in parquet)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pyarrow
+import pyarrow.parquet
 
 from megatron_patch.errors import InputError
 from megatron_patch.units import parse_size
@@ -42,7 +46,7 @@ class ReadStats:
     def reject(self, err: RecordError, skip_bad_lines: bool) -> None:
         """A bad record: counted and skipped with --skip-bad-lines, else the run stops with its line."""
         if not skip_bad_lines:
-            raise RecordError(f"{err}; fix it or pass --skip-bad-lines") from None
+            raise type(err)(f"{err}; fix it or pass --skip-bad-lines") from None
         self.skip(str(err))
 
 
@@ -72,6 +76,9 @@ def iter_raw_records(path: str | Path, max_bytes: int = DEFAULT_MAX_RECORD_BYTES
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"{path}: no such file")
+    if path.suffix == ".parquet":
+        yield from _parquet_rows(path)
+        return
     with open(path, "rb") as handle:
         head = handle.read(4096).lstrip()
     if head.startswith(b"["):
@@ -122,3 +129,16 @@ def _json_array(path: Path) -> Iterator[tuple[str, object]]:
         raise RecordError(f"{path}: a .json input must hold an array of records")
     for index, record in enumerate(records):
         yield f"{path}[{index}]", record
+
+
+def _parquet_rows(path: Path, batch_rows: int = 1024) -> Iterator[tuple[str, object]]:
+    """Each row as a plain dict (nested columns as dicts and lists), a batch of rows in memory at a time."""
+    try:
+        table = pyarrow.parquet.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as err:
+        raise RecordError(f"{path}: not a parquet file ({err})") from None
+    number = 0
+    for batch in table.iter_batches(batch_size=batch_rows):
+        for row in batch.to_pylist():
+            number += 1
+            yield f"{path}:row {number}", row

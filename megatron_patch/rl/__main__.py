@@ -8,7 +8,6 @@ shows the resolved settings without training. A YAML ``--config`` may hold both.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch.distributed as dist
@@ -19,7 +18,7 @@ from megatron_patch.errors import exit_on_input_error
 from megatron_patch.parallel import die_with_launcher
 from megatron_patch.patches.warnings import silence_upstream_warnings
 from megatron_patch.rl.config import GrpoSettings, data_parallel_size
-from megatron_patch.rl.prompts import Prompt, read_prompts
+from megatron_patch.rl.prompts import Prompt, read_prompt_files
 from megatron_patch.training.config import TrainConfig, build_parser, parse_settings
 
 DESCRIPTION = ("GRPO reinforcement learning for Qwen3 / Qwen3-MoE on Megatron-Core: sample responses to prompts "
@@ -46,10 +45,7 @@ def read_run_prompts(config: TrainConfig, settings: GrpoSettings) -> tuple[list[
     from megatron_patch.training.preflight import resolve_model, resolve_tokenizer_dir
 
     _, hf_dir = resolve_model(config.model)
-    tokenizer = Qwen3Tokenizer.from_dir(resolve_tokenizer_dir(config, hf_dir))
-    read = functools.partial(read_prompts, tokenizer=tokenizer, max_prompt_length=settings.max_prompt_length,
-                             enable_thinking=settings.enable_thinking)
-    return read(config.data_path), read(config.valid_data_path) if config.valid_data_path else []
+    return read_prompt_files(config, settings, Qwen3Tokenizer.from_dir(resolve_tokenizer_dir(config, hf_dir)))
 
 
 def _run(argv) -> None:

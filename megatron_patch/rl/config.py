@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from megatron_patch.rl.objectives import ADVANTAGE_ESTIMATORS, AGGREGATIONS, KL_ESTIMATORS
+from megatron_patch.rl.prompts import PromptKeys
 from megatron_patch.rl.rewards import load_reward
 from megatron_patch.training.config import TrainConfig, TrainConfigError, option
 from megatron_patch.training.memory_plan import RolloutShape
@@ -32,7 +33,9 @@ class GrpoSettings:
     top_p: float = option(1.0, "nucleus sampling; 1 is off", env="MP_GRPO_TOP_P")
     top_k: int = option(0, "sample among the k likeliest tokens; 0 is off", env="MP_GRPO_TOP_K")
     reward: str = option("gsm8k", "gsm8k, gsm8k-flexible, letters or custom:PATH.py:FUNCTION, called as "
-                                  "FUNCTION(prompt, response, label) -> float", env="MP_GRPO_REWARD")
+                                  "FUNCTION(prompt, response, label) or, with verl's signature, as "
+                                  "compute_score(data_source, solution_str, ground_truth, extra_info); a float, or a "
+                                  "dict with score (its other numbers logged)", env="MP_GRPO_REWARD")
     advantage_estimator: str = option("grpo", "grpo (group z-score), drgrpo (no std division) or rloo",
                                       env="MP_GRPO_ADVANTAGE", choices=ADVANTAGE_ESTIMATORS)
     clip_low: float = option(0.2, "PPO clip below: ratio >= 1 - clip-low", env="MP_GRPO_CLIP_LOW")
@@ -58,6 +61,14 @@ class GrpoSettings:
                                          "block", env="MP_GRPO_THINKING")
     log_prob_chunk: int = option(1024, "tokens per chunk of the fp32 log-prob/entropy computation",
                                  env="MP_GRPO_LOG_PROB_CHUNK")
+    input_key: str = option("prompt", "the prompt's key in each record: a string or a chat message list (slime's "
+                                      "--input-key; verl's files use prompt)", env="MP_GRPO_INPUT_KEY")
+    label_key: str = option("label", "the answer's key (slime's --label-key); without it, verl's "
+                                     "reward_model.ground_truth", env="MP_GRPO_LABEL_KEY")
+    metadata_key: str = option("extra_info", "the key handed to the reward as extra_info (slime: metadata)",
+                               env="MP_GRPO_METADATA_KEY")
+    skip_bad_lines: bool = option(False, "count and skip prompt records without a usable prompt or label instead of "
+                                         "stopping", env="MP_GRPO_SKIP_BAD_LINES")
     rollout_batch: int = option(0, "sequences a rank generates at once (0: its whole share of the step): bounds the "
                                    "rollout's KV cache and prefill (python -m megatron_patch.plan shows them)",
                                 env="MP_GRPO_ROLLOUT_BATCH")
@@ -101,6 +112,9 @@ class GrpoSettings:
             fail("GRPO needs --pipeline-model-parallel-size 1 and --context-parallel-size 1: the rollout generates "
                  "with the whole model on each rank (use tensor and expert parallelism)")
         load_reward(self.reward)
+
+    def prompt_keys(self) -> PromptKeys:
+        return PromptKeys(self.input_key, self.label_key, self.metadata_key)
 
     def sequences_per_update(self, config: TrainConfig, data_parallel_size: int) -> int | None:
         """Sequences of one optimizer step on one data-parallel rank (None when they do not divide)."""

@@ -28,7 +28,7 @@ from megatron_patch.models.generation import Sampling, generate_in_batches, samp
 from megatron_patch.models.log_probs import token_entropy, token_log_probs
 from megatron_patch.rl.config import GrpoSettings, training_view
 from megatron_patch.rl.objectives import aggregate_parts, group_advantages, kl_penalty, policy_loss
-from megatron_patch.rl.prompts import Prompt, read_prompts
+from megatron_patch.rl.prompts import Prompt, read_prompt_files
 from megatron_patch.rl.rewards import load_reward
 from megatron_patch.training.checkpointing import load_checkpoint
 from megatron_patch.training.config import TrainConfig
@@ -49,6 +49,7 @@ class Rollout:
     rewards: torch.Tensor  # [sequences]
     advantages: torch.Tensor  # [sequences]
     in_loss: torch.Tensor  # [sequences] bool: dynamic sampling leaves equal-reward groups out
+    reward_extras: list[dict[str, float]]  # per sequence: the reward dict's other numbers
 
 
 def _dp() -> tuple[int, int]:
@@ -103,9 +104,7 @@ class GrpoTrainer:
         tokenizer = model.tokenizer
         self.stop_ids = tuple(dict.fromkeys([tokenizer.im_end, tokenizer.eod]))
         if prompts is None:
-            read = functools.partial(read_prompts, tokenizer=tokenizer, max_prompt_length=settings.max_prompt_length,
-                                     enable_thinking=settings.enable_thinking)
-            prompts = read(config.data_path), read(config.valid_data_path) if config.valid_data_path else []
+            prompts = read_prompt_files(config, settings, tokenizer)
         self.prompts, self.valid_prompts = prompts
         # The reference policy: adapters switched off (LoRA), or the starting weights kept on the CPU.
         self.reference = None
@@ -133,13 +132,15 @@ class GrpoTrainer:
         with synchronized_parameters(self.model.ddp_chunks):
             completions = generate_in_batches(self._policy(), [list(p.tokens) for p in prompts], self.sampling,
                                               self.model.arch.vocab_size, generators, settings.rollout_batch)
-        rewards = []
+        rewards, extras = [], []
         for index, (prompt, completion) in enumerate(zip(prompts, completions)):
             text = self.model.tokenizer.backend.decode(
                 completion.tokens[:-1] if completion.stopped else completion.tokens, skip_special_tokens=False)
-            value = self.reward(prompt.text, text, prompt.label,
-                                where=f"{prompt.where} (sample {index % settings.samples_per_prompt + 1})")
-            rewards.append(overlong_shaped(value, len(completion.tokens), settings))
+            score = self.reward(prompt.text, text, prompt.label,
+                                where=f"{prompt.where} (sample {index % settings.samples_per_prompt + 1})",
+                                data_source=prompt.data_source, extra_info=prompt.extra_info)
+            rewards.append(overlong_shaped(score.value, len(completion.tokens), settings))
+            extras.append(score.extras)
         rewards_t = torch.tensor(rewards, dtype=torch.float32)
         groups = rewards_t.view(-1, settings.samples_per_prompt)
         advantages = group_advantages(groups, settings.advantage_estimator).view(-1)
@@ -148,7 +149,7 @@ class GrpoTrainer:
             in_loss = (groups.max(dim=1).values > groups.min(dim=1).values).repeat_interleave(
                 settings.samples_per_prompt)
         return Rollout(prompts, [c.tokens for c in completions], [c.log_probs for c in completions],
-                       [c.truncated for c in completions], rewards_t, advantages, in_loss)
+                       [c.truncated for c in completions], rewards_t, advantages, in_loss, extras)
 
     def _micro_batches(self, rollout: Rollout, indices: list[int]) -> list[dict]:
         """Right-padded micro-batches of ``indices``: tokens, targets, the response mask and per-sequence values."""
@@ -320,7 +321,7 @@ class GrpoTrainer:
             "generated_tokens_per_second": length_sum / max(times["rollout"], 1e-9),
             "memory_peak_gib": memory_peak_gib(),
         }
-        return values
+        return values | _extra_means(rollout.reward_extras, group)
 
     def validate(self) -> float:
         """Greedy accuracy (mean reward) on the validation prompts, shared out over data-parallel ranks."""
@@ -337,10 +338,30 @@ class GrpoTrainer:
         for prompt, completion in zip(mine, completions):
             text = self.model.tokenizer.backend.decode(
                 completion.tokens[:-1] if completion.stopped else completion.tokens, skip_special_tokens=False)
-            total += self.reward(prompt.text, text, prompt.label, where=f"{prompt.where} (validation)")
+            total += self.reward(prompt.text, text, prompt.label, where=f"{prompt.where} (validation)",
+                                 data_source=prompt.data_source, extra_info=prompt.extra_info).value
         sums = torch.tensor([total, float(len(mine))], dtype=torch.float64)
         dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
         return (sums[0] / sums[1]).item()
+
+
+def _extra_means(extras: list[dict[str, float]], group) -> dict[str, float]:
+    """``reward_extra/KEY``: each extra number's mean over the sequences of every data-parallel rank that has it."""
+    sums: dict[str, list[float]] = {}
+    for entry in extras:
+        for key, value in entry.items():
+            total = sums.setdefault(key, [0.0, 0.0])
+            total[0] += value
+            total[1] += 1
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, sums, group=group)
+    merged: dict[str, list[float]] = {}
+    for part in gathered:
+        for key, (value, count) in part.items():
+            total = merged.setdefault(key, [0.0, 0.0])
+            total[0] += value
+            total[1] += count
+    return {f"reward_extra/{key}": value / count for key, (value, count) in sorted(merged.items())}
 
 
 def _is_logging_rank() -> bool:

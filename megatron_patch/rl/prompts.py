@@ -1,8 +1,16 @@
-"""GRPO prompt files: JSONL lines ``{"prompt": "..."}`` or ``{"messages": [...]}``, each with a ``"label"``.
+"""GRPO prompt files, in the kit's form and as verl and slime write them.
+
+- The kit's JSONL: ``{"prompt": "..."}`` or ``{"messages": [...]}``, each with a ``"label"``.
+- verl's (parquet or JSONL, as its gsm8k preprocessing writes them): ``prompt`` is a chat message
+  list, the answer is ``reward_model.ground_truth``, and ``data_source`` and ``extra_info`` travel
+  with the sample to the reward function.
+- slime's JSONL: the prompt under ``--input-key`` (a string or a message list), the answer under
+  ``--label-key``, metadata under ``--metadata-key``.
 
 A prompt is rendered as a Qwen3 chat prompt (``data/chat.py``: the tokenizer's template, generation
 prompt added, with or without thinking) and tokenized once, when the file is read. A bad line
-stops the run with ``file:line``; so does a prompt longer than the maximum prompt length.
+or row stops the run with ``file:line`` (``file:row N`` in parquet), or is counted and skipped
+with ``--skip-bad-lines``; a prompt longer than the maximum prompt length always stops it.
 """
 
 from __future__ import annotations
@@ -19,49 +27,92 @@ class PromptError(RecordError):
 
 
 @dataclass(frozen=True)
+class PromptKeys:
+    """Where a record keeps its parts (slime's --input-key, --label-key, --metadata-key)."""
+
+    prompt: str = "prompt"  # a string or a chat message list; "messages" when the record has no such key
+    label: str = "label"  # without it, verl's reward_model.ground_truth
+    metadata: str = "extra_info"  # handed to the reward as extra_info
+
+
+@dataclass(frozen=True)
 class Prompt:
     where: str  # file:line
     text: str  # the rendered chat prompt the model continues
     tokens: tuple[int, ...]
-    label: str
+    label: object  # the answer: a string (numbers become strings), or a JSON list/object as given
+    data_source: str = ""  # verl's data_source ("" when the file has none)
+    extra_info: object = None  # verl's extra_info / slime's metadata, as given
 
 
-def _messages(record, where: str) -> list[Message]:
-    if not isinstance(record, dict):
-        raise PromptError(f"{where}: expected an object with \"prompt\" or \"messages\", and \"label\"")
-    if isinstance(record.get("prompt"), str):
-        return [Message("user", record["prompt"])]
-    if "messages" not in record:
-        raise PromptError(f"{where}: expected a string \"prompt\" or a \"messages\" list")
+def _messages(record: dict, where: str, keys: PromptKeys) -> list[Message]:
+    value = record.get(keys.prompt)
+    if isinstance(value, str):
+        return [Message("user", value)]
+    if value is None and keys.prompt == "prompt" and "messages" in record:
+        value = record["messages"]
+    if not isinstance(value, list):
+        raise PromptError(f"{where}: expected \"{keys.prompt}\" as a string or a chat message list"
+                          + (" (or a \"messages\" list)" if keys.prompt == "prompt" else ""))
     try:
-        return prompt_messages(record["messages"])
+        return prompt_messages(value)
     except SampleError as err:
         raise PromptError(f"{where}: {err}") from None
 
 
-def _label(record: dict, where: str) -> str:
-    label = record.get("label")
+def _label(record: dict, where: str, keys: PromptKeys) -> object:
+    if keys.label in record:
+        label = record[keys.label]
+    elif isinstance(record.get("reward_model"), dict) and "ground_truth" in record["reward_model"]:
+        label = record["reward_model"]["ground_truth"]
+    else:
+        label = None
     if isinstance(label, (int, float)) and not isinstance(label, bool):
         label = str(label)
-    if not isinstance(label, str):
-        raise PromptError(f"{where}: expected a string \"label\" (the answer the reward compares with)")
+    if label is None or isinstance(label, bool) or (isinstance(label, str) and not label.strip()):
+        raise PromptError(f"{where}: expected a string \"{keys.label}\" or reward_model.ground_truth (the answer "
+                          "the reward compares with)")
     return label
 
 
-def read_prompts(paths: list[str | Path], tokenizer, max_prompt_length: int,
-                 enable_thinking: bool = True) -> list[Prompt]:
+def parse_prompt(record, where: str, keys: PromptKeys, enable_thinking: bool) -> tuple[str, object, str, object]:
+    """(rendered prompt, label, data_source, extra_info) of one record; raises PromptError naming ``where``."""
+    if not isinstance(record, dict):
+        raise PromptError(f"{where}: expected an object with a prompt and a label")
+    text = generation_prompt(_messages(record, where, keys), enable_thinking)
+    source = record.get("data_source")
+    return text, _label(record, where, keys), source if isinstance(source, str) else "", record.get(keys.metadata)
+
+
+def read_prompts(paths: list[str | Path], tokenizer, max_prompt_length: int, enable_thinking: bool = True,
+                 keys: PromptKeys = PromptKeys(), skip_bad_lines: bool = False) -> list[Prompt]:
     """Every prompt of ``paths`` in order, rendered and tokenized (``tokenizer``: data.tokenizer.Qwen3Tokenizer)."""
     prompts = []
     stats = ReadStats()
     for path in paths:
-        for where, record in iter_records(path, stats):
-            text = generation_prompt(_messages(record, where), enable_thinking)
-            label = _label(record, where)
+        for where, record in iter_records(path, stats, skip_bad_lines):
+            try:
+                text, label, source, extra = parse_prompt(record, where, keys, enable_thinking)
+            except PromptError as err:
+                stats.reject(err, skip_bad_lines)
+                continue
             tokens = tuple(tokenizer.backend.encode(text, add_special_tokens=False).ids)
             if len(tokens) > max_prompt_length:
                 raise PromptError(f"{where}: the prompt is {len(tokens)} tokens, over the maximum prompt length "
                                   f"{max_prompt_length} (MP_GRPO_MAX_PROMPT_LENGTH)")
-            prompts.append(Prompt(where, text, tokens, label))
+            prompts.append(Prompt(where, text, tokens, label, source, extra))
     if not prompts:
         raise PromptError(f"{', '.join(map(str, paths))}: no prompts")
+    if stats.skipped:
+        print(f"{', '.join(map(str, paths))}: skipped {stats.skipped} bad records (--skip-bad-lines), e.g. "
+              f"{stats.skipped_examples[0]}", flush=True)
     return prompts
+
+
+def read_prompt_files(config, settings, tokenizer) -> tuple[list[Prompt], list[Prompt]]:
+    """A run's training and validation prompts (``config``: TrainConfig, ``settings``: GrpoSettings)."""
+    def read(paths):
+        return read_prompts(paths, tokenizer, settings.max_prompt_length, settings.enable_thinking,
+                            settings.prompt_keys(), settings.skip_bad_lines)
+
+    return read(config.data_path), read(config.valid_data_path) if config.valid_data_path else []

@@ -6,14 +6,19 @@ Built in: ``gsm8k`` (strict) and ``gsm8k-flexible``, by verl's rules:
 - flexible: the last number anywhere in those 300 characters (not "" or "."), as written, against
   the label.
 
-A user's own: ``custom:PATH.py:FUNCTION``. A missing file or function, or a function that raises
-or returns no finite number, stops the run in one line naming it and the sample; it never
-becomes a silent 0.
+A user's own: ``custom:PATH.py:FUNCTION``, in the kit's form ``FUNCTION(prompt, response, label)``
+or in verl's, ``compute_score(data_source, solution_str, ground_truth, extra_info=None)`` (told
+apart by its parameter names, ``solution_str`` and ``ground_truth``, and called by keyword as verl
+calls it). Either may return a number or a dict with ``score``; the dict's other numeric entries
+are logged as ``reward_extra/KEY`` (their mean over the step). A missing file or function, or a
+function that raises or returns no finite score, stops the run in one line naming it and the
+sample; it never becomes a silent 0.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 import re
 from collections.abc import Callable
@@ -65,19 +70,55 @@ BUILTIN_REWARDS: dict[str, Callable[[str, str, str], float]] = {
 
 
 @dataclass(frozen=True)
+class Score:
+    value: float
+    extras: dict[str, float]  # a dict return's other numeric entries
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
 class Reward:
     name: str  # as the user gave it
-    function: Callable[[str, str, str], float]
+    function: Callable
+    style: str = "kit"  # "kit": function(prompt, response, label); "verl": compute_score(...) by keyword
+    takes_extra_info: bool = False  # verl style: whether to pass extra_info
 
-    def __call__(self, prompt: str, response: str, label: str, where: str = "a sample") -> float:
+    def __call__(self, prompt: str, response: str, label, where: str = "a sample", data_source: str = "",
+                 extra_info=None) -> Score:
         """The reward of one response; ``where`` names the sample in errors (prompt file:line, sample k)."""
         try:
-            value = self.function(prompt, response, label)
+            if self.style == "verl":
+                extra = {"extra_info": extra_info} if self.takes_extra_info else {}
+                value = self.function(data_source=data_source, solution_str=response, ground_truth=label, **extra)
+            else:
+                value = self.function(prompt, response, label)
         except Exception as err:  # noqa: BLE001 - whatever a user's function raises, say which sample
             raise RewardError(f"reward {self.name} failed on {where}: {type(err).__name__}: {err}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        extras = {}
+        if isinstance(value, dict):
+            extras = {str(k): float(v) for k, v in value.items() if k != "score" and _is_number(v)}
+            if "score" not in value:
+                raise RewardError(f"reward {self.name} returned a dict without \"score\" on {where} "
+                                  f"(keys {sorted(value)[:5]})")
+            value = value["score"]
+        if not _is_number(value) or not math.isfinite(value):
             raise RewardError(f"reward {self.name} returned {value!r} on {where}; expected a finite number")
-        return float(value)
+        return Score(float(value), extras)
+
+
+def _style(function) -> tuple[str, bool]:
+    """("verl", takes extra_info) for verl's compute_score signature, else ("kit", False)."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: the kit's positional call
+        return "kit", False
+    if {"solution_str", "ground_truth"} <= set(parameters):
+        keywords = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        return "verl", "extra_info" in parameters or keywords
+    return "kit", False
 
 
 def load_reward(spec: str) -> Reward:
@@ -103,4 +144,4 @@ def load_reward(spec: str) -> Reward:
     function = getattr(module, function_name, None)
     if not callable(function):
         raise RewardError(f"reward {spec}: {path} has no function {function_name}")
-    return Reward(spec, function)
+    return Reward(spec, function, *_style(function))

@@ -174,3 +174,42 @@ def test_expert_parallel_grpo_follows_the_one_process_curve(work):
         for key in ("reward_mean", "loss", "kl", "entropy", "response_length_mean"):
             assert two[step][key] == pytest.approx(one[step][key], abs=1e-5), (step, key, one[step], two[step])
         assert two[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-5)
+
+
+VERL_REWARD = '''
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    """verl's signature and dict return; the extras say what reached the function."""
+    import re
+
+    answer = re.search("#### (\\\\-?[0-9\\\\.\\\\,]+)", extra_info["answer"]).group(1).replace(",", "")
+    return {"score": min(len(solution_str), 40) / 40, "from_gsm8k": float(data_source == "openai/gsm8k"),
+            "truth_matches": float(ground_truth == answer), "index": float(extra_info["index"])}
+'''
+
+
+@pytest.mark.slow
+def test_verls_gsm8k_parquet_and_reward_function_train_through_the_script(work, tmp_path):
+    """A parquet file in verl's gsm8k layout and a verl compute_score (dict return) through
+    run_mcore_qwen3_grpo.sh, started from an HF directory and writing HF at the end."""
+    from tests.helpers import gsm8k_problems, write_verl_gsm8k_parquet
+
+    parquet = write_verl_gsm8k_parquet(tmp_path / "test.parquet", gsm8k_problems("test", 8))
+    reward = tmp_path / "verl_reward.py"
+    reward.write_text(VERL_REWARD)
+    hf_dir, _ = converted(work, "tiny-dense")
+    script = Path(__file__).resolve().parents[2] / "examples" / "qwen3" / "run_mcore_qwen3_grpo.sh"
+    arguments = ["dsw", hf_dir, 4, 2, "1e-3", "1e-3", 328, 328, "fp32", 1, 1, 1, 1, 1, "false", "true", "false",
+                 "true", "none", "false", 2, parquet, "none", hf_dir, 2, 0, tmp_path / "run"]
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2", "MP_NPROC": "1", "MP_GRPO_N": "4",
+           "MP_GRPO_REWARD": f"custom:{reward}:compute_score", "MP_GRPO_MAX_PROMPT_LENGTH": "320",
+           "MP_GRPO_MAX_RESPONSE_LENGTH": "8", "MP_GRPO_KL_COEF": "0", "MP_SAVE_HF": str(tmp_path / "hf")}
+    result = subprocess.run(["bash", script, *map(str, arguments)], capture_output=True, text=True, timeout=600,
+                            cwd="/", env=env)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    (metrics,) = (tmp_path / "run").rglob("metrics.jsonl")
+    steps = [r for r in read_metrics(metrics.parent) if "reward_mean" in r]
+    assert [r["iteration"] for r in steps] == [1, 2]
+    for record in steps:
+        assert record["reward_extra/from_gsm8k"] == 1.0 and record["reward_extra/truth_matches"] == 1.0
+        assert 0 <= record["reward_extra/index"] <= 7 and 0 < record["reward_mean"] <= 1
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "checksums.json").is_file()

@@ -7,11 +7,14 @@ import pytest
 import torch
 
 from megatron_patch.data.chat import Message, generation_prompt
+from megatron_patch.data.records import RecordError
 from megatron_patch.rl.config import GrpoSettings
+from megatron_patch.rl.gsm8k import label_of
 from megatron_patch.rl.objectives import aggregate, aggregate_parts
-from megatron_patch.rl.prompts import PromptError, read_prompts
+from megatron_patch.rl.prompts import PromptError, PromptKeys, read_prompts
 from megatron_patch.rl.rewards import load_reward
 from megatron_patch.training.config import TrainConfig, TrainConfigError
+from tests.helpers import gsm8k_problems, write_verl_gsm8k_parquet
 
 PROMPTS = {
     "one question": [Message("user", "What is 2 + 3?")],
@@ -42,7 +45,7 @@ def test_prompt_files_read_both_forms_and_name_bad_lines(tokenizer, tmp_path):
     assert list(first.tokens) == tokenizer.backend.encode(first.text, add_special_tokens=False).ids
     cases = {
         '{"prompt": "x"}': ':1: expected a string "label"',
-        '{"label": "1"}': ':1: expected a string "prompt" or a "messages" list',
+        '{"label": "1"}': ':1: expected "prompt" as a string or a chat message list (or a "messages" list)',
         '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "label": "1"}':
             ":1: the last turn must be the user's",
         '{"prompt": "' + "word " * 80 + '", "label": "1"}':
@@ -54,6 +57,51 @@ def test_prompt_files_read_both_forms_and_name_bad_lines(tokenizer, tmp_path):
         with pytest.raises(PromptError, match=re.escape(message)) as raised:
             read_prompts([bad], tokenizer, max_prompt_length=64)
         assert str(bad) in str(raised.value)
+
+
+def test_verl_parquet_and_slime_jsonl_are_read_as_they_are(tokenizer, tmp_path):
+    problems = gsm8k_problems("test", 12)
+    parquet = write_verl_gsm8k_parquet(tmp_path / "test.parquet", problems)
+    prompts = read_prompts([parquet], tokenizer, max_prompt_length=512)
+    assert len(prompts) == 12 and prompts[3].where == f"{parquet}:row 4"
+    first = prompts[0]
+    assert first.label == label_of(problems[0]["answer"]) and first.data_source == "openai/gsm8k"
+    assert first.extra_info["index"] == 0 and first.extra_info["question"] == problems[0]["question"]
+    assert problems[0]["question"] in first.text and first.text.endswith("<|im_start|>assistant\n")
+    # slime: its own keys, a message list or a string under --input-key, metadata beside.
+    slime = tmp_path / "slime.jsonl"
+    slime.write_text(json.dumps({"question": [{"role": "user", "content": "2 + 3?"}], "answer": 5,
+                                 "metadata": {"id": "a"}}) + "\n"
+                     + json.dumps({"question": "7 * 6?", "answer": "42", "metadata": {"id": "b"}}) + "\n")
+    keys = PromptKeys(prompt="question", label="answer", metadata="metadata")
+    one, two = read_prompts([slime], tokenizer, max_prompt_length=64, keys=keys)
+    assert (one.label, one.extra_info, two.label, two.data_source) == ("5", {"id": "a"}, "42", "")
+    assert one.text == read_prompts([slime], tokenizer, 64, keys=keys)[0].text
+
+
+def test_bad_verl_rows_are_named_by_row_or_counted_and_skipped(tokenizer, tmp_path, capsys):
+    import pyarrow
+    import pyarrow.parquet
+
+    good = {"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": "1 + 1?"}],
+            "reward_model": {"style": "rule", "ground_truth": "2"}}
+    no_truth = {**good, "reward_model": {"style": "rule", "ground_truth": None}}
+    a_string = {**good, "prompt": None}
+    path = tmp_path / "train.parquet"
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([good, no_truth, good]), path)
+    with pytest.raises(PromptError, match=re.escape(f"{path}:row 2: expected a string \"label\" or "
+                                                    "reward_model.ground_truth")):
+        read_prompts([path], tokenizer, max_prompt_length=64)
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([good, a_string, no_truth, good]), path)
+    with pytest.raises(PromptError, match=re.escape(f"{path}:row 2: expected \"prompt\" as a string or a chat "
+                                                    "message list")):
+        read_prompts([path], tokenizer, max_prompt_length=64)
+    kept = read_prompts([path], tokenizer, max_prompt_length=64, skip_bad_lines=True)
+    assert [p.where for p in kept] == [f"{path}:row 1", f"{path}:row 4"]
+    assert "skipped 2 bad records" in capsys.readouterr().out
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    with pytest.raises(RecordError, match="fake.parquet: not a parquet file"):
+        read_prompts([tmp_path / "fake.parquet"], tokenizer, max_prompt_length=64)
 
 
 def test_loss_parts_sum_over_micro_batches_to_the_global_loss():
@@ -70,8 +118,8 @@ def test_loss_parts_sum_over_micro_batches_to_the_global_loss():
 
 def test_the_letters_demo_reward():
     letters = load_reward("letters")
-    assert letters("p", "abc", "") == 1.0 and letters("p", "ab 12", "") == pytest.approx(0.4)
-    assert letters("p", "", "") == 0.0 and letters("p", "日本", "") == 0.0
+    assert letters("p", "abc", "").value == 1.0 and letters("p", "ab 12", "").value == pytest.approx(0.4)
+    assert letters("p", "", "").value == 0.0 and letters("p", "日本", "").value == 0.0
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -1,26 +1,17 @@
 """Rewards: gsm8k by verl's rules on the real GSM8K test set, user functions that fail loudly, the converter."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from megatron_patch.rl.gsm8k import INSTRUCTION, label_of
 from megatron_patch.rl.gsm8k import main as gsm8k_main
 from megatron_patch.rl.rewards import RewardError, gsm8k_flexible, gsm8k_strict, load_reward
-
-GSM8K = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k"
-
-
-def gsm8k_test_set():
-    path = GSM8K / "test.jsonl"
-    if not path.is_file():
-        pytest.skip(f"{path} not found: the GSM8K release is expected beside the project (../shared/data/gsm8k)")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+from tests.helpers import gsm8k_problems
 
 
 def test_every_gold_solution_scores_one_and_a_changed_answer_zero():
-    problems = gsm8k_test_set()
+    problems = gsm8k_problems("test")
     assert len(problems) == 1319
     for problem in problems:
         label = label_of(problem["answer"])
@@ -50,11 +41,49 @@ def test_a_custom_reward_is_loaded_and_its_failures_name_the_sample(tmp_path):
                       "def broken(prompt, response, label):\n    return {'score': 1}[label]\n\n"
                       "def nan(prompt, response, label):\n    return float('nan')\n")
     reward = load_reward(f"custom:{source}:length")
-    assert reward("p", "abcde", "x") == 0.5
+    assert reward("p", "abcde", "x").value == 0.5 and reward.style == "kit"
     with pytest.raises(RewardError, match=r"reward custom:.*:broken failed on prompts.jsonl:3 sample 2: KeyError: 'x'"):
         load_reward(f"custom:{source}:broken")("p", "r", "x", where="prompts.jsonl:3 sample 2")
     with pytest.raises(RewardError, match="returned nan on a sample; expected a finite number"):
         load_reward(f"custom:{source}:nan")("p", "r", "x")
+
+
+VERL_REWARDS = """
+import re
+
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    # verl's signature, with a dict return: score plus numbers verl would log
+    found = re.findall(r"#### (-?[0-9.,]+)", solution_str)
+    correct = bool(found) and found[-1].replace(",", "") == ground_truth
+    return {"score": float(correct), "acc": float(correct), "formatted": float(bool(found)),
+            "pred": found[-1] if found else "", "split": extra_info["split"], "source": data_source}
+
+def no_extra_info(data_source, solution_str, ground_truth):
+    return 1.0 if data_source == "openai/gsm8k" else 0.0
+
+def no_score(data_source, solution_str, ground_truth, extra_info=None):
+    return {"acc": 1.0}
+
+def bad_row(data_source, solution_str, ground_truth, extra_info=None):
+    return extra_info["index"] / 0
+"""
+
+
+def test_a_verl_reward_function_is_called_as_verl_calls_it_and_its_extras_are_kept(tmp_path):
+    source = tmp_path / "verl_reward.py"
+    source.write_text(VERL_REWARDS)
+    reward = load_reward(f"custom:{source}:compute_score")
+    assert (reward.style, reward.takes_extra_info) == ("verl", True)
+    extra = {"split": "test", "index": 4}
+    score = reward("prompt text", "so #### 1,234", "1234", data_source="openai/gsm8k", extra_info=extra)
+    assert score.value == 1.0 and score.extras == {"acc": 1.0, "formatted": 1.0}  # strings are not metrics
+    assert reward("p", "no answer", "1234", extra_info=extra).extras == {"acc": 0.0, "formatted": 0.0}
+    assert load_reward(f"custom:{source}:no_extra_info")("p", "r", "1", data_source="openai/gsm8k").value == 1.0
+    with pytest.raises(RewardError, match=r'no_score returned a dict without "score" on train.parquet:row 2'):
+        load_reward(f"custom:{source}:no_score")("p", "r", "1", where="train.parquet:row 2")
+    with pytest.raises(RewardError, match=r"bad_row failed on train.parquet:row 7 .sample 3.: ZeroDivisionError"):
+        load_reward(f"custom:{source}:bad_row")("p", "r", "1", where="train.parquet:row 7 (sample 3)",
+                                                extra_info={"index": 6})
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -72,7 +101,7 @@ def test_a_reward_that_cannot_load_is_named(spec, message, tmp_path):
 
 
 def test_the_converter_writes_prompts_with_labels(tmp_path, capsys):
-    problems = gsm8k_test_set()[:5]
+    problems = gsm8k_problems("test", 5)
     source = tmp_path / "test.jsonl"
     source.write_text("".join(json.dumps(p) + "\n" for p in problems))
     assert gsm8k_main(["--input", str(source), "--output", str(tmp_path / "prompts.jsonl")]) == 0
