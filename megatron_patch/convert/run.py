@@ -118,9 +118,10 @@ def hf_to_megatron(config: ConvertConfig, arch: Qwen3Arch) -> Path:
 def megatron_to_hf(config: ConvertConfig, arch: Qwen3Arch, config_dir: Path | None, delta=None,
                    template=None, tokenizer_dir: Path | None = None) -> Path:
     """torch_dist -> HF; ``delta`` (see ``write_hf_safetensors``) changes tensors on the way (LoRA merge,
-    whose base may also be an HF directory). ``template``: see ``write_hf_safetensors``. Side files
-    come from ``config_dir``, then the ones it lacks from ``tokenizer_dir``."""
-    if is_hf_model_dir(config.load_dir):
+    whose base may also be an HF directory; without a delta an HF directory is no torch_dist and is
+    refused). ``template``: see ``write_hf_safetensors``. Side files come from ``config_dir``, then
+    the ones it lacks from ``tokenizer_dir``."""
+    if delta is not None and is_hf_model_dir(config.load_dir):  # a LoRA merge onto an HF base
         checkpoint_dir = config.load_dir
     else:
         checkpoint_dir = resolve_checkpoint(config.load_dir, config.iteration).path

@@ -59,9 +59,16 @@ def lora_flags(work, name, log="log") -> list:
             *start, "--save", root / "checkpoint", *extra]
 
 
+# Runs whose tests are in make test-slow, in a batch of their own.
+SLOW_RUNS = {"hf-in-out"}
+
+
 @functools.cache
-def _lora_runs(work, nproc) -> dict[str, str]:
-    jobs = {name: ("train", lora_flags(work, name)) for name, spec in LORA_RUNS.items() if spec[0] == nproc}
+def _lora_runs(work, nproc, slow: bool = False) -> dict[str, str]:
+    jobs = {name: ("train", lora_flags(work, name)) for name, spec in LORA_RUNS.items()
+            if spec[0] == nproc and (name in SLOW_RUNS) == slow}
+    if slow:
+        return torchrun_batch(nproc, jobs, Path(work) / "lora" / f"batch-{nproc}-slow")
     if nproc == 1:
         # After "refused" wrote its adapter-only save: that save given as the base must be refused.
         hf_dir, _ = converted(work, "tiny-moe")
@@ -72,7 +79,7 @@ def _lora_runs(work, nproc) -> dict[str, str]:
 
 def lora_run(work, name) -> tuple[Path, str]:
     """(run directory, rank 0's output) of a LoRA SFT run from a converted tiny model."""
-    return lora_root(work, name), _lora_runs(work, LORA_RUNS[name][0])[name]
+    return lora_root(work, name), _lora_runs(work, LORA_RUNS[name][0], name in SLOW_RUNS)[name]
 
 
 def model_weights(weights: dict) -> dict:
@@ -291,6 +298,7 @@ def test_merged_hf_model_and_peft_adapter_give_the_megatron_logits(work, base_hf
     assert {name for name in before if ".self_attn." in name and name.endswith("_proj.weight")} <= changed
 
 
+@pytest.mark.slow  # one more LoRA run and two exports: make test-slow
 def test_a_lora_run_from_an_hf_directory_writes_the_merged_model_and_peft_adapter_at_the_end(work, capsys):
     """--load HF, --save-lora-only, --save-hf, --save-peft: the outputs equal, byte for byte, what the
     export makes of the final adapter-only save on that HF base, and compute what peft computes."""

@@ -4,7 +4,10 @@ nothing behind but its inputs."""
 
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -169,10 +172,6 @@ CASES = {
                                              PRETRAIN_CHECKPOINT_PATH=_config_with(hf, d / "hf", model_type="llama",
                                                                                    architectures=["LlamaForCausalLM"])),
         {}, "config.json: unsupported architecture ['LlamaForCausalLM']"),
-    "--load an HF directory with a tensor of the wrong shape, before the first step": (
-        train_main, lambda d, hf: _start_from(d, _hf_with_tensor(hf, d / "hf", "model.layers.1.self_attn.k_proj.weight",
-                                                                (8, 64)), model=hf), {},
-        "model.safetensors: tensor model.layers.1.self_attn.k_proj.weight has shape (8, 64), the model needs"),
     "--output-prefix that would overwrite the input": (
         build_pretrain_main, lambda d, hf: ["--input", _lines(d / "data", '{"text": "a"}\n').rename(d / "x.bin"),
                                             "--tokenizer", bundled_qwen3_tokenizer_dir(), "--output-prefix",
@@ -212,6 +211,21 @@ CASES = {
                                        d / "out" / "sft", "--skip-bad-lines"], {},
         "nested too deeply"),
 }
+
+
+def test_an_hf_directory_with_a_tensor_of_the_wrong_shape_stops_before_the_first_step(hf_checkpoints, tmp_path):
+    """The shapes are checked by each rank as it loads (no launcher-side model to check against): a
+    real trainer process, one line naming the file and the tensor, no step and no save."""
+    _, hf_dir, _ = hf_checkpoints["dense-tied"]
+    broken = _hf_with_tensor(hf_dir, tmp_path / "hf", "model.layers.1.self_attn.k_proj.weight", (8, 64))
+    result = subprocess.run([sys.executable, "-m", "megatron_patch.train", *map(str, _start_from(tmp_path, broken,
+                                                                                           model=hf_dir))],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert "model.safetensors: tensor model.layers.1.self_attn.k_proj.weight has shape (8, 64), the model needs " \
+        "(64, 64)" in errors[0]
+    assert "iteration" not in result.stdout and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -127,3 +127,17 @@ def test_the_grpo_script_reads_the_same_arguments_with_rl_meanings():
              cuda_devices=0, job=GRPO)
     with pytest.raises(LaunchError, match="MP_GRPO_THINKING must be true or false, got 'no'"):
         plan(arguments(), env={**env, "MP_GRPO_THINKING": "no"}, cuda_devices=0, job=GRPO)
+
+
+def test_hf_output_and_prompt_key_variables_become_flags():
+    from megatron_patch.rl.launch import GRPO
+
+    env = {"MP_SAVE_HF": "/out/hf", "MP_SAVE_HF_INTERVAL": "50", "MP_GRPO_INPUT_KEY": "question",
+           "MP_GRPO_LABEL_KEY": "answer", "MP_GRPO_SKIP_BAD_LINES": "true", "MP_GRPO_MAX_PROMPT_LENGTH": "64",
+           "MP_GRPO_MAX_RESPONSE_LENGTH": "64"}
+    launch = plan(arguments(DATASET_PATH="/data/train.parquet"), env=env, cuda_devices=0, job=GRPO)
+    assert (flag(launch, "--save-hf"), flag(launch, "--save-hf-interval")) == ("/out/hf", "50")
+    assert (flag(launch, "--input-key"), flag(launch, "--label-key")) == ("question", "answer")
+    assert "--skip-bad-lines" in launch.flags
+    with pytest.raises(LaunchError, match=r"--save-peft \(MP_SAVE_PEFT\) writes LoRA adapters"):
+        plan(arguments(), env={"MP_SAVE_PEFT": "/out/peft"}, cuda_devices=0)
