@@ -2,7 +2,8 @@
 
 Synthesises A3B-shaped HF bf16 checkpoints (the real widths: hidden 2048, 128 experts of 768,
 vocab 151936) of a few layers and measures, in the same run, the peak RSS of:
-  model:    a process that builds the bf16 Megatron-Core model (one process) and loads nothing;
+  model:    a process that builds the bf16 Megatron-Core model (one process, every page touched) and
+            loads nothing;
   HF load:  the same, then training's load_checkpoint of the HF directory (straight from safetensors);
   convert:  the converter's HF -> torch_dist of the same directory (one process).
 What the HF load adds is (HF load - model); it should not grow with the layer count, and stays
@@ -31,6 +32,8 @@ from megatron_patch.training.checkpointing import load_checkpoint
 apply_patches(); initialize_parallel(ParallelLayout())
 arch = Qwen3Arch.from_hf_dir(sys.argv[1])
 model = build_gpt_model(arch, BuildOptions(precision="bf16"), perform_initialization=False)
+for parameter in model.parameters():  # resident, as an initialised model is
+    parameter.data.zero_()
 if sys.argv[2] == "load":
     load_checkpoint(sys.argv[1], [model], None, None, load_optim=False, arch=arch)
 """
@@ -41,6 +44,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/load-hf-bench"))
     args = parser.parse_args()
+    from megatron_patch.parallel import ParallelLayout, initialize_parallel
+    from megatron_patch.patches import apply_patches
+
+    apply_patches()
+    initialize_parallel(ParallelLayout())  # the synthesiser's tensor plan builds a meta model
     shutil.rmtree(args.workdir, ignore_errors=True)
     print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
     print("| layers | HF bytes | model only | model + HF load | HF load adds | converter HF -> torch_dist |")
