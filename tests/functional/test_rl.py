@@ -69,9 +69,11 @@ def test_grpo_steps_report_their_metrics_and_resume_exactly(work):
     assert (checkpoint / "latest_checkpointed_iteration.txt").read_text() == str(STEPS)
     # HF out: the converter's HF of the final save, byte for byte.
     assert "HF model directory, read from its safetensors" in outputs["whole"]
+    from megatron_patch.convert.__main__ import main as convert  # in this process: no second start-up
+
     converted_back = Path(work) / "rl" / "whole-converted"
-    subprocess.run([sys.executable, "-m", "megatron_patch.convert", "--mg2hf", "--load-dir", checkpoint,
-                    "--precision", "fp32", "--save-dir", converted_back], check=True, capture_output=True)
+    assert convert([str(a) for a in ("--mg2hf", "--load-dir", checkpoint, "--precision", "fp32",
+                                     "--save-dir", converted_back)]) == 0
     hf_out = Path(work) / "rl" / "whole-hf"
     assert (hf_out / "model.safetensors").read_bytes() == (converted_back / "model.safetensors").read_bytes()
 

@@ -249,8 +249,10 @@ def test_stop_and_resume_continues_with_the_same_losses_and_writes_hf_at_the_end
     for iteration in range(RESUME_AFTER + 1, ITERATIONS + 1):
         assert abs(resumed[iteration] - full[iteration]) < 1e-6, (iteration, resumed, full)
     hf_dir, _ = converted(work, "tiny-moe")
-    _build("megatron_patch.convert", "--mg2hf", "--load-dir", root / "checkpoint", "--hf-dir", hf_dir,
-           "--precision", "fp32", "--save-dir", tmp_path / "converted")
+    from megatron_patch.convert.__main__ import main as convert  # in this process: no second start-up
+
+    assert convert([str(a) for a in ("--mg2hf", "--load-dir", root / "checkpoint", "--hf-dir", hf_dir,
+                                     "--precision", "fp32", "--save-dir", tmp_path / "converted")]) == 0
     for name in ("model.safetensors", "config.json"):
         assert (root / "hf" / name).read_bytes() == (tmp_path / "converted" / name).read_bytes(), name
     assert (root / "hf" / "tokenizer.json").is_file() and (root / "hf" / "checksums.json").is_file()
