@@ -92,15 +92,18 @@ def load_weights(load_dir: str | Path, chunks, keep: KeyFilter | None = None) ->
     return path
 
 
-def check_hf_model(path: str | Path, arch: Qwen3Arch) -> None:
-    """An HF model directory holds ``arch``: its config.json, every shard the index names and every
-    tensor name (headers only; shapes are checked by each rank as it loads)."""
-    path = Path(path)
+def _check_hf_config(path: Path, arch: Qwen3Arch) -> None:
     theirs = Qwen3Arch.from_hf_dir(path)  # another architecture is named here, with the file
     differences = arch.shape_differences(theirs)
     if differences:
         raise CheckpointError(f"{path / 'config.json'}: not the model being trained ({differences[0]}; "
                               "the run's value first)")
+
+
+def check_hf_model(path: str | Path, arch: Qwen3Arch) -> None:
+    """An HF model directory holds ``arch``: its config.json, every shard the index names and every
+    tensor name (headers only; shapes are checked by each rank as it loads)."""
+    _check_hf_config(Path(path), arch)
     hf_weight_source(path, arch)
 
 
@@ -109,11 +112,8 @@ def load_hf_model(path: str | Path, chunks, arch: Qwen3Arch, keep: KeyFilter | N
     each rank reads the tensors behind its own shards. Our own HF outputs are checked against their
     checksums first."""
     path = Path(path)
-    check_hf_model(path, arch)
+    _check_hf_config(path, arch)
     if (path / MANIFEST_FILE).is_file():
         verify_manifest(path)
-    try:
-        load_hf_weights(chunks, path, arch, keep=keep)
-    except ValueError as err:  # a shape the model does not take, named by its Megatron tensor
-        raise CheckpointError(f"{path}: {err}") from None
+    load_hf_weights(chunks, path, arch, keep=keep)  # names and shapes checked before a tensor is read
     return path

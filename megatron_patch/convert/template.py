@@ -16,7 +16,7 @@ import torch
 from megatron_patch.models.choices import PRECISIONS
 from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
-from megatron_patch.models.qwen3.loading import hf_tensor_shapes
+from megatron_patch.models.qwen3.loading import check_hf_shapes, hf_tensor_shapes
 from megatron_patch.models.sharded_state import address_of, global_shape, shard_bytes
 from megatron_patch.models.weight_mapping import MegatronAddress
 
@@ -79,3 +79,9 @@ def plan_hf_tensors(
     template = template or checkpoint_template(arch, precision)
     shapes = hf_tensor_shapes(arch, {address_of(s): global_shape(s) for s in template.tensors})
     return [(name, shape, dtype) for name, shape in shapes.items()]
+
+
+def check_hf_fits(checkpoint, arch: Qwen3Arch, precision: str, template: CheckpointTemplate) -> None:
+    """Every tensor of an HF checkpoint (``models.hf_checkpoint.HFCheckpoint``) has the shape the
+    template's model needs; the error names the file and the tensor."""
+    check_hf_shapes(checkpoint, {name: shape for name, shape, _ in plan_hf_tensors(arch, precision, template)})

@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_patch.checkpoints import CheckpointError, TorchDistCheckpoint, is_hf_model_dir
-from megatron_patch.convert.template import balance_by_bytes, checkpoint_template, plan_hf_tensors
+from megatron_patch.convert.template import balance_by_bytes, check_hf_fits, checkpoint_template, plan_hf_tensors
 from megatron_patch.models.choices import PRECISIONS
 from megatron_patch.models.hf_checkpoint import StreamingSafetensorsWriter
 from megatron_patch.models.qwen3.arch import Qwen3Arch
-from megatron_patch.models.qwen3.loading import check_hf_shapes, hf_tensor_shapes, hf_weight_source
+from megatron_patch.models.qwen3.loading import hf_weight_source
 from megatron_patch.models.qwen3.mapping import bound_qwen3_mappings
 from megatron_patch.models.sharded_state import address_of, global_shape, local_slice, shard_bytes
 from megatron_patch.models.weight_mapping import MegatronAddress
@@ -64,9 +64,9 @@ def _torch_dist_source(checkpoint_dir: Path, template) -> Callable[[list, torch.
     return read
 
 
-def _hf_source(hf_dir: Path, arch: Qwen3Arch, template) -> Callable[[list, torch.dtype], torch.Tensor]:
+def _hf_source(hf_dir: Path, arch: Qwen3Arch, precision: str, template) -> Callable[[list, torch.dtype], torch.Tensor]:
     checkpoint, full_tensor = hf_weight_source(hf_dir, arch)
-    check_hf_shapes(checkpoint, hf_tensor_shapes(arch, {address_of(s): global_shape(s) for s in template.tensors}))
+    check_hf_fits(checkpoint, arch, precision, template)
     return lambda shards, dtype: full_tensor(address_of(shards[0])).to(dtype)
 
 
@@ -92,7 +92,7 @@ def write_hf_safetensors(
     dtype = PRECISIONS[precision]
     template = template or checkpoint_template(arch, precision)
     checkpoint_dir = Path(checkpoint_dir)
-    read_full = _hf_source(checkpoint_dir, arch, template) if is_hf_model_dir(checkpoint_dir) \
+    read_full = _hf_source(checkpoint_dir, arch, precision, template) if is_hf_model_dir(checkpoint_dir) \
         else _torch_dist_source(checkpoint_dir, template)
     bound = {b.address: b for b in bound_qwen3_mappings(arch)}
     unmapped = [a for a in template.addresses() if a not in bound]

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from megatron_patch.convert.template import balance_by_bytes, checkpoint_template, plan_hf_tensors
+from megatron_patch.convert.template import balance_by_bytes, check_hf_fits, checkpoint_template
 from megatron_patch.models.choices import PRECISIONS
 from megatron_patch.models.qwen3.arch import Qwen3Arch
-from megatron_patch.models.qwen3.loading import check_hf_shapes, hf_weight_source
+from megatron_patch.models.qwen3.loading import hf_weight_source
 from megatron_patch.models.sharded_state import address_of, local_slice, shard_bytes
 from megatron_patch.models.weight_mapping import MegatronAddress
 from megatron_patch.patches.dcp_grid_checks import grid_overlap_checks
@@ -97,7 +97,7 @@ def write_torch_dist(
     dtype = PRECISIONS[precision]
 
     template = checkpoint_template(arch, precision)
-    check_hf_shapes(checkpoint, {name: shape for name, shape, _ in plan_hf_tensors(arch, precision, template)})
+    check_hf_fits(checkpoint, arch, precision, template)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = balance_by_bytes(template, world)[rank]
     if progress is not None:

@@ -8,9 +8,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow
-import pyarrow.parquet
-
 from megatron_patch.errors import InputError
 from megatron_patch.units import parse_size
 
@@ -133,6 +130,10 @@ def _json_array(path: Path) -> Iterator[tuple[str, object]]:
 
 def _parquet_rows(path: Path, batch_rows: int = 1024) -> Iterator[tuple[str, object]]:
     """Each row as a plain dict (nested columns as dicts and lists), a batch of rows in memory at a time."""
+    # Imported here: pyarrow.parquet takes 0.3 s, which every data builder and its workers would pay.
+    import pyarrow
+    import pyarrow.parquet
+
     try:
         table = pyarrow.parquet.ParquetFile(path)
     except (pyarrow.ArrowException, OSError) as err:

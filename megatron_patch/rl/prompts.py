@@ -110,7 +110,8 @@ def read_prompts(paths: list[str | Path], tokenizer, max_prompt_length: int, ena
 
 
 def read_prompt_files(config, settings, tokenizer) -> tuple[list[Prompt], list[Prompt]]:
-    """A run's training and validation prompts (``config``: TrainConfig, ``settings``: GrpoSettings)."""
+    """A run's training and validation prompts (``config``: TrainConfig, ``settings``: GrpoSettings;
+    typed in words, as rl/config.py imports this module)."""
     def read(paths):
         return read_prompts(paths, tokenizer, settings.max_prompt_length, settings.enable_thinking,
                             settings.prompt_keys(), settings.skip_bad_lines)

@@ -213,6 +213,11 @@ class TrainConfig:
         return self.train_mode == "finetune"
 
     @property
+    def weights_precision(self) -> str:
+        """The precision the weights are kept (and saved) in: fp8 computes on bf16 weights."""
+        return "bf16" if self.precision == "fp8" else self.precision
+
+    @property
     def uses_distributed_optimizer(self) -> bool:
         """The distributed optimizer is on when asked for, and always under optimizer offload (which needs it)."""
         return self.use_distributed_optimizer or self.optimizer_offload_fraction is not None

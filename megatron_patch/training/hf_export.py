@@ -26,11 +26,6 @@ from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.training.config import TrainConfig
 
 
-def hf_precision(config: TrainConfig) -> str:
-    """The HF weights' precision: the training precision (fp8 trains on bf16 weights)."""
-    return "bf16" if config.precision == "fp8" else config.precision
-
-
 @dataclass
 class HFExport:
     config: TrainConfig
@@ -45,7 +40,7 @@ class HFExport:
         """None without --save-hf and --save-peft. Needs the canonical process groups (TP=PP=EP=1)."""
         if not (config.save_hf or config.save_peft):
             return None
-        return cls(config, arch, checkpoint_template(arch, hf_precision(config)), hf_dir, tokenizer_dir)
+        return cls(config, arch, checkpoint_template(arch, config.weights_precision), hf_dir, tokenizer_dir)
 
     def due(self, iteration: int, final: bool) -> bool:
         interval = self.config.save_hf_interval
@@ -53,7 +48,7 @@ class HFExport:
 
     def write(self, checkpoint: Path, lora: bool, final: bool) -> None:
         """The HF model (and, at the end, the PEFT adapter) of the save ``checkpoint``; every rank calls this."""
-        config, arch, precision = self.config, self.arch, hf_precision(self.config)
+        config, arch, precision = self.config, self.arch, self.config.weights_precision
         adapters = AdapterCheckpoint.open(checkpoint) if lora else None
         if config.save_hf:
             base, delta = checkpoint, None

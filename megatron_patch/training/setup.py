@@ -85,7 +85,7 @@ class Run(TrainedModel):
 
 
 def _build_model(config: TrainConfig, arch: Qwen3Arch, layout: ParallelLayout, device: str, impl: str) -> list:
-    options = BuildOptions(layout=layout, precision="bf16" if config.precision == "fp8" else config.precision,
+    options = BuildOptions(layout=layout, precision=config.weights_precision,
                            transformer_impl=impl, recompute=RECOMPUTE_MODES[config.recompute],
                            recompute_num_layers=config.recompute_num_layers, aux_loss_coeff=config.moe_aux_loss_coeff)
     overrides = dict(calculate_per_token_loss=True, init_method_std=config.init_method_std)

@@ -76,7 +76,11 @@ def test_verl_parquet_and_slime_jsonl_are_read_as_they_are(tokenizer, tmp_path):
     keys = PromptKeys(prompt="question", label="answer", metadata="metadata")
     one, two = read_prompts([slime], tokenizer, max_prompt_length=64, keys=keys)
     assert (one.label, one.extra_info, two.label, two.data_source) == ("5", {"id": "a"}, "42", "")
-    assert one.text == read_prompts([slime], tokenizer, 64, keys=keys)[0].text
+    # A message list and a plain string under the input key render as the kit's own prompt line does.
+    kit = tmp_path / "kit.jsonl"
+    lines = [{"prompt": "2 + 3?", "label": "5"}, {"prompt": "7 * 6?", "label": "42"}]
+    kit.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert [p.text for p in read_prompts([kit], tokenizer, 64)] == [one.text, two.text]
 
 
 def test_bad_verl_rows_are_named_by_row_or_counted_and_skipped(tokenizer, tmp_path, capsys):
