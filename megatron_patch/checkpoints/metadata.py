@@ -6,8 +6,7 @@ from pathlib import Path
 
 from megatron_patch.checkpoints.layout import COMPLETE_MARKER, CheckpointError, resolve_checkpoint
 from megatron_patch.checkpoints.manifest import verify_manifest
-
-COMMON_FILES = ("common.pt", COMPLETE_MARKER)
+from megatron_patch.patches.compat import common_state_files
 
 CHECKPOINT_VERSION = 3.0
 # The common-state key of our record: has_optimizer, world_size, model, lora, ... (empty for converter output).
@@ -21,7 +20,8 @@ def common_state(path: str | Path) -> dict:
     path = Path(path)
     if not (path / COMPLETE_MARKER).is_file():
         raise CheckpointError(f"{path}: not a complete torch_dist checkpoint ({COMPLETE_MARKER} missing)")
-    verify_manifest(path, only=COMMON_FILES)  # this process alone; the tensors are checked where they are read
+    # This process alone, just the files the common state is read from; the tensors are checked where they are read.
+    verify_manifest(path, only=(*common_state_files(path), COMPLETE_MARKER))
     try:
         common = dist_checkpointing.load_common_state_dict(str(path))
     except Exception as err:  # a damaged or foreign common.pt: name the directory and the cause

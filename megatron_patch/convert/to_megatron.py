@@ -23,6 +23,7 @@ from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.models.qwen3.loading import hf_weight_source
 from megatron_patch.models.sharded_state import address_of, local_slice, shard_bytes
 from megatron_patch.models.weight_mapping import MegatronAddress
+from megatron_patch.patches.compat import add_common_state
 from megatron_patch.patches.dcp_grid_checks import grid_overlap_checks
 
 CHECKPOINT_VERSION = 3.0
@@ -86,7 +87,6 @@ def write_torch_dist(
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-    from megatron.core.dist_checkpointing.serialization import get_default_save_common_strategy
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
     from megatron.core.dist_checkpointing.strategies.torch import (
         _replace_state_dict_keys_with_sharded_keys,
@@ -134,7 +134,7 @@ def write_torch_dist(
     }
     with grid_overlap_checks():
         sharded_part, common = save_preprocess(state, validate_access_integrity=True)
-        get_default_save_common_strategy().save_common(common, checkpoint_dir)
+        sharded_part = add_common_state(sharded_part, common, checkpoint_dir)
         flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_part, keep_only_main_replica=True)
         dcp.save(
             mcore_to_pyt_state_dict(flat, is_loading=False),

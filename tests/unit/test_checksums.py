@@ -17,6 +17,7 @@ from megatron_patch.checkpoints import MANIFEST_FILE, ChecksumError, load_weight
 from megatron_patch.convert.__main__ import main as convert_main
 from megatron_patch.models.hf_checkpoint import HFCheckpoint
 from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
+from megatron_patch.patches.compat import common_state_files
 from megatron_patch.training.checkpointing import load_checkpoint, save_checkpoint
 
 
@@ -117,8 +118,9 @@ def test_a_training_save_is_checked_on_resume(outputs, tmp_path):
     assert listed(saved) == {p.relative_to(saved).as_posix() for p in saved.rglob("*") if p.is_file()} - {MANIFEST_FILE}
     loaded = load_checkpoint(tmp_path / "run", [model], None, None, load_optim=False)
     assert loaded.source == str(saved)
-    flip_byte(saved / "common.pt", offset=-30)
-    with pytest.raises(ChecksumError, match=f"{saved / 'common.pt'}: checksum mismatch"):
+    holder = saved / common_state_files(saved)[-1]  # common.pt, or the DCP file holding it (megatron-core 0.19+)
+    flip_byte(holder, offset=-30)
+    with pytest.raises(ChecksumError, match=f"{holder}: checksum mismatch"):
         load_checkpoint(tmp_path / "run", [model], None, None, load_optim=False)
 
 

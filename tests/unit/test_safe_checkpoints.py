@@ -51,7 +51,9 @@ def planted_copy(converted, tmp_path, record=None):
     target, marker = tmp_path / "planted", tmp_path / "marker"
     shutil.copytree(source, target)
     (target / "release" / ".metadata").write_bytes(pickle.dumps(Planted(marker)))
-    if record is not None:  # our record in common.pt (a LoRA save's), so export gets as far as the metadata
+    # Our record in common.pt (a LoRA save's), so export gets as far as the metadata. Where the common
+    # state lives inside the DCP files (megatron-core 0.19+), reading it already opens the planted .metadata.
+    if record is not None and (target / "release" / "common.pt").is_file():
         common = torch.load(target / "release" / "common.pt", weights_only=True)
         torch.save({**common, "megatron_patch": record}, target / "release" / "common.pt")
     write_manifest(target)  # a forger rewrites the checksums too: the unpickler is what stops this

@@ -20,6 +20,7 @@ from megatron_patch.models.choices import PRECISIONS, resolve_transformer_impl
 from megatron_patch.models.experts import GroupedGemmExperts
 from megatron_patch.models.qwen3.arch import Qwen3Arch, padded_vocab_size
 from megatron_patch.parallel import ParallelLayout
+from megatron_patch.patches.compat import replace_spec, spec_module, spec_submodules
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def build_layer_spec(config, transformer_impl: str, vp_stage: int | None = None)
     fixed = []
     for spec in block.layer_specs:
         submodules = spec.submodules
-        if submodules.mlp.module is MoELayer and "pre_mlp_layernorm." in submodules.sharded_state_dict_keys_map:
+        if spec_module(submodules.mlp) is MoELayer and "pre_mlp_layernorm." in submodules.sharded_state_dict_keys_map:
             keys_map = dict(submodules.sharded_state_dict_keys_map)
             keys_map.pop("pre_mlp_layernorm.")
             submodules = dataclasses.replace(submodules, sharded_state_dict_keys_map=keys_map)
@@ -171,9 +172,10 @@ def _with_torch_kernels(layer):
         attention, submodules=dataclasses.replace(attention.submodules, core_attention=SdpaAttention)
     )
     mlp = layer.mlp
-    if mlp.module is MoELayer and mlp.submodules.experts.module is SequentialMLP:
-        experts = dataclasses.replace(mlp.submodules.experts, module=GroupedGemmExperts)
-        mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, experts=experts))
+    moe = spec_submodules(mlp)
+    if spec_module(mlp) is MoELayer and spec_module(moe.experts) is SequentialMLP:
+        experts = replace_spec(moe.experts, module=GroupedGemmExperts)
+        mlp = replace_spec(mlp, submodules=dataclasses.replace(moe, experts=experts))
     return dataclasses.replace(layer, self_attention=attention, mlp=mlp)
 
 
