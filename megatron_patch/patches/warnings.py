@@ -6,6 +6,7 @@ its modules load.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 # (message prefix, category): checked on megatron-core 0.16.1 and torch 2.13.
@@ -22,7 +23,32 @@ UPSTREAM_NOISE = (
 )
 
 
+# (logger, message prefix): log records of the same kind.
+UPSTREAM_LOG_NOISE = (
+    # PyPI's CUDA torch on a machine without CUDA (the Python 3.12 lane here), when megatron-core
+    # 0.19 imports torch.utils.cpp_extension: nothing is compiled, so CUDA_HOME does not matter.
+    ("torch.utils.cpp_extension", "No CUDA runtime is found"),
+)
+
+
+class _DropLogRecords(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+_LOG_FILTERS_ADDED = False
+
+
 def silence_upstream_warnings() -> None:
     """Idempotent: filters are added once per process."""
+    global _LOG_FILTERS_ADDED
     for message, category in UPSTREAM_NOISE:
         warnings.filterwarnings("ignore", message=message, category=category)
+    if not _LOG_FILTERS_ADDED:
+        _LOG_FILTERS_ADDED = True
+        for logger, prefix in UPSTREAM_LOG_NOISE:
+            logging.getLogger(logger).addFilter(_DropLogRecords(prefix))

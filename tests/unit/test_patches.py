@@ -1,12 +1,15 @@
 """Each runtime patch of Megatron-Core does what its docstring says, and applying twice is harmless."""
 
 import importlib.metadata
+from pathlib import Path
 
 import torch
 
 from megatron_patch import patches
 from megatron_patch.patches import apply_patches, patch_cuda_on_cpu, patch_cuda_rng, patch_te_general_gemm
 from megatron_patch.patches.cuda_on_cpu import cuda_on_cpu_active
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_apply_patches_is_idempotent(megatron_world):
@@ -61,12 +64,6 @@ def test_rng_tracker_forks_the_cpu_generator(megatron_world):
     assert not torch.equal(first[1], plain[:3])
 
 
-def test_te_general_gemm_is_defined(megatron_world):
-    from megatron.core.transformer.moe import moe_utils
-
-    assert hasattr(moe_utils, "te_general_gemm")
-
-
 def test_alltoall_split_sizes_become_host_arrays(megatron_world):
     import numpy as np
     from megatron.core.transformer.moe import token_dispatcher
@@ -101,3 +98,27 @@ def test_safe_checkpoint_loading_replaces_both_dcp_readers_once():
     assert reader.__module__ == loader.__module__ == "megatron_patch.patches.safe_checkpoints"
     patch_safe_checkpoint_loading()
     assert FileSystemReader.read_metadata is reader and DefaultLoadPlanner.load_bytes is loader
+
+
+def test_every_patch_says_what_it_does_on_every_checked_version():
+    for patch in patches.PATCHES:
+        assert set(patch.checked) == set(patches.CHECKED_MEGATRON_CORE_VERSIONS), patch.name
+    table = patches.patch_table()
+    assert table.count("\n") == len(patches.PATCHES) + 1
+    assert all(f"`{patch.name}`" in table for patch in patches.PATCHES)
+    assert table in (REPO / "docs" / "architecture.md").read_text()  # the docs carry the current table
+
+
+def test_the_patches_fixed_upstream_in_0_19_are_skipped_there_only():
+    everything = [patch.name for patch in patches.PATCHES]
+    assert patches.applied_patches("0.16.1", cpu=True) == everything
+    assert set(everything) - set(patches.applied_patches("0.19.2", cpu=True)) == {"te_general_gemm",
+                                                                                  "expert_gradient_groups"}
+    assert "cuda_on_cpu" not in patches.applied_patches("0.19.2", cpu=False)
+
+
+def test_the_router_gemm_name_exists_without_te_on_the_installed_version(megatron_world):
+    # On 0.16.1 the patch defines it; on 0.19+ (patch skipped) upstream must, or every MoE forward fails.
+    from megatron.core.transformer.moe import moe_utils
+
+    assert moe_utils.te_general_gemm is None
