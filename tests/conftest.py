@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 
 from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.models.qwen3.presets import get_preset
+
+# The toolkit scripts the tests run use the interpreter running the tests, so each lane tests itself
+# (toolkits/common.sh would otherwise pick the default lane's .venv). Set, not defaulted: `make test
+# PYTHON=python3.12` exports the bare name.
+os.environ["PYTHON"] = sys.executable
 
 # A 512-token vocabulary keeps the many small model tests fast.
 TINY_MOE = get_preset("tiny-moe").replace(vocab_size=512, bos_token_id=None, eos_token_id=1)

@@ -1,6 +1,14 @@
 # Shared by the toolkit scripts (sourced, not run). Sets REPO_ROOT, PYTHON and PYTHONPATH.
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PYTHON=${PYTHON:-$([[ -x "$REPO_ROOT/.venv/bin/python" ]] && echo "$REPO_ROOT/.venv/bin/python" || echo python3)}
+# PYTHON if set; else the activated virtualenv's; else the default lane's .venv, the Python 3.12
+# lane's .venv-py312, or python3 (see the Makefile's lanes).
+if [[ -z "${PYTHON:-}" ]]; then
+  for candidate in "${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}" "$REPO_ROOT/.venv/bin/python" \
+                   "$REPO_ROOT/.venv-py312/bin/python"; do
+    if [[ -n "$candidate" && -x "$candidate" ]]; then PYTHON=$candidate; break; fi
+  done
+  PYTHON=${PYTHON:-python3}
+fi
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 # collect_inputs PATH: the array `inputs` = PATH, or the .jsonl/.json files directly in directory PATH.
