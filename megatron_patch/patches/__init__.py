@@ -82,7 +82,7 @@ PATCHES = (
     }),
     Patch("distributed_optimizer_loading", patch_distributed_optimizer_loading, "", {
         "0.16.1": "torch Adam has no state before its first step; load_state_dict shares one step tensor",
-        "0.19.2": "DistributedOptimizer.state_dict / load_state_dict keep both faults",
+        "0.19.2": "both faults are still there: without it a resume stops at state_dict's assert len(steps) == 1",
     }),
     Patch("torch_norm_sequence_parallel", patch_torch_norm_sequence_parallel, "", {
         "0.16.1": "WrappedTorchNorm asserts not sequence_parallel",
