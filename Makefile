@@ -58,7 +58,7 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow --durations=5
 
-# What must hold on either lane's megatron-core, in about 6 minutes: the converter's round trip
+# What must hold on either lane's megatron-core, in about 8 minutes on 2 cores: the converter's round trip
 # bitwise, the training layouts' loss curves equal to one process, resume exact, GRPO log-probs
 # equal to the training forward. CI runs it on the Python 3.12 lane after the default lane's whole
 # suite (that lane's whole make test is run by hand: docs/benchmarks.md).
