@@ -30,6 +30,10 @@ $(error Python $(PYTHON_VERSION) ($(PYTHON_EXE)): the kit's lanes are Python 3.1
 endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-complete
+# Recipes (and the toolkit scripts they start) see the lane's own interpreter as PYTHON, not the
+# bare name given on the command line, which make would export as it is.
+override PYTHON := $(CURDIR)/$(BIN)/python
+export PYTHON
 
 .PHONY: setup lint test test-slow test-lane test-unit test-functional demo demo-rl bench bench-convert gpu-check gpu-check-dry lock clean
 

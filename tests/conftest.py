@@ -11,8 +11,8 @@ from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.models.qwen3.presets import get_preset
 
 # The toolkit scripts the tests run use the interpreter running the tests, so each lane tests itself
-# (toolkits/common.sh would otherwise pick the default lane's .venv). Set, not defaulted: `make test
-# PYTHON=python3.12` exports the bare name.
+# (toolkits/common.sh would otherwise pick the default lane's .venv, e.g. under a bare
+# `.venv-py312/bin/python -m pytest`). Set, not defaulted: a PYTHON of the caller's may name another.
 os.environ["PYTHON"] = sys.executable
 
 # A 512-token vocabulary keeps the many small model tests fast.
