@@ -55,12 +55,12 @@ class Patch:
 
     name: str
     apply: Callable[[], object]
-    applies_to: str  # a version specifier over megatron-core releases ("" = every release)
+    applies_to: str  # a version specifier over megatron-core releases ("" admits every release)
     checked: dict[str, str]  # checked version -> why it is applied there, or why not
     cpu_only: bool = False
 
     def applies(self, megatron_core: str) -> bool:
-        return Version(megatron_core) in SpecifierSet(self.applies_to) if self.applies_to else True
+        return Version(megatron_core) in SpecifierSet(self.applies_to)
 
 
 PATCHES = (
@@ -122,10 +122,8 @@ def apply_patches(cpu: bool | None = None) -> None:
               "upstream may need a changed patch (megatron_patch/patches/)", file=sys.stderr, flush=True)
     if cpu is None:
         cpu = not torch.cuda.is_available()
-    installed = _installed_version()
-    for patch in PATCHES:
-        if (cpu or not patch.cpu_only) and (installed is None or patch.applies(installed)):
-            patch.apply()
+    for patch in patches_for(_installed_version(), cpu):
+        patch.apply()
 
 
 def _installed_version() -> str | None:
@@ -135,9 +133,9 @@ def _installed_version() -> str | None:
         return None
 
 
-def applied_patches(megatron_core: str, cpu: bool) -> list[str]:
-    """The names of the patches ``apply_patches`` applies on that version (for the table and the tests)."""
-    return [p.name for p in PATCHES if (cpu or not p.cpu_only) and p.applies(megatron_core)]
+def patches_for(megatron_core: str | None, cpu: bool) -> list[Patch]:
+    """The patches ``apply_patches`` applies, in order, on that release (None: not installed, all of them)."""
+    return [p for p in PATCHES if (cpu or not p.cpu_only) and (megatron_core is None or p.applies(megatron_core))]
 
 
 def patch_table() -> str:
@@ -155,7 +153,6 @@ __all__ = [
     "CHECKED_MEGATRON_CORE_VERSIONS",
     "PATCHES",
     "Patch",
-    "applied_patches",
     "apply_patches",
     "patch_alltoall_splits_on_cpu",
     "patch_cuda_on_cpu",
@@ -166,6 +163,7 @@ __all__ = [
     "patch_table",
     "patch_te_general_gemm",
     "patch_torch_norm_sequence_parallel",
+    "patches_for",
     "silence_upstream_warnings",
     "unchecked_megatron_core_version",
 ]

@@ -18,17 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from importlib.metadata import version
 from pathlib import Path
 
 from megatron_patch.patches.safe_checkpoints import read_dcp_metadata
 
 COMMON_STATE_KEY = "common_state"  # megatron-core >= 0.19: the ShardedObject holding the common entries
-
-
-def megatron_core_version() -> str:
-    """The installed release, e.g. "0.19.2" (``megatron.core.__version__`` may carry a local suffix)."""
-    return version("megatron-core")
 
 
 def spec_module(spec):
