@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from megatron_patch.rl.objectives import ADVANTAGE_ESTIMATORS, AGGREGATIONS, KL_ESTIMATORS
+from megatron_patch.rl.objectives import ADVANTAGE_ESTIMATORS, AGGREGATIONS, KL_ESTIMATORS, MIS_LEVELS
 from megatron_patch.rl.prompts import PromptKeys
 from megatron_patch.rl.rewards import load_reward
 from megatron_patch.training.config import TrainConfig, TrainConfigError, option
@@ -69,6 +69,18 @@ class GrpoSettings:
                                env="MP_GRPO_METADATA_KEY")
     skip_bad_lines: bool = option(False, "count and skip prompt records without a usable prompt or label instead of "
                                          "stopping", env="MP_GRPO_SKIP_BAD_LINES")
+    tis: bool = option(False, "truncated importance sampling: weight each response token's loss by "
+                              "min(exp(logp_old - logp_rollout), --tis-cap), for a rollout engine whose log-probs are "
+                              "not the training forward's (vLLM)", env="MP_GRPO_TIS")
+    tis_cap: float = option(2.0, "the cap C of --tis; also the bound of the rollout_beyond_cap metric (ratios above C "
+                                 "or below 1/C)", env="MP_GRPO_TIS_CAP")
+    mis: bool = option(False, "masked importance sampling: response tokens whose ratio exp(logp_old - logp_rollout) "
+                              "leaves [--mis-low, --mis-high] drop out of the loss", env="MP_GRPO_MIS")
+    mis_level: str = option("token", "token: each token on its own ratio; sequence: a whole response drops out when "
+                                     "its geometric-mean ratio leaves the bounds", env="MP_GRPO_MIS_LEVEL",
+                            choices=MIS_LEVELS)
+    mis_low: float = option(0.5, "lower bound of --mis", env="MP_GRPO_MIS_LOW")
+    mis_high: float = option(2.0, "upper bound of --mis", env="MP_GRPO_MIS_HIGH")
     rollout_batch: int = option(0, "sequences a rank generates at once (0: its whole share of the step): bounds the "
                                    "rollout's KV cache and prefill (python -m megatron_patch.plan shows them)",
                                 env="MP_GRPO_ROLLOUT_BATCH")
@@ -94,6 +106,10 @@ class GrpoSettings:
             fail(f"--dual-clip {self.dual_clip} must be > 1")
         if self.rollout_batch < 0:
             fail(f"--rollout-batch must be >= 0, got {self.rollout_batch}")
+        if self.tis_cap <= 1:
+            fail(f"--tis-cap {self.tis_cap} must be > 1")
+        if not 0 < self.mis_low <= 1 <= self.mis_high:
+            fail(f"--mis-low {self.mis_low} and --mis-high {self.mis_high} must hold 1, with --mis-low > 0")
         if self.kl_coef < 0:
             fail(f"--kl-coef {self.kl_coef} must be >= 0")
         if not 0 <= self.overlong_buffer < self.max_response_length:

@@ -27,7 +27,15 @@ from megatron_patch.lora.apply import adapters_disabled
 from megatron_patch.models.generation import Sampling, generate_in_batches, sampling_generator
 from megatron_patch.models.log_probs import token_entropy, token_log_probs
 from megatron_patch.rl.config import GrpoSettings, training_view
-from megatron_patch.rl.objectives import aggregate_parts, group_advantages, kl_penalty, policy_loss
+from megatron_patch.rl.objectives import (
+    aggregate_parts,
+    group_advantages,
+    kl_penalty,
+    masked_importance_keep,
+    policy_loss,
+    rollout_correction,
+    rollout_mismatch,
+)
 from megatron_patch.rl.prompts import Prompt, read_prompt_files
 from megatron_patch.rl.rewards import load_reward
 from megatron_patch.training.checkpointing import load_checkpoint
@@ -87,6 +95,13 @@ def overlong_shaped(reward: float, length: int, settings: GrpoSettings) -> float
     start = settings.max_response_length - settings.overlong_buffer
     excess = max(0, length - start)
     return reward - settings.overlong_penalty * min(excess / settings.overlong_buffer, 1.0)
+
+
+# What each micro-batch's report sums (in this order, then the largest |ratio - 1|): the loss's numerator and
+# denominator, clipped tokens, KL and entropy sums, tokens in the loss, and over the response tokens the
+# rollout mismatch (k3 sum, tokens beyond --tis-cap, tokens masked importance sampling dropped, their count).
+REPORT_SUMS = ("loss", "loss_norm", "clipped", "kl", "entropy", "tokens", "rollout_kl", "beyond_cap", "mis_dropped",
+               "response_tokens")
 
 
 class GrpoTrainer:
@@ -226,11 +241,20 @@ class GrpoTrainer:
             logits = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None)
 
             def loss(logits):
-                mask = batch["mask"]
                 logp = self._response_log_probs(logits, batch)
                 old = batch.get("old_log_probs", logp.detach())
+                rollout_logp = batch["rollout_log_probs"]
+                responses_in_loss = batch["mask"]
+                # Mismatch corrections: what the rollout engine sampled with against the training forward
+                # on the same weights (``old``).
+                mask = responses_in_loss
+                if settings.mis:
+                    mask = mask * masked_importance_keep(old, rollout_logp, mask, settings.mis_low,
+                                                         settings.mis_high, settings.mis_level)
                 per_token, clipped = policy_loss(logp, old, batch["advantages"], settings.clip_low,
                                                  settings.clip_high, settings.dual_clip)
+                if settings.tis:
+                    per_token = per_token * rollout_correction(old, rollout_logp, settings.tis_cap)
                 kl = torch.zeros_like(logp)
                 if "ref_log_probs" in batch:
                     kl = kl_penalty(logp, batch["ref_log_probs"], settings.kl_estimator)
@@ -238,12 +262,15 @@ class GrpoTrainer:
                 numerator, denominator = aggregate_parts(per_token, mask, settings.loss_aggregation,
                                                          settings.max_response_length)
                 live = mask > 0
-                drift = (logp.detach() - batch["rollout_log_probs"]).exp().sub(1).abs()
+                drift = (logp.detach() - rollout_logp).exp().sub(1).abs()
                 responses = batch["responses"]
                 entropy = token_entropy(logits.detach()[responses], temperature, vocab, settings.log_prob_chunk)
-                report = torch.stack([numerator.detach(), denominator.float(), (clipped & live).sum().float(),
-                                      (kl.detach() * mask).sum(), (entropy * mask[responses]).sum(), mask.sum(),
-                                      torch.where(live, drift, torch.zeros_like(drift)).max()])
+                mismatch = rollout_mismatch(old, rollout_logp, responses_in_loss, settings.tis_cap)
+                report = torch.stack([
+                    numerator.detach(), denominator.float(), (clipped & live).sum().float(), (kl.detach() * mask).sum(),
+                    (entropy * mask[responses]).sum(), mask.sum(), mismatch["rollout_kl"], mismatch["beyond_cap"],
+                    mismatch["tokens"] - mask.sum(), mismatch["tokens"],
+                    torch.where(live, drift, torch.zeros_like(drift)).max()])
                 return numerator, denominator, {"lm loss": report[:2], "grpo": report}
 
             return logits, loss
@@ -273,7 +300,7 @@ class GrpoTrainer:
                     for batch in (b for update in batches for b in update):
                         batch["ref_log_probs"] = self._log_probs(batch)
             times["reference"] = clock.lap()
-        sums = torch.zeros(7, dtype=torch.float64)
+        sums = torch.zeros(len(REPORT_SUMS) + 1, dtype=torch.float64)  # the sums, then the largest drift
         grad_norms = []
         live = torch.tensor([float(rollout.in_loss.sum())], dtype=torch.float64)
         dist.all_reduce(live, group=parallel_state.get_data_parallel_group())
@@ -287,9 +314,10 @@ class GrpoTrainer:
             model.scheduler.step(increment=1)
             grad_norms.append(result["grad_norm"])
             for report in result["reports"]:
-                sums[:6] += report["grpo"][:6].double().cpu()
+                values = report["grpo"].double().cpu()
+                sums[:-1] += values[:-1]
                 if number == 0:  # before this step's first update the weights are the rollout's
-                    sums[6] = max(sums[6], report["grpo"][6].double().cpu())
+                    sums[-1] = max(sums[-1], values[-1])
         times["update"] = clock.lap()
         return self._metrics(rollout, sums, grad_norms, times)
 
@@ -299,22 +327,26 @@ class GrpoTrainer:
         group = parallel_state.get_data_parallel_group()
         rewards = rollout.rewards.double()
         binary = bool(((rewards == 0) | (rewards == 1)).all())
-        totals = torch.cat([sums[:6], torch.tensor([
+        totals = torch.cat([sums[:-1], torch.tensor([
             rewards.sum().item(), rewards.square().sum().item(), lengths.sum().item(), float(len(lengths)),
             float(sum(rollout.truncated)), float(not binary), (rewards == 1).sum().item()], dtype=torch.float64)])
-        peaks = torch.stack([sums[6], lengths.max()])
+        peaks = torch.stack([sums[-1], lengths.max()])
         dist.all_reduce(totals, group=group)
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=group)
-        loss_sum, loss_norm, clipped, kl, entropy, tokens = totals[:6].tolist()
-        reward_sum, reward_squares, length_sum, count, truncated, not_binary, correct = totals[6:].tolist()
+        parts = dict(zip(REPORT_SUMS, totals[:len(REPORT_SUMS)].tolist()))
+        reward_sum, reward_squares, length_sum, count, truncated, not_binary, correct = \
+            totals[len(REPORT_SUMS):].tolist()
         mean = reward_sum / count
+        tokens, responses = max(parts["tokens"], 1.0), max(parts["response_tokens"], 1.0)
         values = {
-            "loss": loss_sum / max(loss_norm, 1.0), "reward_mean": mean,
+            "loss": parts["loss"] / max(parts["loss_norm"], 1.0), "reward_mean": mean,
             "reward_std": math.sqrt(max(reward_squares / count - mean * mean, 0.0)),
             "accuracy": None if not_binary else correct / count,
             "response_length_mean": length_sum / count, "response_length_max": peaks[1].item(),
-            "truncated_share": truncated / count, "kl": kl / max(tokens, 1.0), "entropy": entropy / max(tokens, 1.0),
-            "clip_fraction": clipped / max(tokens, 1.0), "max_ratio_drift": peaks[0].item(),
+            "truncated_share": truncated / count, "kl": parts["kl"] / tokens, "entropy": parts["entropy"] / tokens,
+            "clip_fraction": parts["clipped"] / tokens, "max_ratio_drift": peaks[0].item(),
+            "rollout_kl": parts["rollout_kl"] / responses, "rollout_beyond_cap": parts["beyond_cap"] / responses,
+            "mis_dropped": parts["mis_dropped"] / responses,
             "grad_norm": float(grad_norms[-1]) if grad_norms and grad_norms[-1] is not None else None,
             "lr": self.model.optimizer.param_groups[0]["lr"],
             **{f"seconds_{name}": value for name, value in times.items()},
@@ -374,7 +406,8 @@ def _line(step: int, total: int, values: dict) -> str:
             f"response {values['response_length_mean']:.1f} tokens (max {values['response_length_max']:.0f}, "
             f"{values['truncated_share']:.0%} truncated) | loss {values['loss']:.5f} | kl {values['kl']:.5f} | "
             f"entropy {values['entropy']:.3f} | clipped {values['clip_fraction']:.3f} | "
-            f"max |ratio-1| {values['max_ratio_drift']:.2e} | {values['generated_tokens_per_second']:.0f} "
+            f"max |ratio-1| {values['max_ratio_drift']:.2e} | rollout kl {values['rollout_kl']:.2e} | "
+            f"{values['generated_tokens_per_second']:.0f} "
             f"generated tokens/s")
 
 

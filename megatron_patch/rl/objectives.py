@@ -130,3 +130,51 @@ def rollout_correction(logp_old: torch.Tensor, logp_rollout: torch.Tensor, cap: 
     """Truncated importance weight ``clamp(exp(logp_old - logp_rollout), 0, cap)`` (TIS) per token, for
     a rollout engine whose log-probs differ from the training model's."""
     return importance_ratio(logp_old, logp_rollout).clamp(0.0, cap)
+
+
+MIS_LEVELS = ("token", "sequence")
+
+
+def masked_importance_keep(logp_old: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.Tensor,
+                           low: float = 0.5, high: float = 2.0, level: str = "token") -> torch.Tensor:
+    """Masked importance sampling: 1 where a response token stays in the loss, 0 where it drops out.
+
+    ρ = exp(logp_old - logp_rollout) per token. ``token``: a token whose ρ leaves [low, high] drops
+    out; ``sequence``: a whole sequence drops out when its geometric-mean ρ (exp of the mean log-ratio
+    over its response tokens) leaves [low, high]. Unlike TIS, which caps the weight, the dropped tokens
+    give no gradient at all. Returns a mask of ``mask``'s shape and dtype.
+    """
+    if not 0 < low <= 1 <= high:
+        raise ValueError(f"masked importance sampling bounds [{low}, {high}] must hold 1, with low > 0")
+    if level not in MIS_LEVELS:
+        raise ValueError(f"masked importance sampling level {level!r}: expected one of {', '.join(MIS_LEVELS)}")
+    live = mask > 0
+    log_ratio = (logp_old - logp_rollout).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    if level == "token":
+        ratio = log_ratio.exp()
+        keep = (ratio >= low) & (ratio <= high)
+    else:
+        tokens = live.sum(dim=-1).clamp(min=1)
+        mean = torch.where(live, log_ratio, torch.zeros_like(log_ratio)).sum(dim=-1) / tokens
+        ratio = mean.exp()
+        keep = ((ratio >= low) & (ratio <= high)).unsqueeze(-1).expand_as(live)
+    return (keep & live).to(mask.dtype)
+
+
+def rollout_mismatch(logp_train: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.Tensor,
+                     cap: float = 2.0) -> dict[str, torch.Tensor]:
+    """Sums over response tokens of what separates the rollout engine's log-probs from the training
+    forward's (divide by ``tokens`` for means):
+
+    ``rollout_kl``: k3 = exp(Δ) - 1 - Δ with Δ = logp_rollout - logp_train, an estimate of
+    KL(train || rollout) that is >= 0 per token; ``beyond_cap``: tokens whose ratio
+    exp(logp_train - logp_rollout) is above ``cap`` or below 1 / ``cap``; ``tokens``: the count.
+    """
+    live = mask > 0
+    delta = (logp_rollout - logp_train).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    k3 = (delta.exp() - 1.0 - delta).clamp(max=K3_LIMIT)
+    ratio = (-delta).exp()
+    beyond = (ratio > cap) | (ratio < 1.0 / cap)
+    zero = torch.zeros_like(k3)
+    return {"rollout_kl": torch.where(live, k3, zero).sum(), "beyond_cap": (beyond & live).sum().to(k3.dtype),
+            "tokens": live.sum().to(k3.dtype)}

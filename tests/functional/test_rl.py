@@ -30,7 +30,8 @@ def rl_flags(work: str, name: str, steps: int = STEPS, *extra) -> list:
             "--reward", "letters", "--global-batch-size", 2, "--samples-per-prompt", 4, "--micro-batch-size", 2,
             "--seq-length", 64, "--max-prompt-length", 32, "--max-response-length", 8, "--lr", "3e-3",
             "--min-lr", "3e-3", "--train-iters", steps, "--updates-per-rollout", 2, "--kl-coef", 0.01,
-            "--log-dir", root / "log", "--save", root / "checkpoint", *extra]
+            "--tis", "--mis", "--mis-level", "sequence", "--log-dir", root / "log", "--save", root / "checkpoint",
+            *extra]
 
 
 @functools.cache
@@ -65,6 +66,9 @@ def test_grpo_steps_report_their_metrics_and_resume_exactly(work):
     assert 0 <= record["reward_mean"] <= 1 and record["response_length_max"] <= 8
     assert record["kl"] > 0  # the policy moved away from the reference
     assert whole[1]["max_ratio_drift"] <= 1e-5  # rollout log-probs are the training forward's
+    # The embedded engine is the training model: no mismatch to correct, nothing masked out.
+    for values in whole.values():
+        assert values["rollout_kl"] <= 1e-9 and values["rollout_beyond_cap"] == values["mis_dropped"] == 0
     checkpoint = Path(work) / "rl" / "whole" / "checkpoint"
     assert (checkpoint / "latest_checkpointed_iteration.txt").read_text() == str(STEPS)
     # HF out: the converter's HF of the final save, byte for byte.

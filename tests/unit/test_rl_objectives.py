@@ -81,3 +81,40 @@ def test_the_four_aggregations():
     assert aggregate(values, mask, "seq-mean-token-sum-norm", norm=5.0).item() == pytest.approx(2.0)
     with pytest.raises(ValueError, match="loss aggregation 'mean'"):
         aggregate(values, mask, "mean")
+
+
+def test_masked_importance_sampling_drops_tokens_and_sequences_outside_the_bounds():
+    from megatron_patch.rl.objectives import masked_importance_keep
+
+    # ρ per token: e^0 = 1, e^1 = 2.72, e^-1 = 0.37, e^0.5 = 1.65; the last column is padding.
+    logp_old = torch.tensor([[0.0, 1.0, -1.0, 0.5], [0.2, 0.2, 0.0, 9.0]])
+    logp_rollout = torch.zeros(2, 4)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    keep = masked_importance_keep(logp_old, logp_rollout, mask, low=0.5, high=2.0, level="token")
+    assert torch.equal(keep, torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0]]))
+    # Sequence level: row 0's mean log-ratio (0 + 1 - 1 + 0.5) / 4 = 0.125 -> ρ 1.13 stays whole;
+    # row 1's (0.2 + 0.2) / 2 = 0.2 -> 1.22 stays; with high 1.2 row 1 drops out whole.
+    whole = masked_importance_keep(logp_old, logp_rollout, mask, level="sequence")
+    assert torch.equal(whole, mask)
+    tight = masked_importance_keep(logp_old, logp_rollout, mask, low=0.5, high=1.2, level="sequence")
+    assert torch.equal(tight, torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="must hold 1"):
+        masked_importance_keep(logp_old, logp_rollout, mask, low=1.5, high=2.0)
+    with pytest.raises(ValueError, match="level 'batch'"):
+        masked_importance_keep(logp_old, logp_rollout, mask, level="batch")
+
+
+def test_rollout_mismatch_sums_k3_and_the_tokens_beyond_the_cap():
+    from megatron_patch.rl.objectives import rollout_mismatch
+
+    train = torch.tensor([[-1.0, -2.0, -0.5, 0.0]])
+    rollout = torch.tensor([[-1.0, -1.0, -1.5, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    sums = rollout_mismatch(train, rollout, mask, cap=2.0)
+    # Δ = rollout - train: 0, 1, -1 (the padded 5 is left out); k3 = e^Δ - 1 - Δ.
+    expected = 0.0 + (math.e - 2.0) + (math.exp(-1.0))
+    assert sums["rollout_kl"].item() == pytest.approx(expected, rel=1e-6)
+    # ratio = e^-Δ: 1, 0.37 (< 1/2), 2.72 (> 2): two tokens beyond the cap.
+    assert sums["beyond_cap"].item() == 2 and sums["tokens"].item() == 3
+    same = rollout_mismatch(train, train, mask)
+    assert same["rollout_kl"].item() == 0 and same["beyond_cap"].item() == 0
