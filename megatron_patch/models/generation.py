@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_patch.models.routing import ROUTE_DTYPE, RoutingRecorder
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -63,6 +65,9 @@ class Completion:
     tokens: list[int]
     log_probs: list[float]
     stopped: bool  # a stop token ended it (else it ran to max_new_tokens)
+    # With record_routing: the experts each input token of prompt + tokens[:-1] took in every MoE layer,
+    # [positions, layers, top-k] (models/routing.py), what a training forward of the sequence would replay.
+    routing: torch.Tensor | None = None
 
     @property
     def truncated(self) -> bool:
@@ -154,10 +159,12 @@ def _unwrapped(model):
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: int,
-             generator: torch.Generator | list[torch.Generator] | None = None) -> list[Completion]:
+             generator: torch.Generator | list[torch.Generator] | None = None,
+             record_routing: bool = False) -> list[Completion]:
     """Complete every prompt (token ids) with ``model`` (a GPTModel, or DDP/Float16Module around one).
 
-    ``vocab_size`` trims the padded vocabulary; ``generator`` is one for the batch, or one per prompt.
+    ``vocab_size`` trims the padded vocabulary; ``generator`` is one for the batch, or one per prompt;
+    ``record_routing`` keeps each token's experts (an MoE model) in ``Completion.routing``.
     Each process calls this together with the others of its job (see the module docstring); the
     model is put in eval mode and left there.
     """
@@ -187,6 +194,9 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     stopped = torch.zeros(rows, dtype=torch.bool, device=device)
     log_probs = torch.zeros(rows, capacity, dtype=torch.float32, device=device)
+    recorder = RoutingRecorder(gpt) if record_routing else None
+    routes = None if recorder is None else \
+        torch.zeros(rows, capacity, recorder.layers, gpt.config.moe_router_topk, dtype=ROUTE_DTYPE)
 
     def step(start: int, end: int) -> torch.Tensor:
         """Feed positions [start, end) of every row; the logits of the last one. Masks: True = not attended."""
@@ -199,49 +209,62 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
         logits = model(input_ids=tokens, position_ids=queries.expand_as(tokens), attention_mask=masked[:, None],
                        inference_context=context, runtime_gather_output=True)
         context.increment_sequence_len_offset(end - start)
+        if recorder is not None:
+            routes[:, start:end] = recorder.routes(end - start, rows).cpu()
         return logits[:, -1, :vocab_size].float()
 
     position = longest
-    with _without_sequence_parallel(gpt):
-        logits = step(0, longest)
-        context.enable_decode_mode()
-        while True:
-            # Rows still generating draw a token (and only they use their generator).
-            choosing = torch.nonzero(~finished).squeeze(-1)
-            own = generator if generator is None or isinstance(generator, torch.Generator) \
-                else [generator[row] for row in choosing.tolist()]
-            tokens, token_log_probs = next_tokens(logits[choosing], sampling, own)
-            sequence[choosing, position] = tokens
-            log_probs[choosing, position] = token_log_probs
-            generated[choosing] += 1
-            stopped[choosing] |= torch.isin(tokens, stops)
-            finished |= stopped | (generated >= sampling.max_new_tokens)
-            if not _any_process(bool((~finished).any()), device):
-                break
-            logits = step(position, position + 1)
-            position += 1
+    try:
+        with _without_sequence_parallel(gpt):
+            logits = step(0, longest)
+            context.enable_decode_mode()
+            while True:
+                # Rows still generating draw a token (and only they use their generator).
+                choosing = torch.nonzero(~finished).squeeze(-1)
+                own = generator if generator is None or isinstance(generator, torch.Generator) \
+                    else [generator[row] for row in choosing.tolist()]
+                tokens, token_log_probs = next_tokens(logits[choosing], sampling, own)
+                sequence[choosing, position] = tokens
+                log_probs[choosing, position] = token_log_probs
+                generated[choosing] += 1
+                stopped[choosing] |= torch.isin(tokens, stops)
+                finished |= stopped | (generated >= sampling.max_new_tokens)
+                if not _any_process(bool((~finished).any()), device):
+                    break
+                logits = step(position, position + 1)
+                position += 1
+    finally:
+        if recorder is not None:
+            recorder.remove()
     sequence, log_probs = sequence.cpu(), log_probs.cpu()
-    return [Completion(tokens=sequence[row, longest:longest + int(generated[row])].tolist(),
-                       log_probs=log_probs[row, longest:longest + int(generated[row])].tolist(),
-                       stopped=bool(stopped[row])) for row in range(rows)]
+    completions = []
+    for row, prompt in enumerate(prompts):
+        end = longest + int(generated[row])
+        # The inputs of a forward over prompt + response[:-1]: from the row's first prompt token on.
+        routing = None if routes is None else routes[row, longest - len(prompt):end - 1].clone()
+        completions.append(Completion(tokens=sequence[row, longest:end].tolist(),
+                                      log_probs=log_probs[row, longest:end].tolist(),
+                                      stopped=bool(stopped[row]), routing=routing))
+    return completions
 
 
 def generate_in_batches(model, prompts: list[list[int]], sampling: Sampling, vocab_size: int,
                         generator: torch.Generator | list[torch.Generator] | None = None,
-                        batch: int = 0) -> list[Completion]:
+                        batch: int = 0, record_routing: bool = False) -> list[Completion]:
     """``generate`` on at most ``batch`` prompts at a time (0: all at once), which bounds the KV cache and
     the prefill. Every process makes as many calls as the one that needs the most; a process with no
     prompts left for a call repeats its first one greedily and drops the result."""
     if batch <= 0:
-        return generate(model, prompts, sampling, vocab_size, generator)
+        return generate(model, prompts, sampling, vocab_size, generator, record_routing)
     device = next(_unwrapped(model).parameters()).device
     calls = _most_over_processes(-(-len(prompts) // batch), device)
     completions = []
     for call in range(calls):
         part = slice(call * batch, (call + 1) * batch)
         if not prompts[part]:
-            generate(model, prompts[:1], dataclasses.replace(sampling, temperature=0.0), vocab_size)
+            generate(model, prompts[:1], dataclasses.replace(sampling, temperature=0.0), vocab_size,
+                     record_routing=record_routing)
             continue
         own = generator[part] if isinstance(generator, list) else generator
-        completions += generate(model, prompts[part], sampling, vocab_size, own)
+        completions += generate(model, prompts[part], sampling, vocab_size, own, record_routing)
     return completions

@@ -81,6 +81,10 @@ class GrpoSettings:
                             choices=MIS_LEVELS)
     mis_low: float = option(0.5, "lower bound of --mis", env="MP_GRPO_MIS_LOW")
     mis_high: float = option(2.0, "upper bound of --mis", env="MP_GRPO_MIS_HIGH")
+    routing_replay: bool = option(False, "routing replay (R3) for MoE: the log-prob, reference and update forwards "
+                                         "(and their recompute) use the experts each token took in the rollout; the "
+                                         "router is still computed and trained. Needs --tensor-model-parallel-size 1",
+                                  env="MP_GRPO_ROUTING_REPLAY")
     rollout_batch: int = option(0, "sequences a rank generates at once (0: its whole share of the step): bounds the "
                                    "rollout's KV cache and prefill (python -m megatron_patch.plan shows them)",
                                 env="MP_GRPO_ROLLOUT_BATCH")
@@ -110,6 +114,9 @@ class GrpoSettings:
             fail(f"--tis-cap {self.tis_cap} must be > 1")
         if not 0 < self.mis_low <= 1 <= self.mis_high:
             fail(f"--mis-low {self.mis_low} and --mis-high {self.mis_high} must hold 1, with --mis-low > 0")
+        if self.routing_replay and config.tensor_model_parallel_size > 1:
+            fail("--routing-replay needs --tensor-model-parallel-size 1: sequence parallelism splits a router's tokens "
+                 "over tensor-parallel ranks (expert parallelism is fine)")
         if self.kl_coef < 0:
             fail(f"--kl-coef {self.kl_coef} must be >= 0")
         if not 0 <= self.overlong_buffer < self.max_response_length:

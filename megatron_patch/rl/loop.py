@@ -26,6 +26,7 @@ from megatron.core import parallel_state
 from megatron_patch.lora.apply import adapters_disabled
 from megatron_patch.models.generation import Sampling, generate_in_batches, sampling_generator
 from megatron_patch.models.log_probs import token_entropy, token_log_probs
+from megatron_patch.models.routing import RoutingRecorder, RoutingReplay, differing_routes
 from megatron_patch.rl.config import GrpoSettings, training_view
 from megatron_patch.rl.objectives import (
     aggregate_parts,
@@ -39,7 +40,7 @@ from megatron_patch.rl.objectives import (
 from megatron_patch.rl.prompts import Prompt, read_prompt_files
 from megatron_patch.rl.rewards import load_reward
 from megatron_patch.training.checkpointing import load_checkpoint
-from megatron_patch.training.config import TrainConfig
+from megatron_patch.training.config import TrainConfig, TrainConfigError
 from megatron_patch.training.loop import save_model
 from megatron_patch.training.metrics import MetricsWriter, Stopwatch, memory_peak_gib
 from megatron_patch.training.setup import TrainedModel, load_start, prepare_model
@@ -58,6 +59,7 @@ class Rollout:
     advantages: torch.Tensor  # [sequences]
     in_loss: torch.Tensor  # [sequences] bool: dynamic sampling leaves equal-reward groups out
     reward_extras: list[dict[str, float]]  # per sequence: the reward dict's other numbers
+    routing: list[torch.Tensor] | None  # per sequence (MoE, TP 1): its inputs' experts, [positions, layers, top-k]
 
 
 def _dp() -> tuple[int, int]:
@@ -97,11 +99,14 @@ def overlong_shaped(reward: float, length: int, settings: GrpoSettings) -> float
     return reward - settings.overlong_penalty * min(excess / settings.overlong_buffer, 1.0)
 
 
-# What each micro-batch's report sums (in this order, then the largest |ratio - 1|): the loss's numerator and
-# denominator, clipped tokens, KL and entropy sums, tokens in the loss, and over the response tokens the
-# rollout mismatch (k3 sum, tokens beyond --tis-cap, tokens masked importance sampling dropped, their count).
+# What each micro-batch's report sums over every update: the loss's numerator and denominator, clipped tokens,
+# KL and entropy sums, tokens in the loss, and over the response tokens the rollout mismatch (k3 sum, tokens
+# beyond --tis-cap, tokens masked importance sampling dropped, their count). Then what only the first update
+# sums, whose weights are the rollout's: token-layers whose experts differ from the rollout's, of those
+# compared; then the largest |ratio - 1|.
 REPORT_SUMS = ("loss", "loss_norm", "clipped", "kl", "entropy", "tokens", "rollout_kl", "beyond_cap", "mis_dropped",
                "response_tokens")
+FIRST_UPDATE_SUMS = ("routing_differ", "routing_compared")
 
 
 class GrpoTrainer:
@@ -130,6 +135,13 @@ class GrpoTrainer:
         self.loaded = load_start(model)
         self.sampling = Sampling(max_new_tokens=settings.max_response_length, temperature=settings.temperature,
                                  top_p=settings.top_p, top_k=settings.top_k, stop_token_ids=self.stop_ids)
+        # Each token's experts: recorded in the rollout and read off the training forward (routing_mismatch)
+        # for an MoE model whose routers see whole sequences (TP 1), replayed with --routing-replay.
+        self.records_routing = model.arch.is_moe and config.tensor_model_parallel_size == 1
+        if settings.routing_replay and not model.arch.is_moe:
+            raise TrainConfigError(f"--routing-replay is for MoE models; {config.model} is dense")
+        self.routes_used = RoutingRecorder(self._policy()) if self.records_routing else None
+        self.replay = RoutingReplay(self._policy()) if settings.routing_replay else None
 
     # --- pieces of a step ------------------------------------------------------------------------------
     def _parameters(self):
@@ -146,7 +158,8 @@ class GrpoTrainer:
                                        settings.samples_per_prompt)
         with synchronized_parameters(self.model.ddp_chunks):
             completions = generate_in_batches(self._policy(), [list(p.tokens) for p in prompts], self.sampling,
-                                              self.model.arch.vocab_size, generators, settings.rollout_batch)
+                                              self.model.arch.vocab_size, generators, settings.rollout_batch,
+                                              record_routing=self.records_routing)
         rewards, extras = [], []
         for index, (prompt, completion) in enumerate(zip(prompts, completions)):
             text = self.model.tokenizer.backend.decode(
@@ -164,7 +177,8 @@ class GrpoTrainer:
             in_loss = (groups.max(dim=1).values > groups.min(dim=1).values).repeat_interleave(
                 settings.samples_per_prompt)
         return Rollout(prompts, [c.tokens for c in completions], [c.log_probs for c in completions],
-                       [c.truncated for c in completions], rewards_t, advantages, in_loss, extras)
+                       [c.truncated for c in completions], rewards_t, advantages, in_loss, extras,
+                       [c.routing for c in completions] if self.records_routing else None)
 
     def _micro_batches(self, rollout: Rollout, indices: list[int]) -> list[dict]:
         """Right-padded micro-batches of ``indices``: tokens, targets, the response mask and per-sequence values."""
@@ -189,7 +203,9 @@ class GrpoTrainer:
                 rollout_logp[row, begin:end] = torch.tensor(rollout.rollout_log_probs[index])
             device = self.model.device
             responses = tuple(torch.nonzero(response, as_tuple=True))
-            batches.append({
+            routes = {} if rollout.routing is None else \
+                self._routes_batch([rollout.routing[i] for i in rows], width, device)
+            batches.append(routes | {
                 "tokens": tokens[:, :-1].to(device), "targets": tokens[:, 1:].to(device),
                 "position_ids": torch.arange(width, device=device).expand(len(rows), width),
                 "responses": tuple(index.to(device) for index in responses),
@@ -197,6 +213,31 @@ class GrpoTrainer:
                 "advantages": rollout.advantages[rows].to(device).unsqueeze(1),
             })
         return batches
+
+    def _routes_batch(self, routes: list[torch.Tensor], width: int, device) -> dict:
+        """``routing`` [rows, width, layers, top-k]: each input token's rollout experts (past a sequence's end,
+        experts 0..k-1: padding, which no real token attends to); ``routed`` [rows, width]: where they are."""
+        layers, topk = routes[0].shape[1:]
+        routing = torch.arange(topk).expand(len(routes), width, layers, topk).clone()
+        routed = torch.zeros(len(routes), width, dtype=torch.bool)
+        for row, route in enumerate(routes):
+            routing[row, :len(route)] = route.long()
+            routed[row, :len(route)] = True
+        return {"routing": routing.to(device), "routed": routed.to(device)}
+
+    def _replaying(self, batch: dict) -> None:
+        """The next forwards take ``batch``'s rollout experts (--routing-replay), until the step's end."""
+        if self.replay is not None:
+            self.replay.replay(batch["routing"])
+
+    def _routing_mismatch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token-layers whose experts differ from the rollout's, token-layers compared) in the latest forward."""
+        if self.routes_used is None:
+            return torch.zeros(()), torch.zeros(())
+        rows, width = batch["routed"].shape
+        differ, compared = differing_routes(self.routes_used.routes(width, rows).long(), batch["routing"],
+                                            batch["routed"])
+        return torch.tensor(float(differ)), torch.tensor(float(compared))
 
     def _response_log_probs(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         """Log-probs [rows, width] of the targets at response positions (0 elsewhere): the vocabulary
@@ -208,6 +249,7 @@ class GrpoTrainer:
             responses, values)
 
     def _log_probs(self, batch: dict) -> torch.Tensor:
+        self._replaying(batch)
         with torch.no_grad():
             logits = self._policy()(input_ids=batch["tokens"], position_ids=batch["position_ids"],
                                     attention_mask=None)
@@ -238,7 +280,9 @@ class GrpoTrainer:
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
+            self._replaying(batch)
             logits = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None)
+            routing_differ, routing_compared = self._routing_mismatch(batch)
 
             def loss(logits):
                 logp = self._response_log_probs(logits, batch)
@@ -269,8 +313,8 @@ class GrpoTrainer:
                 report = torch.stack([
                     numerator.detach(), denominator.float(), (clipped & live).sum().float(), (kl.detach() * mask).sum(),
                     (entropy * mask[responses]).sum(), mask.sum(), mismatch["rollout_kl"], mismatch["beyond_cap"],
-                    mismatch["tokens"] - mask.sum(), mismatch["tokens"],
-                    torch.where(live, drift, torch.zeros_like(drift)).max()])
+                    mismatch["tokens"] - mask.sum(), mismatch["tokens"], routing_differ.to(logp.device),
+                    routing_compared.to(logp.device), torch.where(live, drift, torch.zeros_like(drift)).max()])
                 return numerator, denominator, {"lm loss": report[:2], "grpo": report}
 
             return logits, loss
@@ -300,7 +344,8 @@ class GrpoTrainer:
                     for batch in (b for update in batches for b in update):
                         batch["ref_log_probs"] = self._log_probs(batch)
             times["reference"] = clock.lap()
-        sums = torch.zeros(len(REPORT_SUMS) + 1, dtype=torch.float64)  # the sums, then the largest drift
+        sums = torch.zeros(len(REPORT_SUMS) + len(FIRST_UPDATE_SUMS) + 1, dtype=torch.float64)
+        every = len(REPORT_SUMS)
         grad_norms = []
         live = torch.tensor([float(rollout.in_loss.sum())], dtype=torch.float64)
         dist.all_reduce(live, group=parallel_state.get_data_parallel_group())
@@ -315,9 +360,12 @@ class GrpoTrainer:
             grad_norms.append(result["grad_norm"])
             for report in result["reports"]:
                 values = report["grpo"].double().cpu()
-                sums[:-1] += values[:-1]
+                sums[:every] += values[:every]
                 if number == 0:  # before this step's first update the weights are the rollout's
+                    sums[every:-1] += values[every:-1]
                     sums[-1] = max(sums[-1], values[-1])
+        if self.replay is not None:
+            self.replay.release()
         times["update"] = clock.lap()
         return self._metrics(rollout, sums, grad_norms, times)
 
@@ -333,9 +381,9 @@ class GrpoTrainer:
         peaks = torch.stack([sums[-1], lengths.max()])
         dist.all_reduce(totals, group=group)
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=group)
-        parts = dict(zip(REPORT_SUMS, totals[:len(REPORT_SUMS)].tolist()))
-        reward_sum, reward_squares, length_sum, count, truncated, not_binary, correct = \
-            totals[len(REPORT_SUMS):].tolist()
+        named = REPORT_SUMS + FIRST_UPDATE_SUMS
+        parts = dict(zip(named, totals[:len(named)].tolist()))
+        reward_sum, reward_squares, length_sum, count, truncated, not_binary, correct = totals[len(named):].tolist()
         mean = reward_sum / count
         tokens, responses = max(parts["tokens"], 1.0), max(parts["response_tokens"], 1.0)
         values = {
@@ -347,6 +395,7 @@ class GrpoTrainer:
             "clip_fraction": parts["clipped"] / tokens, "max_ratio_drift": peaks[0].item(),
             "rollout_kl": parts["rollout_kl"] / responses, "rollout_beyond_cap": parts["beyond_cap"] / responses,
             "mis_dropped": parts["mis_dropped"] / responses,
+            "routing_mismatch": parts["routing_differ"] / parts["routing_compared"] if self.records_routing else None,
             "grad_norm": float(grad_norms[-1]) if grad_norms and grad_norms[-1] is not None else None,
             "lr": self.model.optimizer.param_groups[0]["lr"],
             **{f"seconds_{name}": value for name, value in times.items()},
@@ -402,11 +451,12 @@ def _is_logging_rank() -> bool:
 
 def _line(step: int, total: int, values: dict) -> str:
     accuracy = "" if values["accuracy"] is None else f" | accuracy {values['accuracy']:.3f}"
+    routing = "" if values["routing_mismatch"] is None else f" | routing mismatch {values['routing_mismatch']:.4f}"
     return (f"step {step:5d}/{total} | reward {values['reward_mean']:.4f} ± {values['reward_std']:.4f}{accuracy} | "
             f"response {values['response_length_mean']:.1f} tokens (max {values['response_length_max']:.0f}, "
             f"{values['truncated_share']:.0%} truncated) | loss {values['loss']:.5f} | kl {values['kl']:.5f} | "
             f"entropy {values['entropy']:.3f} | clipped {values['clip_fraction']:.3f} | "
-            f"max |ratio-1| {values['max_ratio_drift']:.2e} | rollout kl {values['rollout_kl']:.2e} | "
+            f"max |ratio-1| {values['max_ratio_drift']:.2e} | rollout kl {values['rollout_kl']:.2e}{routing} | "
             f"{values['generated_tokens_per_second']:.0f} "
             f"generated tokens/s")
 
