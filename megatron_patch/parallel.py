@@ -111,6 +111,18 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234, backend: str |
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
+def end_with_parent() -> None:
+    """Have Linux kill this process (SIGKILL) when its parent ends, however the parent ends; also a
+    ``preexec_fn`` for a child the kit starts (a rollout engine)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    parent = os.getppid()
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent ended before the request took effect
+        os._exit(1)
+
+
 def die_with_launcher() -> None:
     """Under torchrun, end this worker when torchrun ends, however it ends (even kill -9), and the
     processes it forks with it.
@@ -120,15 +132,7 @@ def die_with_launcher() -> None:
     request is not inherited by forked children (Megatron-Core forks its checkpoint writers), so
     each child makes it again: an orphaned writer would otherwise finish, or hang, after a kill.
     """
-    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+    if "LOCAL_RANK" not in os.environ:
         return
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-    def request() -> None:
-        parent = os.getppid()
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent ended before the request took effect
-            os._exit(1)
-
-    request()
-    os.register_at_fork(after_in_child=request)
+    end_with_parent()
+    os.register_at_fork(after_in_child=end_with_parent)

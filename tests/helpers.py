@@ -46,16 +46,11 @@ def build_pretrain_data(folder: Path, truncate_idx: bool = False) -> str:
     return str(prefix)
 
 
-def rollout_log_prob_gap(model, vocab_size: int, prompts: list[list[int]], sampling, seed: int):
-    """(completions, max |rollout log-prob - teacher-forced log-prob|) over every generated token.
-
-    The teacher-forced pass is the training forward (vocabulary-parallel logits, sequence
-    parallelism as configured) on prompt + completion, right-padded to a multiple of 4 (SP splits it).
-    """
-    from megatron_patch.models.generation import generate, sampling_generator
+def teacher_forced_log_probs(model, vocab_size: int, prompts: list[list[int]], completions, scale: float) -> list:
+    """Per completion, the training forward's log-probs of its tokens (vocabulary-parallel logits, sequence
+    parallelism as configured) on prompt + completion, right-padded to a multiple of 4 (SP splits it)."""
     from megatron_patch.models.log_probs import token_log_probs
 
-    completions = generate(model, prompts, sampling, vocab_size, sampling_generator(seed))
     sequences = [prompt + completion.tokens for prompt, completion in zip(prompts, completions)]
     width = -(-max(map(len, sequences)) // 4) * 4
     tokens = torch.zeros(len(sequences), width, dtype=torch.long)
@@ -64,11 +59,18 @@ def rollout_log_prob_gap(model, vocab_size: int, prompts: list[list[int]], sampl
     with torch.no_grad():
         positions = torch.arange(width).expand_as(tokens)
         logits = model(input_ids=tokens, position_ids=positions, attention_mask=None)
-        log_probs = token_log_probs(logits[:, :-1], tokens[:, 1:], sampling.scale, vocab_size)
-    gap = 0.0
-    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
-        forced = log_probs[row, len(prompt) - 1:len(prompt) - 1 + len(completion.tokens)]
-        gap = max(gap, (forced - torch.tensor(completion.log_probs)).abs().max().item())
+        log_probs = token_log_probs(logits[:, :-1], tokens[:, 1:], scale, vocab_size)
+    return [log_probs[row, len(prompt) - 1:len(prompt) - 1 + len(completion.tokens)]
+            for row, (prompt, completion) in enumerate(zip(prompts, completions))]
+
+
+def rollout_log_prob_gap(model, vocab_size: int, prompts: list[list[int]], sampling, seed: int):
+    """(completions, max |rollout log-prob - teacher-forced log-prob|) over every generated token."""
+    from megatron_patch.models.generation import generate, sampling_generator
+
+    completions = generate(model, prompts, sampling, vocab_size, sampling_generator(seed))
+    forced = teacher_forced_log_probs(model, vocab_size, prompts, completions, sampling.scale)
+    gap = max((f - torch.tensor(c.log_probs)).abs().max().item() for f, c in zip(forced, completions))
     return completions, gap
 
 

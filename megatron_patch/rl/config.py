@@ -19,6 +19,8 @@ from megatron_patch.rl.rewards import load_reward
 from megatron_patch.training.config import TrainConfig, TrainConfigError, option
 from megatron_patch.training.memory_plan import RolloutShape
 
+ROLLOUT_ENGINES = ("megatron", "vllm")
+
 
 @dataclass
 class GrpoSettings:
@@ -69,6 +71,23 @@ class GrpoSettings:
                                env="MP_GRPO_METADATA_KEY")
     skip_bad_lines: bool = option(False, "count and skip prompt records without a usable prompt or label instead of "
                                          "stopping", env="MP_GRPO_SKIP_BAD_LINES")
+    rollout_engine: str = option("megatron", "what generates the rollouts: megatron (the training model itself with "
+                                             "Megatron-Core's KV cache: exact, runs everywhere) or vllm (a vLLM "
+                                             "engine in its own environment, make setup-vllm; the weights are synced "
+                                             "into it before every rollout)", env="MP_GRPO_ROLLOUT",
+                                 choices=ROLLOUT_ENGINES)
+    vllm_python: str | None = option(None, "the interpreter of vLLM's environment (default: .venv-vllm/bin/python "
+                                           "in the repository)", env="MP_GRPO_VLLM_PYTHON")
+    vllm_memory_fraction: float = option(0.5, "vLLM on a GPU: the share of its memory vLLM may take (weights and KV "
+                                              "cache)", env="MP_GRPO_VLLM_MEMORY_FRACTION")
+    vllm_kv_cache_gib: float = option(1.0, "vLLM on CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE, whole GiB)",
+                                      env="MP_GRPO_VLLM_KV_CACHE_GIB")
+    vllm_max_num_seqs: int = option(256, "vLLM: sequences it batches at once at most",
+                                    env="MP_GRPO_VLLM_MAX_NUM_SEQS")
+    vllm_tensor_parallel_size: int = option(1, "vLLM: its own tensor parallelism (GPUs per engine)",
+                                            env="MP_GRPO_VLLM_TP")
+    vllm_enforce_eager: bool = option(True, "vLLM: no CUDA graphs or torch.compile (faster start; off for speed on "
+                                            "a GPU)", env="MP_GRPO_VLLM_ENFORCE_EAGER")
     tis: bool = option(False, "truncated importance sampling: weight each response token's loss by "
                               "min(exp(logp_old - logp_rollout), --tis-cap), for a rollout engine whose log-probs are "
                               "not the training forward's (vLLM)", env="MP_GRPO_TIS")
@@ -117,6 +136,14 @@ class GrpoSettings:
         if self.routing_replay and config.tensor_model_parallel_size > 1:
             fail("--routing-replay needs --tensor-model-parallel-size 1: sequence parallelism splits a router's tokens "
                  "over tensor-parallel ranks (expert parallelism is fine)")
+        if self.rollout_engine == "vllm":
+            layout = (data_parallel_size, config.tensor_model_parallel_size, config.expert_model_parallel_size)
+            if layout != (1, 1, 1):
+                fail("--rollout-engine vllm needs the whole model in one training process for now (1 process, TP = "
+                     f"EP = 1), got DP x TP x EP = {' x '.join(map(str, layout))}")
+            if config.lora_rank:
+                fail("--rollout-engine vllm does not sync LoRA adapters yet: use --rollout-engine megatron with "
+                     "--lora-rank")
         if self.kl_coef < 0:
             fail(f"--kl-coef {self.kl_coef} must be >= 0")
         if not 0 <= self.overlong_buffer < self.max_response_length:

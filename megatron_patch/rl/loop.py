@@ -18,6 +18,7 @@ import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -80,14 +81,14 @@ def step_prompts(prompts: list[Prompt], step: int, prompts_per_step: int, seed: 
             for position in range(first, first + local)]
 
 
-def sample_generators(seed: int, step: int, prompts_per_step: int, samples: int) -> list[torch.Generator]:
-    """One generator per sequence of this rank, seeded by the sequence's place in the step's global
-    batch: the same samples whatever the data-parallel layout (and on a rerun or resume)."""
+def sample_seeds(seed: int, step: int, prompts_per_step: int, samples: int) -> list[int]:
+    """One seed per sequence of this rank, from the sequence's place in the step's global batch: the
+    same samples whatever the data-parallel layout (and on a rerun or resume)."""
     rank, size = _dp()
     first = rank * (prompts_per_step // size) * samples
     count = prompts_per_step // size * samples
     base = (seed * 1_000_003 + step * 7_919 * prompts_per_step * samples) % (2**62)
-    return [sampling_generator(base + index) for index in range(first, first + count)]
+    return [base + index for index in range(first, first + count)]
 
 
 def overlong_shaped(reward: float, length: int, settings: GrpoSettings) -> float:
@@ -142,6 +143,37 @@ class GrpoTrainer:
             raise TrainConfigError(f"--routing-replay is for MoE models; {config.model} is dense")
         self.routes_used = RoutingRecorder(self._policy()) if self.records_routing else None
         self.replay = RoutingReplay(self._policy()) if settings.routing_replay else None
+        self.engine = self._start_engine() if settings.rollout_engine == "vllm" else None
+
+    def _start_engine(self):
+        from megatron_patch.rl.vllm_engine import VllmEngine, vllm_python
+
+        config, settings = self.config, self.settings
+        log_dir = config.log_dir or config.save or "."
+        engine = VllmEngine(
+            self.model.arch, vllm_python(settings.vllm_python), max_model_len=config.seq_length,
+            dtype="float32" if config.weights_precision == "fp32" else "bfloat16",
+            log_path=Path(log_dir) / "vllm.log", max_num_seqs=settings.vllm_max_num_seqs,
+            tensor_parallel_size=settings.vllm_tensor_parallel_size, memory_fraction=settings.vllm_memory_fraction,
+            kv_cache_gib=settings.vllm_kv_cache_gib, enforce_eager=settings.vllm_enforce_eager,
+            routing=self.records_routing)
+        if _is_logging_rank():
+            print(f"vLLM engine started in {engine.startup_seconds:.1f} s (pid {engine.process.pid}, log "
+                  f"{engine.log_path})", flush=True)
+        return engine
+
+    def close(self) -> None:
+        """Stop what the trainer started beside it (the vLLM engine)."""
+        if self.engine is not None:
+            self.engine.close()
+
+    def sync_weights(self) -> None:
+        """The current weights into the vLLM engine, in HF names through the converter's mapping."""
+        from megatron_patch.rl.vllm_engine import hf_weights
+
+        with synchronized_parameters(self.model.ddp_chunks):
+            weights = hf_weights(self.model.chunks, self.model.arch)
+        self.engine.sync(weights)
 
     # --- pieces of a step ------------------------------------------------------------------------------
     def _parameters(self):
@@ -154,12 +186,15 @@ class GrpoTrainer:
         settings = self.settings
         prompts = [p for p in step_prompts(self.prompts, step, self.config.global_batch_size, self.config.seed)
                    for _ in range(settings.samples_per_prompt)]
-        generators = sample_generators(self.config.seed, step, self.config.global_batch_size,
-                                       settings.samples_per_prompt)
-        with synchronized_parameters(self.model.ddp_chunks):
-            completions = generate_in_batches(self._policy(), [list(p.tokens) for p in prompts], self.sampling,
-                                              self.model.arch.vocab_size, generators, settings.rollout_batch,
-                                              record_routing=self.records_routing)
+        seeds = sample_seeds(self.config.seed, step, self.config.global_batch_size, settings.samples_per_prompt)
+        if self.engine is not None:
+            completions = self.engine.generate([list(p.tokens) for p in prompts], seeds, self.sampling)
+        else:
+            generators = [sampling_generator(seed) for seed in seeds]
+            with synchronized_parameters(self.model.ddp_chunks):
+                completions = generate_in_batches(
+                    self._policy(), [list(p.tokens) for p in prompts], self.sampling, self.model.arch.vocab_size,
+                    generators, settings.rollout_batch, record_routing=self.records_routing)
         rewards, extras = [], []
         for index, (prompt, completion) in enumerate(zip(prompts, completions)):
             text = self.model.tokenizer.backend.decode(
@@ -325,8 +360,12 @@ class GrpoTrainer:
     def step(self, step: int) -> dict:
         settings, model = self.settings, self.model
         clock = Stopwatch()
+        times = {}
+        if self.engine is not None:
+            self.sync_weights()
+            times["weight_sync"] = clock.lap()
         rollout = self.rollout(step)
-        times = {"rollout": clock.lap()}
+        times["rollout"] = clock.lap()
         # Update u trains on the sequences whose place in the global batch is u modulo the updates:
         # each rank holds a contiguous share, so the split is the same in every data-parallel layout.
         order, count = list(range(len(rollout.responses))), settings.updates_per_rollout
@@ -465,7 +504,14 @@ def train_grpo(config: TrainConfig, settings: GrpoSettings,
                prompts: tuple[list[Prompt], list[Prompt]] | None = None) -> int:
     """Run GRPO in this process (one rank of the job); returns the last step."""
     trainer = GrpoTrainer(config, settings, prompts)
-    model = trainer.model
+    try:
+        return _train(trainer)
+    finally:
+        trainer.close()
+
+
+def _train(trainer: GrpoTrainer) -> int:
+    config, settings, model = trainer.config, trainer.settings, trainer.model
     writer = MetricsWriter(config.log_dir, config.tensorboard_dir, enabled=_is_logging_rank())
     step = trainer.loaded.iteration
     while step < config.train_iters:

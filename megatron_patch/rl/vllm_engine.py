@@ -1,0 +1,205 @@
+"""``--rollout-engine vllm``: vLLM in its own environment as a child process of the trainer.
+
+The trainer starts ``rl/vllm_driver.py`` with ``.venv-vllm/bin/python`` (``make setup-vllm``), waits
+until the engine is up, syncs the current weights into it before every rollout and asks it for
+completions; ``close()`` stops it. The child asks Linux to kill it when the trainer ends
+(``PR_SET_PDEATHSIG``), so a killed job (even ``kill -9``) leaves no vLLM process, and a crashed
+engine stops the job with one line naming it and its last error (its whole log is kept beside the
+run's metrics). vLLM starts from ``load_format=dummy`` on the run's config.json: the first sync
+gives it the weights, so no checkpoint is converted or written for it.
+
+Weights travel in HF names, made from the training model by the converter's mapping
+(``models/qwen3/mapping.py``), as one safetensors file in shared memory (``/dev/shm``) that the
+driver's weight-transfer backend loads: no restart, no checkpoint directory. For now the trainer
+must hold the whole model (one process: TP = EP = PP = 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from multiprocessing.connection import Listener
+from pathlib import Path
+
+import torch
+
+from megatron_patch.errors import InputError
+from megatron_patch.models.generation import Completion, Sampling
+from megatron_patch.models.qwen3.arch import Qwen3Arch
+from megatron_patch.parallel import end_with_parent
+
+REPO = Path(__file__).resolve().parents[2]
+DRIVER = Path(__file__).with_name("vllm_driver.py")
+SHARED_MEMORY = Path("/dev/shm")
+
+
+class VllmEngineError(RuntimeError):
+    """The vLLM engine ended or failed; the message names it and its last error."""
+
+
+def vllm_python(configured: str | None) -> Path:
+    """The interpreter of vLLM's environment: ``configured``, else the repository's ``.venv-vllm``."""
+    python = Path(configured) if configured else REPO / ".venv-vllm" / "bin" / "python"
+    if not python.exists():
+        raise InputError(f"--rollout-engine vllm needs vLLM's own environment, and {python} does not exist: "
+                         "run `make setup-vllm` (or set --vllm-python / MP_GRPO_VLLM_PYTHON)")
+    return python
+
+
+@torch.no_grad()
+def hf_weights(model_chunks, arch: Qwen3Arch) -> dict[str, torch.Tensor]:
+    """The current weights of a model this process holds whole, in HF names (the converter's mapping)."""
+    from megatron_patch.models.qwen3.mapping import bound_qwen3_mappings
+    from megatron_patch.models.sharded_state import read_full_tensors
+    from megatron_patch.models.weight_mapping import hf_tensors_from_megatron
+
+    full = read_full_tensors(model_chunks)
+    return dict(hf_tensors_from_megatron(bound_qwen3_mappings(arch), full.__getitem__))
+
+
+class VllmEngine:
+    """One vLLM engine for this process's rollouts."""
+
+    def __init__(self, arch: Qwen3Arch, python: Path, *, max_model_len: int, dtype: str, log_path: Path,
+                 max_num_seqs: int = 256, tensor_parallel_size: int = 1, memory_fraction: float = 0.5,
+                 kv_cache_gib: float = 1.0, enforce_eager: bool = True, routing: bool = False,
+                 startup_timeout: float = 600.0):
+        from megatron_patch.models.qwen3.hf_model import hf_config
+
+        self.routing, self.log_path = routing, log_path
+        base = SHARED_MEMORY if SHARED_MEMORY.is_dir() else None
+        self.folder = Path(tempfile.mkdtemp(prefix="mp-vllm-", dir=base))
+        hf_config(arch).to_json_file(str(self.folder / "config.json"))
+        key = secrets.token_bytes(32)
+        self.listener = Listener(str(self.folder / "socket"), family="AF_UNIX", authkey=key)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "ab")
+        command = [str(python), str(DRIVER), "--socket", str(self.folder / "socket"), "--model", str(self.folder),
+                   "--dtype", dtype, "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs),
+                   "--tensor-parallel-size", str(tensor_parallel_size), "--memory-fraction", str(memory_fraction)]
+        command += ["--enforce-eager"] * enforce_eager + ["--routing"] * routing
+        # The driver's environment is vLLM's: none of the trainer's torchrun, thread or Python settings.
+        env = {name: value for name, value in os.environ.items()
+               if not name.startswith(("PYTHON", "TORCHELASTIC", "MASTER_", "LOCAL_", "GROUP_", "ROLE_"))
+               and name not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "VIRTUAL_ENV")}
+        env |= {"MP_VLLM_AUTHKEY": key.hex(), "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(kv_cache_gib))),
+                "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env=env, preexec_fn=end_with_parent)
+        self.connection = None
+        try:
+            self.connection = self._accept(startup_timeout)
+            self.startup_seconds = self._reply(startup_timeout)["seconds"]
+        except BaseException:
+            self.close()
+            raise
+
+    # --- the channel ------------------------------------------------------------------------------------
+    def _accept(self, timeout: float):
+        accepted = {}
+
+        def accept():
+            try:
+                accepted["connection"] = self.listener.accept()
+            except Exception as error:  # closed, or a peer without the key
+                accepted["error"] = error
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + timeout
+        while thread.is_alive():
+            thread.join(0.5)
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise VllmEngineError(f"vLLM engine (pid {self.process.pid}) did not connect in {timeout:.0f} s; "
+                                      f"its log: {self.log_path}")
+        if "connection" not in accepted:
+            raise VllmEngineError(f"vLLM engine (pid {self.process.pid}) could not connect: {accepted.get('error')}")
+        return accepted["connection"]
+
+    def _check_alive(self) -> None:
+        code = self.process.poll()
+        if code is not None:
+            raise VllmEngineError(f"vLLM engine (pid {self.process.pid}) exited with code {code}: "
+                                  f"{self.last_error()} (log: {self.log_path})")
+
+    def last_error(self) -> str:
+        """The last line of the engine's log that reads like an error (else its last line)."""
+        self._log.flush()
+        lines = [line.strip() for line in self.log_path.read_text(errors="replace").splitlines() if line.strip()]
+        errors = [line for line in lines if "Error" in line or "error" in line]
+        return (errors or lines or ["(no output)"])[-1][-500:]
+
+    def _reply(self, timeout: float | None = None) -> dict:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.connection.poll(0.5):
+            self._check_alive()
+            if deadline is not None and time.monotonic() > deadline:
+                raise VllmEngineError(f"vLLM engine (pid {self.process.pid}) gave no answer in {timeout:.0f} s "
+                                      f"(log: {self.log_path})")
+        try:
+            reply = json.loads(self.connection.recv_bytes())
+        except (EOFError, OSError):
+            self.process.wait(timeout=30)
+            self._check_alive()
+            raise
+        if "error" in reply:
+            raise VllmEngineError(f"vLLM engine (pid {self.process.pid}): {reply['error']} (log: {self.log_path})")
+        return reply
+
+    def _request(self, message: dict) -> dict:
+        self._check_alive()
+        self.connection.send_bytes(json.dumps(message).encode())
+        return self._reply()
+
+    # --- what the trainer asks ----------------------------------------------------------------------------
+    def sync(self, weights: dict[str, torch.Tensor]) -> float:
+        """Give the engine these weights (HF names); returns the seconds from writing to loaded."""
+        from safetensors.torch import save_file
+
+        start = time.perf_counter()
+        staged, path = self.folder / "weights.safetensors.partial", self.folder / "weights.safetensors"
+        save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(staged))
+        staged.rename(path)
+        try:
+            self._request({"op": "update", "path": str(path)})
+        finally:
+            path.unlink(missing_ok=True)
+        return time.perf_counter() - start
+
+    def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling) -> list[Completion]:
+        """Completions as the embedded generator gives them: tokens (a stop token included), the sampled
+        tokens' log-probs of the temperature-scaled distribution, and (``routing``) each input's experts."""
+        reply = self._request({
+            "op": "generate", "prompts": prompts, "seeds": seeds, "routing": self.routing,
+            "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+                         "max_tokens": sampling.max_new_tokens, "stop_token_ids": list(sampling.stop_token_ids)}})
+        routes = reply["routing"] or [None] * len(prompts)
+        return [Completion(tokens=tokens, log_probs=log_probs, stopped=stopped,
+                           routing=None if route is None else torch.tensor(route, dtype=torch.int16))
+                for tokens, log_probs, stopped, route in zip(reply["tokens"], reply["log_probs"], reply["stopped"],
+                                                             routes)]
+
+    def close(self) -> None:
+        """Stop the engine (asked, then killed after 30 s) and remove its shared-memory folder."""
+        try:
+            if self.connection is not None and self.process.poll() is None:
+                self.connection.send_bytes(json.dumps({"op": "stop"}).encode())
+                self.process.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            if self.connection is not None:
+                self.connection.close()
+            self.listener.close()
+            self._log.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
