@@ -138,7 +138,9 @@ class GrpoTrainer:
                                  top_p=settings.top_p, top_k=settings.top_k, stop_token_ids=self.stop_ids)
         # Each token's experts: recorded in the rollout and read off the training forward (routing_mismatch)
         # for an MoE model whose routers see whole sequences (TP 1), replayed with --routing-replay.
-        self.records_routing = model.arch.is_moe and config.tensor_model_parallel_size == 1
+        # vLLM returns its routing only when asked (its routed-experts capture): with --routing-replay.
+        self.records_routing = model.arch.is_moe and config.tensor_model_parallel_size == 1 and (
+            settings.rollout_engine == "megatron" or settings.routing_replay)
         if settings.routing_replay and not model.arch.is_moe:
             raise TrainConfigError(f"--routing-replay is for MoE models; {config.model} is dense")
         self.routes_used = RoutingRecorder(self._policy()) if self.records_routing else None

