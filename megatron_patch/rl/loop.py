@@ -40,6 +40,7 @@ from megatron_patch.rl.objectives import (
 )
 from megatron_patch.rl.prompts import Prompt, read_prompt_files
 from megatron_patch.rl.rewards import load_reward
+from megatron_patch.rl.vllm_engine import VllmEngine, hf_weights, vllm_python
 from megatron_patch.training.checkpointing import load_checkpoint
 from megatron_patch.training.config import TrainConfig, TrainConfigError
 from megatron_patch.training.loop import save_model
@@ -147,9 +148,7 @@ class GrpoTrainer:
         self.replay = RoutingReplay(self._policy()) if settings.routing_replay else None
         self.engine = self._start_engine() if settings.rollout_engine == "vllm" else None
 
-    def _start_engine(self):
-        from megatron_patch.rl.vllm_engine import VllmEngine, vllm_python
-
+    def _start_engine(self) -> VllmEngine:
         config, settings = self.config, self.settings
         log_dir = config.log_dir or config.save or "."
         engine = VllmEngine(
@@ -171,8 +170,6 @@ class GrpoTrainer:
 
     def sync_weights(self) -> None:
         """The current weights into the vLLM engine, in HF names through the converter's mapping."""
-        from megatron_patch.rl.vllm_engine import hf_weights
-
         with synchronized_parameters(self.model.ddp_chunks):
             weights = hf_weights(self.model.chunks, self.model.arch)
         self.engine.sync(weights)

@@ -32,6 +32,10 @@ import torch
 from megatron_patch.errors import InputError
 from megatron_patch.models.generation import Completion, Sampling
 from megatron_patch.models.qwen3.arch import Qwen3Arch
+from megatron_patch.models.qwen3.hf_model import hf_config
+from megatron_patch.models.qwen3.mapping import bound_qwen3_mappings
+from megatron_patch.models.sharded_state import read_full_tensors
+from megatron_patch.models.weight_mapping import hf_tensors_from_megatron
 from megatron_patch.parallel import end_with_parent
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,10 +60,6 @@ def vllm_python(configured: str | None) -> Path:
 @torch.no_grad()
 def hf_weights(model_chunks, arch: Qwen3Arch) -> dict[str, torch.Tensor]:
     """The current weights of a model this process holds whole, in HF names (the converter's mapping)."""
-    from megatron_patch.models.qwen3.mapping import bound_qwen3_mappings
-    from megatron_patch.models.sharded_state import read_full_tensors
-    from megatron_patch.models.weight_mapping import hf_tensors_from_megatron
-
     full = read_full_tensors(model_chunks)
     return dict(hf_tensors_from_megatron(bound_qwen3_mappings(arch), full.__getitem__))
 
@@ -71,8 +71,6 @@ class VllmEngine:
                  max_num_seqs: int = 256, tensor_parallel_size: int = 1, memory_fraction: float = 0.5,
                  kv_cache_gib: float = 1.0, enforce_eager: bool = True, routing: bool = False,
                  startup_timeout: float = 600.0):
-        from megatron_patch.models.qwen3.hf_model import hf_config
-
         self.routing, self.log_path = routing, log_path
         base = SHARED_MEMORY if SHARED_MEMORY.is_dir() else None
         self.folder = Path(tempfile.mkdtemp(prefix="mp-vllm-", dir=base))
