@@ -433,7 +433,9 @@ class GrpoTrainer:
             "clip_fraction": parts["clipped"] / tokens, "max_ratio_drift": peaks[0].item(),
             "rollout_kl": parts["rollout_kl"] / responses, "rollout_beyond_cap": parts["beyond_cap"] / responses,
             "mis_dropped": parts["mis_dropped"] / responses,
-            "routing_mismatch": parts["routing_differ"] / parts["routing_compared"] if self.records_routing else None,
+            # None without routes, or when dynamic sampling left the whole step out (nothing was compared)
+            "routing_mismatch": parts["routing_differ"] / parts["routing_compared"]
+            if self.records_routing and parts["routing_compared"] else None,
             "grad_norm": float(grad_norms[-1]) if grad_norms and grad_norms[-1] is not None else None,
             "lr": self.model.optimizer.param_groups[0]["lr"],
             **{f"seconds_{name}": value for name, value in times.items()},
