@@ -86,6 +86,12 @@ class GrpoSettings:
                                     env="MP_GRPO_VLLM_MAX_NUM_SEQS")
     vllm_tensor_parallel_size: int = option(1, "vLLM: its own tensor parallelism (GPUs per engine)",
                                             env="MP_GRPO_VLLM_TP")
+    vllm_sleep: bool = option(False, "vLLM colocated with training on the same GPU: it sleeps between rollouts "
+                                     "(weights and KV cache released, vLLM's sleep mode) and wakes for the sync and "
+                                     "the rollout (GPU only)", env="MP_GRPO_VLLM_SLEEP")
+    rollout_gpus: int = option(0, "vLLM disaggregated: the engine runs on this many GPUs of its own, the ones after "
+                                  "the trainer's on this node, as its tensor parallelism; 0 shares the trainer's "
+                                  "(GPU only)", env="MP_GRPO_ROLLOUT_GPUS")
     vllm_enforce_eager: bool = option(True, "vLLM: no CUDA graphs or torch.compile (faster start; off for speed on "
                                             "a GPU)", env="MP_GRPO_VLLM_ENFORCE_EAGER")
     tis: bool = option(False, "truncated importance sampling: weight each response token's loss by "
@@ -144,6 +150,12 @@ class GrpoSettings:
             if config.lora_rank:
                 fail("--rollout-engine vllm does not sync LoRA adapters yet: use --rollout-engine megatron with "
                      "--lora-rank")
+            if self.vllm_sleep and self.rollout_gpus:
+                fail("--vllm-sleep (colocated) and --rollout-gpus (disaggregated) exclude each other")
+        elif self.vllm_sleep or self.rollout_gpus:
+            fail("--vllm-sleep and --rollout-gpus are for --rollout-engine vllm")
+        if self.rollout_gpus < 0:
+            fail(f"--rollout-gpus must be >= 0, got {self.rollout_gpus}")
         if self.kl_coef < 0:
             fail(f"--kl-coef {self.kl_coef} must be >= 0")
         if not 0 <= self.overlong_buffer < self.max_response_length:

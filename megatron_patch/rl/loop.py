@@ -151,13 +151,19 @@ class GrpoTrainer:
     def _start_engine(self) -> VllmEngine:
         config, settings = self.config, self.settings
         log_dir = config.log_dir or config.save or "."
+        gpus, tensor_parallel = (), settings.vllm_tensor_parallel_size
+        if settings.rollout_gpus:  # disaggregated: the GPUs after the trainer's on this node
+            if self.model.device == "cpu":
+                raise TrainConfigError("--rollout-gpus gives vLLM GPUs of its own: this run has none (CPU)")
+            first = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            gpus, tensor_parallel = tuple(range(first, first + settings.rollout_gpus)), settings.rollout_gpus
         engine = VllmEngine(
             self.model.arch, vllm_python(settings.vllm_python), max_model_len=config.seq_length,
             dtype="float32" if config.weights_precision == "fp32" else "bfloat16",
             log_path=Path(log_dir) / "vllm.log", max_num_seqs=settings.vllm_max_num_seqs,
-            tensor_parallel_size=settings.vllm_tensor_parallel_size, memory_fraction=settings.vllm_memory_fraction,
+            tensor_parallel_size=tensor_parallel, memory_fraction=settings.vllm_memory_fraction,
             kv_cache_gib=settings.vllm_kv_cache_gib, enforce_eager=settings.vllm_enforce_eager,
-            routing=self.records_routing)
+            routing=self.records_routing, sleep=settings.vllm_sleep, gpus=gpus)
         if _is_logging_rank():
             print(f"vLLM engine started in {engine.startup_seconds:.1f} s (pid {engine.process.pid}, log "
                   f"{engine.log_path})", flush=True)

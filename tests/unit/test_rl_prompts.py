@@ -140,6 +140,23 @@ def test_grpo_settings_that_cannot_run_are_named(changes, message):
         GrpoSettings().check(config, data_parallel_size=1)
 
 
+@pytest.mark.parametrize("config_changes, settings, message", [
+    ({"tensor_model_parallel_size": 2}, {"rollout_engine": "vllm"},
+     "needs the whole model in one training process for now (1 process, TP = EP = 1), got DP x TP x EP = 1 x 2 x 1"),
+    ({"lora_rank": 8}, {"rollout_engine": "vllm"}, "does not sync LoRA adapters yet"),
+    ({}, {"rollout_engine": "vllm", "vllm_sleep": True, "rollout_gpus": 2}, "exclude each other"),
+    ({}, {"rollout_gpus": 2}, "--vllm-sleep and --rollout-gpus are for --rollout-engine vllm"),
+    ({"tensor_model_parallel_size": 2}, {"routing_replay": True}, "--routing-replay needs --tensor-model-parallel"),
+    ({}, {"tis_cap": 1.0}, "--tis-cap 1.0 must be > 1"),
+    ({}, {"mis_low": 1.2}, "--mis-low 1.2 and --mis-high 2.0 must hold 1"),
+])
+def test_rollout_engine_and_correction_settings_that_cannot_run_are_named(config_changes, settings, message):
+    config = TrainConfig(data_path=["p.jsonl"], seq_length=1024, global_batch_size=2, micro_batch_size=4,
+                         **config_changes)
+    with pytest.raises(TrainConfigError, match=re.escape(message)):
+        GrpoSettings(**settings).check(config, data_parallel_size=1)
+
+
 def test_one_yaml_file_holds_training_and_grpo_settings(tmp_path):
     from megatron_patch.rl.__main__ import parse_rl_config
 
