@@ -143,10 +143,6 @@ class GrpoSettings:
             fail("--routing-replay needs --tensor-model-parallel-size 1: sequence parallelism splits a router's tokens "
                  "over tensor-parallel ranks (expert parallelism is fine)")
         if self.rollout_engine == "vllm":
-            layout = (data_parallel_size, config.tensor_model_parallel_size, config.expert_model_parallel_size)
-            if layout != (1, 1, 1):
-                fail("--rollout-engine vllm needs the whole model in one training process for now (1 process, TP = "
-                     f"EP = 1), got DP x TP x EP = {' x '.join(map(str, layout))}")
             if config.lora_rank:
                 fail("--rollout-engine vllm does not sync LoRA adapters yet: use --rollout-engine megatron with "
                      "--lora-rank")

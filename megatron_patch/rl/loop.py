@@ -40,7 +40,7 @@ from megatron_patch.rl.objectives import (
 )
 from megatron_patch.rl.prompts import Prompt, read_prompt_files
 from megatron_patch.rl.rewards import load_reward
-from megatron_patch.rl.vllm_engine import VllmEngine, hf_weights, vllm_python
+from megatron_patch.rl.vllm_engine import VllmEngine, generate_on_rank_zero, hf_weights, vllm_python
 from megatron_patch.training.checkpointing import load_checkpoint
 from megatron_patch.training.config import TrainConfig, TrainConfigError
 from megatron_patch.training.loop import save_model
@@ -146,7 +146,9 @@ class GrpoTrainer:
             raise TrainConfigError(f"--routing-replay is for MoE models; {config.model} is dense")
         self.routes_used = RoutingRecorder(self._policy()) if self.records_routing else None
         self.replay = RoutingReplay(self._policy()) if settings.routing_replay else None
-        self.engine = self._start_engine() if settings.rollout_engine == "vllm" else None
+        # vLLM runs beside global rank 0, which every rank sends its shards and prompts to.
+        self.uses_vllm = settings.rollout_engine == "vllm"
+        self.engine = self._start_engine() if self.uses_vllm and dist.get_rank() == 0 else None
 
     def _start_engine(self) -> VllmEngine:
         config, settings = self.config, self.settings
@@ -164,7 +166,7 @@ class GrpoTrainer:
             tensor_parallel_size=tensor_parallel, memory_fraction=settings.vllm_memory_fraction,
             kv_cache_gib=settings.vllm_kv_cache_gib, enforce_eager=settings.vllm_enforce_eager,
             routing=self.records_routing, sleep=settings.vllm_sleep, gpus=gpus)
-        if _is_logging_rank():
+        if dist.get_rank() == 0:
             print(f"vLLM engine started in {engine.startup_seconds:.1f} s (pid {engine.process.pid}, log "
                   f"{engine.log_path})", flush=True)
         return engine
@@ -175,10 +177,12 @@ class GrpoTrainer:
             self.engine.close()
 
     def sync_weights(self) -> None:
-        """The current weights into the vLLM engine, in HF names through the converter's mapping."""
+        """The current weights into the vLLM engine, in HF names through the converter's mapping (every rank
+        sends its shards to rank 0)."""
         with synchronized_parameters(self.model.ddp_chunks):
             weights = hf_weights(self.model.chunks, self.model.arch)
-        self.engine.sync(weights)
+        if self.engine is not None:
+            self.engine.sync(weights)
 
     # --- pieces of a step ------------------------------------------------------------------------------
     def _parameters(self):
@@ -192,8 +196,10 @@ class GrpoTrainer:
         prompts = [p for p in step_prompts(self.prompts, step, self.config.global_batch_size, self.config.seed)
                    for _ in range(settings.samples_per_prompt)]
         seeds = sample_seeds(self.config.seed, step, self.config.global_batch_size, settings.samples_per_prompt)
-        if self.engine is not None:
-            completions = self.engine.generate([list(p.tokens) for p in prompts], seeds, self.sampling)
+        if self.uses_vllm:
+            sender = parallel_state.get_tensor_model_parallel_rank() == 0
+            completions = generate_on_rank_zero(self.engine, [list(p.tokens) for p in prompts], seeds, self.sampling,
+                                                (_dp()[0], sender))
         else:
             generators = [sampling_generator(seed) for seed in seeds]
             with synchronized_parameters(self.model.ddp_chunks):
@@ -366,7 +372,7 @@ class GrpoTrainer:
         settings, model = self.settings, self.model
         clock = Stopwatch()
         times = {}
-        if self.engine is not None:
+        if self.uses_vllm:
             self.sync_weights()
             times["weight_sync"] = clock.lap()
         rollout = self.rollout(step)

@@ -10,8 +10,9 @@ gives it the weights, so no checkpoint is converted or written for it.
 
 Weights travel in HF names, made from the training model by the converter's mapping
 (``models/qwen3/mapping.py``), as one safetensors file in shared memory (``/dev/shm``) that the
-driver's weight-transfer backend loads: no restart, no checkpoint directory. For now the trainer
-must hold the whole model (one process: TP = EP = PP = 1).
+driver's weight-transfer backend loads: no restart, no checkpoint directory. In a parallel layout the
+engine runs beside global rank 0: every rank sends it its shards for a sync and its prompts for a
+rollout, and gets its completions back.
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ from multiprocessing.connection import Listener
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from megatron_patch.errors import InputError
 from megatron_patch.models.generation import Completion, Sampling
 from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.models.qwen3.hf_model import hf_config
 from megatron_patch.models.qwen3.mapping import bound_qwen3_mappings
-from megatron_patch.models.sharded_state import read_full_tensors
+from megatron_patch.models.routing import ROUTE_DTYPE
+from megatron_patch.models.sharded_state import global_shape, local_shards, local_slice, read_full_tensors
 from megatron_patch.models.weight_mapping import hf_tensors_from_megatron
 from megatron_patch.parallel import end_with_parent
 
@@ -58,10 +61,78 @@ def vllm_python(configured: str | None) -> Path:
 
 
 @torch.no_grad()
-def hf_weights(model_chunks, arch: Qwen3Arch) -> dict[str, torch.Tensor]:
-    """The current weights of a model this process holds whole, in HF names (the converter's mapping)."""
-    full = read_full_tensors(model_chunks)
+def hf_weights(model_chunks, arch: Qwen3Arch) -> dict[str, torch.Tensor] | None:
+    """The current weights in HF names (the converter's mapping), on global rank 0; None on the others.
+
+    A model held whole by one process is read as it is. In a parallel layout every rank sends rank 0
+    the main replica of each of its shards (TP slices, its experts), and rank 0 puts the full tensors
+    together; every rank of the job must call this together.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        full = read_full_tensors(model_chunks)
+    else:
+        full = _gathered_full_tensors(model_chunks)
+        if full is None:
+            return None
     return dict(hf_tensors_from_megatron(bound_qwen3_mappings(arch), full.__getitem__))
+
+
+def _gathered_full_tensors(model_chunks) -> dict | None:
+    from megatron.core.dist_checkpointing.mapping import is_main_replica
+
+    # clone: a parameter is a view into DDP's contiguous buffer, and pickling a view sends its whole storage.
+    mine = [(address, global_shape(shard), local_slice(shard), shard.data.detach().to("cpu", copy=True))
+            for address, shard in local_shards(model_chunks) if is_main_replica(shard.replica_id)]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    full: dict = {}
+    for part in gathered:
+        for address, shape, where, data in part:
+            full.setdefault(address, torch.empty(shape, dtype=data.dtype))[where] = data
+    return full
+
+
+def _completion_record(completion: Completion) -> dict:
+    return {"tokens": completion.tokens, "log_probs": completion.log_probs, "stopped": completion.stopped,
+            "routing": None if completion.routing is None else completion.routing.tolist()}
+
+
+def _completion(record: dict) -> Completion:
+    routing = record["routing"]
+    return Completion(record["tokens"], record["log_probs"], record["stopped"],
+                      None if routing is None else torch.tensor(routing, dtype=ROUTE_DTYPE))
+
+
+def generate_on_rank_zero(engine: VllmEngine | None, prompts: list[list[int]], seeds: list[int],
+                          sampling: Sampling, share: tuple[int, bool]) -> list[Completion]:
+    """This rank's completions from the engine beside global rank 0, every rank of the job calling.
+
+    ``share``: (this rank's data-parallel rank, whether it is the one of its data-parallel group that
+    sends the prompts). Ranks of one data-parallel rank (tensor and expert parallel peers) hold the
+    same prompts and receive the same completions.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return engine.generate(prompts, seeds, sampling)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    asked = [None] * world if rank == 0 else None
+    dist.gather_object((share[0], (prompts, seeds) if share[1] else None), asked, dst=0)
+    answers = None
+    if rank == 0:
+        senders = {dp: request for dp, request in asked if request is not None}
+        order = sorted(senders)
+        flat_prompts = [p for dp in order for p in senders[dp][0]]
+        flat_seeds = [seed for dp in order for seed in senders[dp][1]]
+        made = [_completion_record(c) for c in engine.generate(flat_prompts, flat_seeds, sampling)]
+        by_dp, start = {}, 0
+        for dp in order:
+            by_dp[dp] = made[start:start + len(senders[dp][0])]
+            start += len(senders[dp][0])
+        answers = [by_dp[dp] for dp, _ in asked]
+    received = [None]
+    dist.scatter_object_list(received, answers, src=0)
+    return [_completion(record) for record in received[0]]
 
 
 class VllmEngine:
@@ -184,8 +255,7 @@ class VllmEngine:
             "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                          "max_tokens": sampling.max_new_tokens, "stop_token_ids": list(sampling.stop_token_ids)}})
         routes = reply["routing"] or [None] * len(prompts)
-        return [Completion(tokens=tokens, log_probs=log_probs, stopped=stopped,
-                           routing=None if route is None else torch.tensor(route, dtype=torch.int16))
+        return [_completion({"tokens": tokens, "log_probs": log_probs, "stopped": stopped, "routing": route})
                 for tokens, log_probs, stopped, route in zip(reply["tokens"], reply["log_probs"], reply["stopped"],
                                                              routes)]
 

@@ -145,12 +145,12 @@ def moe_start(folder: str) -> tuple[Path, Path]:
     return hf_dir, mcore
 
 
-def grpo_command(folder: str, run: Path, steps: int) -> list[str]:
+def grpo_command(folder: str, run: Path, steps: int, expert_parallel: int = 1) -> list[str]:
     """run_mcore_qwen3_grpo.sh's 27 arguments: 4 prompts x 8 samples of 8 tokens a step, lr 3e-2, a save every step."""
     hf_dir, mcore = moe_start(folder)
     return ["bash", str(SCRIPT), "dsw", str(hf_dir), "8", "4", "3e-2", "3e-2", "64", "64", "fp32", "1", "1", "1", "1",
-            "1", "false", "true", "false", "true", "none", "false", "1", str(DEMO_PROMPTS), "none", str(mcore),
-            str(steps), "0", str(run)]
+            str(expert_parallel), "false", "true", "false", "true", "none", "false", "1", str(DEMO_PROMPTS), "none",
+            str(mcore), str(steps), "0", str(run)]
 
 
 VLLM_ENV = {"MP_NPROC": "1", "MP_SAVE_OPTIM": "true", "MP_GRPO_N": "8", "MP_GRPO_REWARD": "letters",
@@ -171,18 +171,41 @@ def engine_gone(pid: int, within: float = 20.0) -> bool:
     return False
 
 
-def test_grpo_with_vllm_through_the_script_learns_and_stops_the_engine(tmp_path_factory):
-    folder = str(tmp_path_factory.getbasetemp() / "vllm-grpo")
+@functools.cache
+def learning_run(folder: str) -> tuple[list[dict], str]:
+    """10 steps through the script in one process: (each step's metrics, the output)."""
     run = Path(folder) / "learn"
     result = subprocess.run(grpo_command(folder, run, 10), capture_output=True, text=True, timeout=900,
                             env={**os.environ, **VLLM_ENV})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     (metrics,) = run.rglob("metrics.jsonl")
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if "reward_mean" in line]
+    return [json.loads(line) for line in metrics.read_text().splitlines() if "reward_mean" in line], result.stdout
+
+
+def test_grpo_with_vllm_through_the_script_learns_and_stops_the_engine(tmp_path_factory):
+    records, output = learning_run(str(tmp_path_factory.getbasetemp() / "vllm-grpo"))
     rewards = [r["reward_mean"] for r in records]
     assert len(rewards) == 10 and sum(rewards[-3:]) / 3 >= 0.9, rewards
     # Weights synced before every rollout, and the rollout's log-probs are the training forward's.
     assert all(r["seconds_weight_sync"] > 0 and r["rollout_kl"] < 1e-6 for r in records), records[-1]
+    assert engine_gone(int(ENGINE_PID.search(output).group(1)))
+
+
+def test_expert_parallel_ranks_sync_and_roll_out_through_rank_0(tmp_path_factory):
+    """EP 2 in two processes: each rank sends rank 0 its experts for the sync and its prompts for the rollout,
+    and gets its own completions back. The samples are seeded by their place in the global batch, so the first
+    rollout (before any update) is the one-process run's."""
+    folder = str(tmp_path_factory.getbasetemp() / "vllm-grpo")
+    single, _ = learning_run(folder)
+    run = Path(folder) / "ep2"
+    result = subprocess.run(grpo_command(folder, run, 2, expert_parallel=2), capture_output=True, text=True,
+                            timeout=900, env={**os.environ, **VLLM_ENV, "MP_NPROC": "2", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    (metrics,) = run.rglob("metrics.jsonl")
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if "reward_mean" in line]
+    assert records[0]["reward_mean"] == single[0]["reward_mean"]
+    assert records[0]["response_length_mean"] == single[0]["response_length_mean"]
+    assert all(r["rollout_kl"] < 1e-6 and r["max_ratio_drift"] < 1e-3 for r in records), records
     assert engine_gone(int(ENGINE_PID.search(result.stdout).group(1)))
 
 

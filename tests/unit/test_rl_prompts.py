@@ -141,8 +141,6 @@ def test_grpo_settings_that_cannot_run_are_named(changes, message):
 
 
 @pytest.mark.parametrize("config_changes, settings, message", [
-    ({"tensor_model_parallel_size": 2}, {"rollout_engine": "vllm"},
-     "needs the whole model in one training process for now (1 process, TP = EP = 1), got DP x TP x EP = 1 x 2 x 1"),
     ({"lora_rank": 8}, {"rollout_engine": "vllm"}, "does not sync LoRA adapters yet"),
     ({}, {"rollout_engine": "vllm", "vllm_sleep": True, "rollout_gpus": 2}, "exclude each other"),
     ({}, {"rollout_gpus": 2}, "--vllm-sleep and --rollout-gpus are for --rollout-engine vllm"),
