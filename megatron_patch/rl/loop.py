@@ -151,6 +151,7 @@ class GrpoTrainer:
         self.engine = self._start_engine() if self.uses_vllm and dist.get_rank() == 0 else None
 
     def _start_engine(self) -> VllmEngine:
+        """The vLLM engine, on global rank 0 only."""
         config, settings = self.config, self.settings
         log_dir = config.log_dir or config.save or "."
         gpus, tensor_parallel = (), settings.vllm_tensor_parallel_size
@@ -166,9 +167,8 @@ class GrpoTrainer:
             tensor_parallel_size=tensor_parallel, memory_fraction=settings.vllm_memory_fraction,
             kv_cache_gib=settings.vllm_kv_cache_gib, enforce_eager=settings.vllm_enforce_eager,
             routing=self.records_routing, sleep=settings.vllm_sleep, gpus=gpus)
-        if dist.get_rank() == 0:
-            print(f"vLLM engine started in {engine.startup_seconds:.1f} s (pid {engine.process.pid}, log "
-                  f"{engine.log_path})", flush=True)
+        print(f"vLLM engine started in {engine.startup_seconds:.1f} s (pid {engine.process.pid}, log "
+              f"{engine.log_path})", flush=True)
         return engine
 
     def close(self) -> None:
