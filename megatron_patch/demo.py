@@ -94,7 +94,8 @@ def _fresh_work_dir(parser: argparse.ArgumentParser, work: Path) -> Path:
     return work
 
 
-def _random_hf_model(arch, hf_dir: Path) -> None:
+def write_random_hf_model(arch, hf_dir: Path) -> None:
+    """A random HF checkpoint of ``arch`` with the bundled Qwen3 tokenizer files beside it."""
     save_random_hf_checkpoint(arch, hf_dir)
     for path in bundled_qwen3_tokenizer_dir().iterdir():
         if path.is_file() and path.name != "config.json":
@@ -107,7 +108,7 @@ def grpo_demo(args) -> int:
     started = time.perf_counter()
     hf_dir, mcore, run = work / "hf", work / "mcore", work / "run"
     arch = get_preset("tiny-dense").replace(initializer_range=0.6)
-    _random_hf_model(arch, hf_dir)
+    write_random_hf_model(arch, hf_dir)
     print(f"[demo] 1. random tiny dense HF checkpoint (init std 0.6) with the Qwen3 tokenizer: {hf_dir}")
     _run("2. HF -> torch_dist", [sys.executable, "-m", "megatron_patch.convert", "--load-dir", hf_dir,
                                  "--save-dir", mcore, "--force"])
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
     python = sys.executable
     tokenizer_dir = bundled_qwen3_tokenizer_dir()
     hf_dir, data, mcore, run, hf_out = (work / n for n in ("hf", "data", "mcore", "run", "hf-trained"))
-    _random_hf_model(arch, hf_dir)
+    write_random_hf_model(arch, hf_dir)
     print(f"[demo] 1. random HF checkpoint with the Qwen3 tokenizer: {hf_dir}")
     _run("2. SFT data", ["bash", REPO / "toolkits/sft_data_preprocessing/run_build_idxmap_sft_dataset.sh",
                          DEMO_DATA, "Qwen3Tokenizer", 128, data / "sft", hf_dir, "true"])

@@ -19,13 +19,13 @@ tokens inside every forward and must all call it the same number of times.
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from megatron_patch.models.routing import ROUTE_DTYPE, RoutingRecorder
+from megatron_patch.models.routing import ROUTE_DTYPE, recording
 
 
 @dataclass(frozen=True)
@@ -194,9 +194,7 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     stopped = torch.zeros(rows, dtype=torch.bool, device=device)
     log_probs = torch.zeros(rows, capacity, dtype=torch.float32, device=device)
-    recorder = RoutingRecorder(gpt) if record_routing else None
-    routes = None if recorder is None else \
-        torch.zeros(rows, capacity, recorder.layers, gpt.config.moe_router_topk, dtype=ROUTE_DTYPE)
+    routes = None
 
     def step(start: int, end: int) -> torch.Tensor:
         """Feed positions [start, end) of every row; the logits of the last one. Masks: True = not attended."""
@@ -209,12 +207,14 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
         logits = model(input_ids=tokens, position_ids=queries.expand_as(tokens), attention_mask=masked[:, None],
                        inference_context=context, runtime_gather_output=True)
         context.increment_sequence_len_offset(end - start)
-        if recorder is not None:
+        if record_routing:
             routes[:, start:end] = recorder.routes(end - start, rows).cpu()
         return logits[:, -1, :vocab_size].float()
 
     position = longest
-    try:
+    with recording(gpt) if record_routing else nullcontext() as recorder:
+        if record_routing:
+            routes = torch.zeros(rows, capacity, recorder.layers, gpt.config.moe_router_topk, dtype=ROUTE_DTYPE)
         with _without_sequence_parallel(gpt):
             logits = step(0, longest)
             context.enable_decode_mode()
@@ -233,9 +233,6 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
                     break
                 logits = step(position, position + 1)
                 position += 1
-    finally:
-        if recorder is not None:
-            recorder.remove()
     sequence, log_probs = sequence.cpu(), log_probs.cpu()
     completions = []
     for row, prompt in enumerate(prompts):
@@ -262,8 +259,7 @@ def generate_in_batches(model, prompts: list[list[int]], sampling: Sampling, voc
     for call in range(calls):
         part = slice(call * batch, (call + 1) * batch)
         if not prompts[part]:
-            generate(model, prompts[:1], dataclasses.replace(sampling, temperature=0.0), vocab_size,
-                     record_routing=record_routing)
+            generate(model, prompts[:1], dataclasses.replace(sampling, temperature=0.0), vocab_size)
             continue
         own = generator[part] if isinstance(generator, list) else generator
         completions += generate(model, prompts[part], sampling, vocab_size, own, record_routing)

@@ -19,6 +19,8 @@ ranks (sequence parallelism), which this does not follow: recording and replay n
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 ROUTE_DTYPE = torch.int16
@@ -32,10 +34,13 @@ def moe_routers(model) -> list:
 
 
 def experts_of(routing_map: torch.Tensor, topk: int) -> torch.Tensor:
-    """``[tokens, top-k]`` expert ids (ascending) from a boolean routing map ``[tokens, experts]``."""
-    tokens = routing_map.shape[0]
-    # Every token takes exactly top-k experts (no capacity dropping in these runs); nonzero is row-major.
-    return routing_map.nonzero()[:, 1].view(tokens, topk).to(ROUTE_DTYPE)
+    """``[tokens, top-k]`` expert ids (ascending) from a boolean routing map ``[tokens, experts]``.
+
+    Every token takes exactly top-k experts (no capacity dropping in these runs). topk, not nonzero:
+    it runs every forward of every MoE layer, and nonzero would wait for the device each time.
+    """
+    chosen = routing_map.to(torch.int8).topk(topk, dim=-1).indices
+    return chosen.sort(dim=-1).values.to(ROUTE_DTYPE)
 
 
 class RoutingRecorder:
@@ -99,6 +104,16 @@ class RoutingReplay:
         for router in self.routers:
             router.router_replay.clear_indices()
             router.router_replay.clear_router_replay_action()
+
+
+@contextmanager
+def recording(model):
+    """A ``RoutingRecorder`` on ``model`` for the block, its hooks removed after."""
+    recorder = RoutingRecorder(model)
+    try:
+        yield recorder
+    finally:
+        recorder.remove()
 
 
 def differing_routes(used: torch.Tensor, expected: torch.Tensor, live: torch.Tensor) -> tuple[int, int]:

@@ -92,16 +92,28 @@ def load_full_tensors(model_chunks, full_tensor: Callable[[MegatronAddress], tor
 
 
 @torch.no_grad()
-def read_full_tensors(model_chunks) -> dict[MegatronAddress, torch.Tensor]:
-    """The full tensors of a model held entirely by this rank (a world of one, or replicas)."""
+def main_replica_pieces(model_chunks) -> list[tuple[MegatronAddress, tuple[int, ...], tuple[slice, ...], torch.Tensor]]:
+    """(address, full shape, where, data) of every main-replica shard this rank holds; the data a host copy
+    of its own (a parameter is a view into DDP's buffer, which pickling would send whole)."""
+    from megatron.core.dist_checkpointing.mapping import is_main_replica
+
+    return [(address, global_shape(shard), local_slice(shard), shard.data.detach().to("cpu", copy=True))
+            for address, shard in local_shards(model_chunks) if is_main_replica(shard.replica_id)]
+
+
+def assemble_full_tensors(pieces) -> dict[MegatronAddress, torch.Tensor]:
+    """Full tensors from (address, full shape, where, data) pieces; raises if one is only partly covered."""
     tensors: dict[MegatronAddress, torch.Tensor] = {}
     filled: dict[MegatronAddress, int] = {}
-    for address, shard in local_shards(model_chunks):
-        shape = global_shape(shard)
-        full = tensors.setdefault(address, torch.empty(shape, dtype=shard.data.dtype))
-        full[local_slice(shard)] = shard.data
-        filled[address] = filled.get(address, 0) + shard.data.numel()
+    for address, shape, where, data in pieces:
+        tensors.setdefault(address, torch.empty(shape, dtype=data.dtype))[where] = data
+        filled[address] = filled.get(address, 0) + data.numel()
     partial = [a for a, n in filled.items() if n != tensors[a].numel()]
     if partial:
         raise ValueError(f"{partial[0]} is only partly held by this rank; gather it from the checkpoint instead")
     return tensors
+
+
+def read_full_tensors(model_chunks) -> dict[MegatronAddress, torch.Tensor]:
+    """The full tensors of a model held entirely by this rank (a world of one, or replicas)."""
+    return assemble_full_tensors(main_replica_pieces(model_chunks))

@@ -27,7 +27,7 @@ from megatron.core import parallel_state
 from megatron_patch.lora.apply import adapters_disabled
 from megatron_patch.models.generation import Sampling, generate_in_batches, sampling_generator
 from megatron_patch.models.log_probs import token_entropy, token_log_probs
-from megatron_patch.models.routing import RoutingRecorder, RoutingReplay, differing_routes
+from megatron_patch.models.routing import RoutingRecorder, RoutingReplay, differing_routes, recording
 from megatron_patch.rl.config import GrpoSettings, training_view
 from megatron_patch.rl.objectives import (
     aggregate_parts,
@@ -144,7 +144,7 @@ class GrpoTrainer:
             settings.rollout_engine == "megatron" or settings.routing_replay)
         if settings.routing_replay and not model.arch.is_moe:
             raise TrainConfigError(f"--routing-replay is for MoE models; {config.model} is dense")
-        self.routes_used = RoutingRecorder(self._policy()) if self.records_routing else None
+        self.routes_used: RoutingRecorder | None = None  # during a step's training forwards (_training_forwards)
         self.replay = RoutingReplay(self._policy()) if settings.routing_replay else None
         # vLLM runs beside global rank 0, which every rank sends its shards and prompts to.
         self.uses_vllm = settings.rollout_engine == "vllm"
@@ -183,6 +183,22 @@ class GrpoTrainer:
             weights = hf_weights(self.model.chunks, self.model.arch)
         if self.engine is not None:
             self.engine.sync(weights)
+
+    @contextmanager
+    def _training_forwards(self):
+        """The block of a step's training forwards: ``routes_used`` reads the experts they take (for
+        ``routing_mismatch``; the rollout's routes the generator records itself), and the replayed
+        routes (--routing-replay) are released at its end."""
+        try:
+            if not self.records_routing:
+                yield
+                return
+            with recording(self._policy()) as self.routes_used:
+                yield
+        finally:
+            self.routes_used = None
+            if self.replay is not None:
+                self.replay.release()
 
     # --- pieces of a step ------------------------------------------------------------------------------
     def _parameters(self):
@@ -382,40 +398,39 @@ class GrpoTrainer:
         order, count = list(range(len(rollout.responses))), settings.updates_per_rollout
         updates = [order[u::count] for u in range(count)]
         batches = [self._micro_batches(rollout, rows) for rows in updates]
-        with synchronized_parameters(model.ddp_chunks):
-            for chunk in model.chunks:
-                chunk.eval()
-            if settings.updates_per_rollout > 1:
-                for batch in (b for update in batches for b in update):
-                    batch["old_log_probs"] = self._log_probs(batch)
-            times["log_probs"] = clock.lap()
-            if settings.kl_coef > 0:
-                with self._reference_weights():
+        with self._training_forwards():
+            with synchronized_parameters(model.ddp_chunks):
+                for chunk in model.chunks:
+                    chunk.eval()
+                if settings.updates_per_rollout > 1:
                     for batch in (b for update in batches for b in update):
-                        batch["ref_log_probs"] = self._log_probs(batch)
-            times["reference"] = clock.lap()
-        sums = torch.zeros(len(REPORT_SUMS) + len(FIRST_UPDATE_SUMS) + 1, dtype=torch.float64)
-        every = len(REPORT_SUMS)
-        grad_norms = []
-        live = torch.tensor([float(rollout.in_loss.sum())], dtype=torch.float64)
-        dist.all_reduce(live, group=parallel_state.get_data_parallel_group())
-        if live.item() == 0:  # dynamic sampling left every group out: nothing to learn from this rollout
-            model.scheduler.step(increment=len(batches))
-            batches = []
-        for number, update in enumerate(batches):
-            result = train_step(model.ddp_chunks, model.optimizer, iter(update), len(update),
-                                update[0]["tokens"].shape[1], self.config.micro_batch_size,
-                                forward_step=self._forward_step())
-            model.scheduler.step(increment=1)
-            grad_norms.append(result["grad_norm"])
-            for report in result["reports"]:
-                values = report["grpo"].double().cpu()
-                sums[:every] += values[:every]
-                if number == 0:  # before this step's first update the weights are the rollout's
-                    sums[every:-1] += values[every:-1]
-                    sums[-1] = max(sums[-1], values[-1])
-        if self.replay is not None:
-            self.replay.release()
+                        batch["old_log_probs"] = self._log_probs(batch)
+                times["log_probs"] = clock.lap()
+                if settings.kl_coef > 0:
+                    with self._reference_weights():
+                        for batch in (b for update in batches for b in update):
+                            batch["ref_log_probs"] = self._log_probs(batch)
+                times["reference"] = clock.lap()
+            sums = torch.zeros(len(REPORT_SUMS) + len(FIRST_UPDATE_SUMS) + 1, dtype=torch.float64)
+            every = len(REPORT_SUMS)
+            grad_norms = []
+            live = torch.tensor([float(rollout.in_loss.sum())], dtype=torch.float64)
+            dist.all_reduce(live, group=parallel_state.get_data_parallel_group())
+            if live.item() == 0:  # dynamic sampling left every group out: nothing to learn from this rollout
+                model.scheduler.step(increment=len(batches))
+                batches = []
+            for number, update in enumerate(batches):
+                result = train_step(model.ddp_chunks, model.optimizer, iter(update), len(update),
+                                    update[0]["tokens"].shape[1], self.config.micro_batch_size,
+                                    forward_step=self._forward_step())
+                model.scheduler.step(increment=1)
+                grad_norms.append(result["grad_norm"])
+                for report in result["reports"]:
+                    values = report["grpo"].double().cpu()
+                    sums[:every] += values[:every]
+                    if number == 0:  # before this step's first update the weights are the rollout's
+                        sums[every:-1] += values[every:-1]
+                        sums[-1] = max(sums[-1], values[-1])
         times["update"] = clock.lap()
         return self._metrics(rollout, sums, grad_norms, times)
 

@@ -37,7 +37,7 @@ from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.models.qwen3.hf_model import hf_config
 from megatron_patch.models.qwen3.mapping import bound_qwen3_mappings
 from megatron_patch.models.routing import ROUTE_DTYPE
-from megatron_patch.models.sharded_state import global_shape, local_shards, local_slice, read_full_tensors
+from megatron_patch.models.sharded_state import assemble_full_tensors, main_replica_pieces
 from megatron_patch.models.weight_mapping import hf_tensors_from_megatron
 from megatron_patch.parallel import end_with_parent
 
@@ -60,38 +60,21 @@ def vllm_python(configured: str | None) -> Path:
     return python
 
 
-@torch.no_grad()
 def hf_weights(model_chunks, arch: Qwen3Arch) -> dict[str, torch.Tensor] | None:
     """The current weights in HF names (the converter's mapping), on global rank 0; None on the others.
 
-    A model held whole by one process is read as it is. In a parallel layout every rank sends rank 0
-    the main replica of each of its shards (TP slices, its experts), and rank 0 puts the full tensors
-    together; every rank of the job must call this together.
+    Every rank sends rank 0 the main replica of each of its shards (TP slices, its experts), and rank 0
+    puts the full tensors together; every rank of the job calls this together.
     """
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        full = read_full_tensors(model_chunks)
-    else:
-        full = _gathered_full_tensors(model_chunks)
-        if full is None:
+    pieces = main_replica_pieces(model_chunks)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(pieces, gathered, dst=0)
+        if dist.get_rank() != 0:
             return None
+        pieces = [piece for part in gathered for piece in part]
+    full = assemble_full_tensors(pieces)
     return dict(hf_tensors_from_megatron(bound_qwen3_mappings(arch), full.__getitem__))
-
-
-def _gathered_full_tensors(model_chunks) -> dict | None:
-    from megatron.core.dist_checkpointing.mapping import is_main_replica
-
-    # clone: a parameter is a view into DDP's contiguous buffer, and pickling a view sends its whole storage.
-    mine = [(address, global_shape(shard), local_slice(shard), shard.data.detach().to("cpu", copy=True))
-            for address, shard in local_shards(model_chunks) if is_main_replica(shard.replica_id)]
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(mine, gathered, dst=0)
-    if dist.get_rank() != 0:
-        return None
-    full: dict = {}
-    for part in gathered:
-        for address, shape, where, data in part:
-            full.setdefault(address, torch.empty(shape, dtype=data.dtype))[where] = data
-    return full
 
 
 def _completion_record(completion: Completion) -> dict:

@@ -5,7 +5,6 @@ import functools
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_patch.demo import DEMO_PROMPTS
+from megatron_patch.demo import DEMO_PROMPTS, write_random_hf_model
 from megatron_patch.errors import InputError
 from megatron_patch.models.generation import Sampling, generate
 from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
@@ -132,14 +131,8 @@ ENGINE_PID = re.compile(r"vLLM engine started in [0-9.]+ s \(pid (\d+)")
 @functools.cache
 def moe_start(folder: str) -> tuple[Path, Path]:
     """(HF directory with the Qwen3 tokenizer, its torch_dist conversion)."""
-    from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
-    from megatron_patch.models.qwen3.hf_model import save_random_hf_checkpoint
-
     hf_dir, mcore = Path(folder) / "moe-hf", Path(folder) / "moe-mcore"
-    save_random_hf_checkpoint(MOE, hf_dir)
-    for path in bundled_qwen3_tokenizer_dir().iterdir():
-        if path.is_file() and path.name != "config.json":
-            shutil.copy(path, hf_dir / path.name)
+    write_random_hf_model(MOE, hf_dir)
     subprocess.run([sys.executable, "-m", "megatron_patch.convert", "--load-dir", hf_dir, "--save-dir", mcore],
                    check=True, capture_output=True)
     return hf_dir, mcore
