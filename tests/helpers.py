@@ -64,11 +64,11 @@ def teacher_forced_log_probs(model, vocab_size: int, prompts: list[list[int]], c
             for row, (prompt, completion) in enumerate(zip(prompts, completions))]
 
 
-def rollout_log_prob_gap(model, vocab_size: int, prompts: list[list[int]], sampling, seed: int):
+def rollout_log_prob_gap(model, vocab_size: int, prompts: list[list[int]], sampling, seed: int, slots: int = 0):
     """(completions, max |rollout log-prob - teacher-forced log-prob|) over every generated token."""
     from megatron_patch.models.generation import generate, sampling_generator
 
-    completions = generate(model, prompts, sampling, vocab_size, sampling_generator(seed))
+    completions = generate(model, prompts, sampling, vocab_size, sampling_generator(seed), slots=slots)
     forced = teacher_forced_log_probs(model, vocab_size, prompts, completions, sampling.scale)
     gap = max((f - torch.tensor(c.log_probs)).abs().max().item() for f, c in zip(forced, completions))
     return completions, gap

@@ -3,17 +3,27 @@
 Used by GRPO rollout (on the training model itself, in its TP/EP layout) and by the evaluation
 model's ``generate_until``. Pipeline parallelism is not supported (one model chunk).
 
-Prompts of different lengths are left-padded to the longest and prefilled in one forward pass;
-then every row takes one token a step, at the same position. Megatron-Core drops its causal mask
-once the prefill is done (and torch SDPA would align a causal mask top-left when query and key
-lengths differ), so the padding is masked explicitly, in the prefill and at every step: a padded
-row attends to exactly its own tokens. Its positions are shifted by its padding, which RoPE does
-not see: attention depends only on the distance between query and key.
+Continuous batching on Megatron-Core's static KV cache, whose rows share one write position:
+- up to ``slots`` sequences are in the cache, one batch row each; every step the live rows feed
+  their last token at the shared position;
+- a sequence that ends leaves at once: the last live rows move into the holes, so a step computes
+  live rows only (varied response lengths cost what they generate, not the longest row's length);
+- a freed slot takes the next prompt in the same step: its prompt is prefilled into its row, left-
+  padded to end at the shared position; prompts admitted together share a forward with others of
+  similar length (_prefill_groups);
+- when the cache's positions run out, the live rows' keys move back to the front (_shift_back).
+A row's keys before its first prompt token (padding, or an earlier sequence's) are masked
+explicitly in every forward: Megatron-Core drops its causal mask after the first prefill, and torch
+SDPA would align a causal mask top-left when query and key lengths differ. A row's positions are
+offset by where it starts, which RoPE does not see: attention depends only on the distance between
+query and key. Linears run through oneDNN on a CPU (models/onednn_linear.py).
 
-Every process of a data-parallel group gives the same prompts and an identically seeded generator,
-so tensor-parallel ranks (which see the same gathered logits) sample the same tokens. The steps
-continue until no row on any process is still going, because expert-parallel ranks exchange
-tokens inside every forward and must all call it the same number of times.
+Every process of a data-parallel group gives the same prompts and identically seeded generators,
+so tensor-parallel ranks (which see the same gathered logits) sample the same tokens. Expert-
+parallel ranks exchange tokens inside every forward, so all processes make the same forwards: a
+process with no rows for a decode or prefill that another process makes feeds one token through a
+scratch row. With a generator per prompt a sequence's tokens do not depend on the others in the
+batch or on when it was admitted.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_patch.models.onednn_linear import onednn_linears
 from megatron_patch.models.routing import ROUTE_DTYPE, recording
 
 
@@ -122,16 +133,28 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, generators=None):
     return tokens, log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def _most_over_processes(value: int, device) -> int:
+def _most_over_processes(values: tuple[int, ...], device) -> tuple[int, ...]:
+    """Each value's largest over the processes of the job."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    tensor = torch.tensor([value], device=device)
+        return values
+    tensor = torch.tensor(values, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+    return tuple(tensor.tolist())
 
 
-def _any_process(flag: bool, device) -> bool:
-    return _most_over_processes(int(flag), device) > 0
+def _prefill_groups(lengths: list[int]) -> list[int]:
+    """Sizes of the prefill forwards for prompts sorted longest first: a group ends before a prompt
+    shorter than 3/4 of the group's first, so padding stays under a quarter of each row (a forward
+    pads its rows to its longest prompt) while the forwards stay few."""
+    sizes: list[int] = []
+    width = 0
+    for length in lengths:
+        if sizes and 4 * length >= 3 * width:
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+            width = length
+    return sizes
 
 
 @contextmanager
@@ -157,19 +180,83 @@ def _unwrapped(model):
     return model
 
 
+@dataclass
+class _Outputs:
+    """What each sequence (by its index among the prompts) has produced so far."""
+
+    tokens: list[list[int]]
+    log_probs: list[list[float]]
+    stopped: list[bool]
+    routes: list[list[torch.Tensor]] | None
+
+
+class _Rows:
+    """The sequences in the KV cache, one batch row each: their prompt index, the cache position of
+    their first prompt token, and the token each feeds next."""
+
+    def __init__(self, device):
+        self.sequences: list[int] = []
+        self.starts = torch.zeros(0, dtype=torch.long, device=device)
+        self.feeds = torch.zeros(0, dtype=torch.long, device=device)
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def keep(self, order: list[int]) -> None:
+        """Row i becomes what row order[i] was."""
+        index = torch.tensor(order, dtype=torch.long, device=self.starts.device)
+        self.sequences = [self.sequences[i] for i in order]
+        self.starts, self.feeds = self.starts[index], self.feeds[index]
+
+    def add(self, sequences: list[int], starts: torch.Tensor) -> None:
+        self.sequences += sequences
+        self.starts = torch.cat([self.starts, starts])
+        self.feeds = torch.cat([self.feeds, torch.zeros_like(starts)])
+
+
+def _close_holes(cache: dict, filled: int, finished: list[int], rows: int) -> list[int]:
+    """Drop the finished rows from the first ``rows`` of every layer's KV cache, moving the last live
+    rows into their places (only those rows are copied); returns the new row order for ``_Rows.keep``."""
+    gone = set(finished)
+    kept = rows - len(gone)
+    holes = [row for row in finished if row < kept]
+    movers = [row for row in range(kept, rows) if row not in gone]
+    order = list(range(kept))
+    for hole, mover in zip(holes, movers):
+        order[hole] = mover
+    if holes:
+        to, source = torch.tensor(holes), torch.tensor(movers)
+        for key, value in cache.values():
+            for memory in (key, value):
+                memory[:filled, to.to(memory.device)] = memory[:filled, source.to(memory.device)]
+    return order
+
+
+def _shift_back(cache: dict, filled: int, shift: int, rows: int) -> None:
+    """Move positions [shift, filled) of the first ``rows`` rows to [0, filled - shift). Exact: keys are
+    cached before RoPE, which every forward applies by cache position, and attention depends only on
+    the distance between query and key positions."""
+    for key, value in cache.values():
+        for memory in (key, value):
+            memory[:filled - shift, :rows] = memory[shift:filled, :rows].clone()
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: int,
              generator: torch.Generator | list[torch.Generator] | None = None,
-             record_routing: bool = False) -> list[Completion]:
+             record_routing: bool = False, slots: int = 0) -> list[Completion]:
     """Complete every prompt (token ids) with ``model`` (a GPTModel, or DDP/Float16Module around one).
 
     ``vocab_size`` trims the padded vocabulary; ``generator`` is one for the batch, or one per prompt;
-    ``record_routing`` keeps each token's experts (an MoE model) in ``Completion.routing``.
+    ``record_routing`` keeps each token's experts (an MoE model) in ``Completion.routing``; ``slots``
+    bounds the sequences generated at once (0: all): when one ends, the next prompt takes its place.
     Each process calls this together with the others of its job (see the module docstring); the
     model is put in eval mode and left there.
     """
     if not prompts or any(not prompt for prompt in prompts):
         raise ValueError("generate: every prompt needs at least one token")
+    if isinstance(generator, list) and len(generator) != len(prompts):
+        raise ValueError(f"{len(generator)} generators for {len(prompts)} prompts")
     from megatron.core.inference.contexts import StaticInferenceContext
 
     gpt = _unwrapped(model)
@@ -177,90 +264,139 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
         raise ValueError("generation needs the whole model in one chunk (pipeline parallelism is not supported)")
     device = next(gpt.parameters()).device
     model.eval()
-    lengths = [len(prompt) for prompt in prompts]
-    rows, longest = len(prompts), max(lengths)
-    # Every process steps as often as the largest token budget anywhere needs (expert ranks exchange
-    # tokens in every forward); a process whose rows are done feeds padding until then.
-    capacity = longest + _most_over_processes(sampling.max_new_tokens, device)
-    context = StaticInferenceContext(max_batch_size=rows, max_sequence_length=capacity)
+    count = len(prompts)
+    slots = count if slots <= 0 else min(slots, count)
+    longest = max(len(prompt) for prompt in prompts)
+    # Positions one sequence can take; with more prompts than slots the cache has half that again as
+    # room, and is shifted back when it fills (see _shift_back), at most once every span/2 steps.
+    span = longest + sampling.max_new_tokens
+    capacity = span if slots == count else span + span // 2
+    scratch = slots  # the batch row of forwards made only to keep step with other processes
+    context = StaticInferenceContext(max_batch_size=slots + 1, max_sequence_length=capacity)
+    cache = context.key_value_memory_dict
     padding = sampling.stop_token_ids[0] if sampling.stop_token_ids else 0
-    sequence = torch.full((rows, capacity), padding, dtype=torch.long, device=device)
-    is_padding = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
-    for row, prompt in enumerate(prompts):
-        sequence[row, longest - len(prompt):longest] = torch.tensor(prompt, device=device)
-        is_padding[row, :longest - len(prompt)] = True
-    stops = torch.tensor(sampling.stop_token_ids or [-1], device=device)
-    generated = torch.zeros(rows, dtype=torch.long, device=device)
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    stopped = torch.zeros(rows, dtype=torch.bool, device=device)
-    log_probs = torch.zeros(rows, capacity, dtype=torch.float32, device=device)
-    routes = None
+    stops = set(sampling.stop_token_ids)
+    out = _Outputs([[] for _ in prompts], [[] for _ in prompts], [False] * count,
+                   [[] for _ in prompts] if record_routing else None)
+    pending = list(range(count))
+    pending.reverse()  # popped from the end: prompt order
+    rows = _Rows(device)
+    position = longest - 1  # the cache position the next decode step writes; prefills end there too
 
-    def step(start: int, end: int) -> torch.Tensor:
-        """Feed positions [start, end) of every row; the logits of the last one. Masks: True = not attended."""
-        queries = torch.arange(start, end, device=device)
-        keys = torch.arange(end, device=device)
-        masked = (keys > queries[:, None]) | is_padding[:, None, :end]
-        # A padding query attends to itself only (a row of nothing but masked keys would give NaN).
-        masked &= keys != queries[:, None]
-        tokens = sequence[:, start:end]
-        logits = model(input_ids=tokens, position_ids=queries.expand_as(tokens), attention_mask=masked[:, None],
-                       inference_context=context, runtime_gather_output=True)
-        context.increment_sequence_len_offset(end - start)
-        if record_routing:
-            routes[:, start:end] = recorder.routes(end - start, rows).cpu()
+    def forward(tokens, offset: int, row: int, masked):
+        context.sequence_len_offset, context.batch_size_offset = offset, row
+        logits = model(input_ids=tokens, position_ids=torch.arange(offset, offset + tokens.shape[1], device=device)
+                       .expand_as(tokens), attention_mask=masked[:, None], inference_context=context,
+                       runtime_gather_output=True)
         return logits[:, -1, :vocab_size].float()
 
-    position = longest
-    with recording(gpt) if record_routing else nullcontext() as recorder:
-        if record_routing:
-            routes = torch.zeros(rows, capacity, recorder.layers, gpt.config.moe_router_topk, dtype=ROUTE_DTYPE)
-        with _without_sequence_parallel(gpt):
-            logits = step(0, longest)
-            context.enable_decode_mode()
-            while True:
-                # Rows still generating draw a token (and only they use their generator).
-                choosing = torch.nonzero(~finished).squeeze(-1)
+    def masks(starts, first: int, end: int):
+        """True = not attended: keys after the query, or before the row's first prompt token. A query
+        before that (left padding) attends to itself only: a row of nothing but masked keys gives NaN."""
+        queries = torch.arange(first, end, device=device)
+        keys = torch.arange(end, device=device)
+        masked = (keys > queries[:, None]) | (keys < starts[:, None, None])
+        return masked & (keys != queries[:, None])
+
+    def keep_step():
+        """One token through the scratch row: expert-parallel ranks exchange tokens in every forward."""
+        forward(torch.full((1, 1), padding, device=device), 0, scratch, torch.zeros(1, 1, 1, dtype=torch.bool,
+                                                                                   device=device))
+
+    def decode(count: int):
+        """The first ``count`` rows feed their last token at ``position``."""
+        context.enable_decode_mode()
+        logits = forward(rows.feeds[:count, None], position, 0, masks(rows.starts[:count], position, position + 1))
+        if recorder is not None:
+            for row, routes in enumerate(recorder.routes(1, count).cpu()):
+                out.routes[rows.sequences[row]].append(routes)
+        return logits
+
+    def prefill(first: int, count: int):
+        """Rows ``first``..``first + count`` (just admitted) take their prompts, left-padded to end at ``position``."""
+        context.enable_prefill_mode()
+        admitted = rows.sequences[first:first + count]
+        width = max(len(prompts[index]) for index in admitted)
+        tokens = torch.full((len(admitted), width), padding, dtype=torch.long, device=device)
+        for row, index in enumerate(admitted):
+            tokens[row, width - len(prompts[index]):] = torch.tensor(prompts[index], device=device)
+        begin = position + 1 - width
+        logits = forward(tokens, begin, first, masks(rows.starts[first:first + count], begin, position + 1))
+        if recorder is not None:
+            for row, routes in enumerate(recorder.routes(width, len(admitted)).cpu()):
+                out.routes[admitted[row]].append(routes[width - len(prompts[admitted[row]]):])
+        return logits
+
+    recorder = None
+    with recording(gpt) if record_routing else nullcontext() as recorder, _without_sequence_parallel(gpt), \
+            onednn_linears(gpt):
+        # Megatron-Core allocates the cache with torch.empty in the first forward. Positions a row never
+        # wrote are masked, but a masked NaN still poisons attention (0 * NaN), so the cache starts at zero.
+        keep_step()
+        for memory in cache.values():
+            for part in memory:
+                part.zero_()
+        logits = None
+        while True:
+            if logits is not None:
+                # The rows that took a token last step draw the next (only they use their generator).
                 own = generator if generator is None or isinstance(generator, torch.Generator) \
-                    else [generator[row] for row in choosing.tolist()]
-                tokens, token_log_probs = next_tokens(logits[choosing], sampling, own)
-                sequence[choosing, position] = tokens
-                log_probs[choosing, position] = token_log_probs
-                generated[choosing] += 1
-                stopped[choosing] |= torch.isin(tokens, stops)
-                finished |= stopped | (generated >= sampling.max_new_tokens)
-                if not _any_process(bool((~finished).any()), device):
-                    break
-                logits = step(position, position + 1)
-                position += 1
-    sequence, log_probs = sequence.cpu(), log_probs.cpu()
+                    else [generator[index] for index in rows.sequences]
+                rows.feeds, token_log_probs = next_tokens(logits, sampling, own)
+                finished = []
+                for row, (token, log_prob) in enumerate(zip(rows.feeds.tolist(), token_log_probs.tolist())):
+                    index = rows.sequences[row]
+                    out.tokens[index].append(token)
+                    out.log_probs[index].append(log_prob)
+                    out.stopped[index] = token in stops
+                    if out.stopped[index] or len(out.tokens[index]) >= sampling.max_new_tokens:
+                        finished.append(row)
+                position += 1  # positions [0, position) are in the cache
+                rows.keep(_close_holes(cache, position, finished, len(rows)))
+            going = len(rows)
+            if not going:
+                position = longest - 1  # an empty cache: start again at the front
+            elif position >= capacity:
+                shift = min(int(rows.starts.min()), position - (longest - 1))
+                assert shift > 0, (position, capacity, rows.starts)  # span + span // 2 leaves room; see capacity
+                _shift_back(cache, position, shift, going)
+                rows.starts -= shift
+                position -= shift
+            admitted = sorted((pending.pop() for _ in range(min(slots - going, len(pending)))),
+                              key=lambda index: -len(prompts[index]))
+            groups = _prefill_groups([len(prompts[index]) for index in admitted])
+            if admitted:
+                lengths = torch.tensor([len(prompts[index]) for index in admitted], device=device)
+                rows.add(admitted, position + 1 - lengths)
+            decoding, prefills = _most_over_processes((int(going > 0), len(groups)), device)
+            if not (decoding or prefills):
+                break
+            # A process with no rows of its own for a forward that another process makes makes a keep step.
+            made = []
+            if decoding and going:
+                made.append(decode(going))
+            elif decoding:
+                keep_step()
+            first = going
+            for group in range(prefills):
+                if group < len(groups):
+                    made.append(prefill(first, groups[group]))
+                    first += groups[group]
+                else:
+                    keep_step()
+            logits = torch.cat(made) if made else None
     completions = []
-    for row, prompt in enumerate(prompts):
-        end = longest + int(generated[row])
-        # The inputs of a forward over prompt + response[:-1]: from the row's first prompt token on.
-        routing = None if routes is None else routes[row, longest - len(prompt):end - 1].clone()
-        completions.append(Completion(tokens=sequence[row, longest:end].tolist(),
-                                      log_probs=log_probs[row, longest:end].tolist(),
-                                      stopped=bool(stopped[row]), routing=routing))
+    for index in range(count):
+        routing = torch.cat(out.routes[index])[:len(prompts[index]) + len(out.tokens[index]) - 1] \
+            if record_routing else None
+        completions.append(Completion(tokens=out.tokens[index], log_probs=out.log_probs[index],
+                                      stopped=out.stopped[index], routing=routing))
     return completions
 
 
 def generate_in_batches(model, prompts: list[list[int]], sampling: Sampling, vocab_size: int,
                         generator: torch.Generator | list[torch.Generator] | None = None,
                         batch: int = 0, record_routing: bool = False) -> list[Completion]:
-    """``generate`` on at most ``batch`` prompts at a time (0: all at once), which bounds the KV cache and
-    the prefill. Every process makes as many calls as the one that needs the most; a process with no
-    prompts left for a call repeats its first one greedily and drops the result."""
-    if batch <= 0:
-        return generate(model, prompts, sampling, vocab_size, generator, record_routing)
-    device = next(_unwrapped(model).parameters()).device
-    calls = _most_over_processes(-(-len(prompts) // batch), device)
-    completions = []
-    for call in range(calls):
-        part = slice(call * batch, (call + 1) * batch)
-        if not prompts[part]:
-            generate(model, prompts[:1], dataclasses.replace(sampling, temperature=0.0), vocab_size)
-            continue
-        own = generator[part] if isinstance(generator, list) else generator
-        completions += generate(model, prompts[part], sampling, vocab_size, own, record_routing)
-    return completions
+    """``generate`` with at most ``batch`` sequences at once (0: all), which bounds the KV cache and the
+    prefill; a finished sequence's slot takes the next prompt (continuous batching)."""
+    return generate(model, prompts, sampling, vocab_size, generator, record_routing, slots=batch)

@@ -110,8 +110,9 @@ class GrpoSettings:
                                          "(and their recompute) use the experts each token took in the rollout; the "
                                          "router is still computed and trained. Needs --tensor-model-parallel-size 1",
                                   env="MP_GRPO_ROUTING_REPLAY")
-    rollout_batch: int = option(0, "sequences a rank generates at once (0: its whole share of the step): bounds the "
-                                   "rollout's KV cache and prefill (python -m megatron_patch.plan shows them)",
+    rollout_batch: int = option(0, "sequences a rank generates at once (0: its whole share of the step); when one "
+                                   "ends, the next takes its slot (continuous batching). Bounds the rollout's KV cache "
+                                   "and prefill (python -m megatron_patch.plan shows them)",
                                 env="MP_GRPO_ROLLOUT_BATCH")
 
     def check(self, config: TrainConfig, data_parallel_size: int) -> None:
@@ -191,10 +192,12 @@ def data_parallel_size(config: TrainConfig, world_size: int) -> int:
 
 
 def rollout_shape(config: TrainConfig, settings: GrpoSettings, world_size: int) -> RolloutShape:
-    """What one data-parallel rank's rollout holds at once: every sequence of its share of a step."""
+    """What one data-parallel rank's rollout holds at once: its share of a step's sequences, or
+    --rollout-batch of them."""
     dp = data_parallel_size(config, world_size)
     share = config.global_batch_size // dp * settings.samples_per_prompt
     return RolloutShape(sequences=min(settings.rollout_batch or share, share),
+                        refills=0 < settings.rollout_batch < share,
                         prompt_tokens=settings.max_prompt_length, response_tokens=settings.max_response_length,
                         log_prob_chunk=settings.log_prob_chunk,
                         reference_on_host=settings.kl_coef > 0 and not config.lora_rank)

@@ -179,6 +179,11 @@ def _update(llm, request) -> dict:
     return {"seconds": time.perf_counter() - start}
 
 
+def _forget_prefixes(llm, request) -> dict:
+    llm.reset_prefix_cache()
+    return {}
+
+
 def _generate(llm, request) -> dict:
     from vllm import SamplingParams
 
@@ -236,7 +241,7 @@ def main() -> int:
     except BaseException as error:  # the trainer shows this as the engine's last error
         send({"error": f"vLLM did not start: {type(error).__name__}: {' '.join(str(error).split())}"})
         raise
-    handlers = {"update": _update, "generate": _generate}
+    handlers = {"update": _update, "generate": _generate, "forget_prefixes": _forget_prefixes}
     while True:
         request = json.loads(connection.recv_bytes())
         if request["op"] == "stop":

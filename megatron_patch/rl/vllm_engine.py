@@ -230,6 +230,11 @@ class VllmEngine:
             path.unlink(missing_ok=True)
         return time.perf_counter() - start
 
+    def forget_prefixes(self) -> None:
+        """Drop vLLM's cached prompt prefixes (a sync does it too), so that a timed rollout prefills its
+        prompts as the first rollout after a sync would (benchmarks/rollout.py)."""
+        self._request({"op": "forget_prefixes"})
+
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling) -> list[Completion]:
         """Completions as the embedded generator gives them: tokens (a stop token included), the sampled
         tokens' log-probs of the temperature-scaled distribution, and (``routing``) each input's experts."""

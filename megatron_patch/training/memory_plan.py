@@ -34,13 +34,14 @@ FIXED_OVERHEAD = 2 * GIB
 
 @dataclass(frozen=True)
 class RolloutShape:
-    """GRPO's rollout on one data-parallel rank: every sequence of a step is generated together."""
+    """GRPO's rollout on one data-parallel rank: its sequences, at most ``sequences`` at a time."""
 
-    sequences: int  # prompts x samples per prompt on this rank
+    sequences: int  # generated at once: prompts x samples per prompt on this rank, or --rollout-batch
     prompt_tokens: int  # the longest prompt
     response_tokens: int
     log_prob_chunk: int  # tokens per chunk of the fp32 log-prob computation
     reference_on_host: bool  # full fine-tuning with a KL term keeps the reference weights in CPU memory
+    refills: bool = False  # more sequences than fit at once: finished ones' slots take the next (continuous batching)
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,10 @@ def _training_phase(config: TrainConfig, shape, stage: int, tokens: Tokens, micr
 def _rollout_phase(shape, rollout: RolloutShape) -> dict[str, int]:
     """Generation: the KV cache, and what the prefill (every prompt at once, no gradients) holds besides."""
     arch, layout = shape.arch, shape.layout
-    capacity = rollout.prompt_tokens + rollout.response_tokens
+    span = rollout.prompt_tokens + rollout.response_tokens
+    # models/generation.py: a scratch row besides the sequences' and, with refills, half a span more positions.
+    capacity = span + span // 2 if rollout.refills else span
+    rows = rollout.sequences + 1
     kv_heads = arch.num_query_groups // layout.tp
     prompts = Tokens(rollout.prompt_tokens, rollout.sequences)
     # Megatron-Core's static inference context materialises only the last position's logits (gathered
@@ -119,7 +123,7 @@ def _rollout_phase(shape, rollout: RolloutShape) -> dict[str, int]:
     mask = rollout.sequences * rollout.prompt_tokens ** 2
     working = max(layer_bytes(shape, layer, prompts, "none") for layer in range(arch.num_layers))
     return {
-        "rollout KV cache": 2 * arch.num_layers * rollout.sequences * capacity * kv_heads * arch.head_dim * BF16,
+        "rollout KV cache": 2 * arch.num_layers * rows * capacity * kv_heads * arch.head_dim * BF16,
         "rollout prefill": last_logits + mask + working,
     }
 

@@ -100,6 +100,57 @@ def test_a_generator_per_row_gives_each_row_the_same_samples_in_any_batch(models
     assert [c.tokens for c in batched] == [c.tokens for c in together]
 
 
+VARIED_PROMPTS = (3, 30, 8, 13, 5, 21, 9, 17, 2)
+
+
+def varied_length_sampling(model, prompts, vocab_size, budget=20):
+    """Greedy with stop tokens that end rows at different steps: the tokens a first run made at
+    steps 2, 7, 12 and 16 of four rows."""
+    first = generate(model, prompts, Sampling(max_new_tokens=budget, temperature=0), vocab_size)
+    stops = tuple(dict.fromkeys(c.tokens[step] for c, step in zip(first, (2, 7, 12, 16))))
+    return Sampling(max_new_tokens=budget, temperature=0, stop_token_ids=stops)
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_continuous_batching_gives_each_sequence_its_one_batch_tokens(models, slots):
+    """Fewer slots than prompts: finished rows leave and the next prompts are prefilled into their
+    slots mid-run. One slot: the cache empties between sequences. Two: the run outlasts the cache's
+    75 positions, so the live keys are shifted back to its front once (at position 75, by 46)."""
+    model, vocab = models["dense"], ARCHS["dense"].vocab_size
+    prompts = prompts_of(VARIED_PROMPTS, vocab)
+    sampling = varied_length_sampling(model, prompts, vocab)
+    together = generate(model, prompts, sampling, vocab)
+    lengths = [len(c.tokens) for c in together]
+    assert min(lengths) <= 8 and max(lengths) == 20 and sum(c.stopped for c in together) >= 4, lengths
+    rolled = generate(model, prompts, sampling, vocab, slots=slots)
+    assert [c.tokens for c in rolled] == [c.tokens for c in together]
+    assert [c.stopped for c in rolled] == [c.stopped for c in together]
+    for a, b in zip(rolled, together):
+        assert a.log_probs == pytest.approx(b.log_probs, abs=1e-5)
+
+
+def test_a_decode_step_computes_the_live_rows_only(models):
+    model, vocab = models["dense"], ARCHS["dense"].vocab_size
+    prompts = prompts_of(VARIED_PROMPTS, vocab)
+    sampling = varied_length_sampling(model, prompts, vocab)
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    try:
+        completions = generate(model, prompts, sampling, vocab, slots=4)
+    finally:
+        hook.remove()
+    assert tuple(shapes.pop(0)) == (1, 1)  # one token through the scratch row allocates the cache
+    decoded = sum(rows for rows, width in shapes if width == 1)  # every prompt has 2 tokens or more
+    # Each sequence feeds every token it made but its last; a row that ended feeds nothing more.
+    assert decoded == sum(len(c.tokens) - 1 for c in completions)
+    assert len({len(c.tokens) for c in completions}) >= 4  # lengths vary, so rows leave at different steps
+    assert max(rows for rows, _ in shapes) == 4
+    assert sum(rows for rows, width in shapes if width > 1) == len(prompts)  # each prompt prefilled once
+    # Prompts prefilled together are grouped by length: padding is under a quarter of each row.
+    assert sum(rows * width for rows, width in shapes if width > 1) <= 4 / 3 * sum(map(len, prompts))
+
+
 def test_top_k_one_is_greedy(models):
     model, vocab = models["dense"], ARCHS["dense"].vocab_size
     prompts = prompts_of(PROMPT_LENGTHS, vocab)

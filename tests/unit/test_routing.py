@@ -61,10 +61,11 @@ def test_replaying_the_recorded_routes_gives_the_same_logits_and_other_routes_ch
         model.zero_grad(set_to_none=True)
 
 
-def test_generation_records_the_routes_a_teacher_forced_forward_takes(model):
+@pytest.mark.parametrize("slots", [0, 2])  # 2: the third prompt is admitted when a slot frees
+def test_generation_records_the_routes_a_teacher_forced_forward_takes(model, slots):
     prompts = [tokens_of(1, n, seed=n)[0].tolist() for n in (3, 9, 14)]
     completions = generate(model, prompts, Sampling(max_new_tokens=12, temperature=0.9), ARCH.vocab_size,
-                           torch.Generator().manual_seed(5), record_routing=True)
+                           torch.Generator().manual_seed(5), record_routing=True, slots=slots)
     recorder = RoutingRecorder(model)
     try:
         for prompt, completion in zip(prompts, completions):

@@ -133,7 +133,8 @@ def _hf_start_check(model, arch, args, layout) -> None:
 
 def _rollout_check(model, vocab_size: int, out: str, writer: bool) -> None:
     """Data-parallel ranks differ in prompts and budget, so one stops stepping long before the other
-    (under EP it must still take part in every forward's token exchange)."""
+    (under EP it must still take part in every forward's token exchange); rank 0 generates two
+    sequences at a time, so it also admits prompts (a prefill) while rank 1 only decodes."""
     from megatron.core import parallel_state
 
     from megatron_patch.models.generation import Sampling
@@ -144,7 +145,7 @@ def _rollout_check(model, vocab_size: int, out: str, writer: bool) -> None:
     lengths, budget = ((3, 8, 13, 21), 24) if rank == 0 else ((30, 5), 6)
     prompts = [torch.randint(2, vocab_size, (n,), generator=generator).tolist() for n in lengths]
     sampling = Sampling(max_new_tokens=budget, temperature=0.9, top_k=100)
-    completions, gap = rollout_log_prob_gap(model, vocab_size, prompts, sampling, seed=rank)
+    completions, gap = rollout_log_prob_gap(model, vocab_size, prompts, sampling, seed=rank, slots=2)
     totals = torch.tensor([gap, sum(len(c.tokens) for c in completions)], dtype=torch.float64)
     dist.all_reduce(totals[:1], op=dist.ReduceOp.MAX)
     dist.all_reduce(totals[1:])
