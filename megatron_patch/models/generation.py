@@ -9,9 +9,10 @@ Continuous batching on Megatron-Core's static KV cache, whose rows share one wri
 - a sequence that ends leaves at once: the last live rows move into the holes, so a step computes
   live rows only (varied response lengths cost what they generate, not the longest row's length);
 - a freed slot takes the next prompt in the same step: its prompt is prefilled into its row, left-
-  padded to end at the shared position; prompts admitted together share a forward with others of
-  similar length (_prefill_groups);
-- when the cache's positions run out, the live rows' keys move back to the front (_shift_back).
+  padded to end at the shared position; prompts admitted together share forwards, split by length
+  where the padding saved outweighs a forward (_prefill_groups);
+- when the cache's positions run out, the live rows' keys move back to the front;
+- keys are cached rotated, so a step does not rotate the whole history again (models/kv_cache.py).
 A row's keys before its first prompt token (padding, or an earlier sequence's) are masked
 explicitly in every forward: Megatron-Core drops its causal mask after the first prefill, and torch
 SDPA would align a causal mask top-left when query and key lengths differ. A row's positions are
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_patch.models import kv_cache
 from megatron_patch.models.onednn_linear import onednn_linears
 from megatron_patch.models.routing import ROUTE_DTYPE, recording
 
@@ -142,19 +144,25 @@ def _most_over_processes(values: tuple[int, ...], device) -> tuple[int, ...]:
     return tuple(tensor.tolist())
 
 
-def _prefill_groups(lengths: list[int]) -> list[int]:
-    """Sizes of the prefill forwards for prompts sorted longest first: a group ends before a prompt
-    shorter than 3/4 of the group's first, so padding stays under a quarter of each row (a forward
-    pads its rows to its longest prompt) while the forwards stay few."""
-    sizes: list[int] = []
-    width = 0
-    for length in lengths:
-        if sizes and 4 * length >= 3 * width:
-            sizes[-1] += 1
-        else:
-            sizes.append(1)
-            width = length
-    return sizes
+# What one more forward costs, in tokens of another forward: it reads every weight once more (the
+# output layer's 151,936 rows included) for its few rows. Measured on CPU, fp32: 60-95 tokens' worth
+# (0.6B shape, 28 and 4 layers); more on a GPU, where a token costs less against reading the weights.
+FORWARD_COST_TOKENS = 128
+
+
+def _prefill_groups(lengths: list[int], forward_cost: int = FORWARD_COST_TOKENS) -> list[int]:
+    """Sizes of the prefill forwards for prompts sorted longest first (a forward pads its rows to its
+    first): the split with the fewest padded tokens plus ``forward_cost`` per forward."""
+    count = len(lengths)
+    best = [(0, 0)] + [None] * count  # best[i]: (cost, last group's size) of the first i prompts
+    for end in range(1, count + 1):
+        best[end] = min((best[first][0] + lengths[first] * (end - first) + forward_cost, end - first)
+                        for first in range(end))
+    sizes = []
+    while count:
+        sizes.append(best[count][1])
+        count -= sizes[-1]
+    return sizes[::-1]
 
 
 @contextmanager
@@ -214,33 +222,6 @@ class _Rows:
         self.feeds = torch.cat([self.feeds, torch.zeros_like(starts)])
 
 
-def _close_holes(cache: dict, filled: int, finished: list[int], rows: int) -> list[int]:
-    """Drop the finished rows from the first ``rows`` of every layer's KV cache, moving the last live
-    rows into their places (only those rows are copied); returns the new row order for ``_Rows.keep``."""
-    gone = set(finished)
-    kept = rows - len(gone)
-    holes = [row for row in finished if row < kept]
-    movers = [row for row in range(kept, rows) if row not in gone]
-    order = list(range(kept))
-    for hole, mover in zip(holes, movers):
-        order[hole] = mover
-    if holes:
-        to, source = torch.tensor(holes), torch.tensor(movers)
-        for key, value in cache.values():
-            for memory in (key, value):
-                memory[:filled, to.to(memory.device)] = memory[:filled, source.to(memory.device)]
-    return order
-
-
-def _shift_back(cache: dict, filled: int, shift: int, rows: int) -> None:
-    """Move positions [shift, filled) of the first ``rows`` rows to [0, filled - shift). Exact: keys are
-    cached before RoPE, which every forward applies by cache position, and attention depends only on
-    the distance between query and key positions."""
-    for key, value in cache.values():
-        for memory in (key, value):
-            memory[:filled - shift, :rows] = memory[shift:filled, :rows].clone()
-
-
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: int,
              generator: torch.Generator | list[torch.Generator] | None = None,
@@ -268,12 +249,12 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
     slots = count if slots <= 0 else min(slots, count)
     longest = max(len(prompt) for prompt in prompts)
     # Positions one sequence can take; with more prompts than slots the cache has half that again as
-    # room, and is shifted back when it fills (see _shift_back), at most once every span/2 steps.
+    # room, and is shifted back when it fills (kv_cache.shift_back), at most once every span/2 steps.
     span = longest + sampling.max_new_tokens
     capacity = span if slots == count else span + span // 2
     scratch = slots  # the batch row of forwards made only to keep step with other processes
     context = StaticInferenceContext(max_batch_size=slots + 1, max_sequence_length=capacity)
-    cache = context.key_value_memory_dict
+    cache = kv_cache.allocate(gpt, context)
     padding = sampling.stop_token_ids[0] if sampling.stop_token_ids else 0
     stops = set(sampling.stop_token_ids)
     out = _Outputs([[] for _ in prompts], [[] for _ in prompts], [False] * count,
@@ -329,13 +310,7 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
 
     recorder = None
     with recording(gpt) if record_routing else nullcontext() as recorder, _without_sequence_parallel(gpt), \
-            onednn_linears(gpt):
-        # Megatron-Core allocates the cache with torch.empty in the first forward. Positions a row never
-        # wrote are masked, but a masked NaN still poisons attention (0 * NaN), so the cache starts at zero.
-        keep_step()
-        for memory in cache.values():
-            for part in memory:
-                part.zero_()
+            onednn_linears(gpt), kv_cache.keys_rotated_once(gpt) as rotated:
         logits = None
         while True:
             if logits is not None:
@@ -352,14 +327,15 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
                     if out.stopped[index] or len(out.tokens[index]) >= sampling.max_new_tokens:
                         finished.append(row)
                 position += 1  # positions [0, position) are in the cache
-                rows.keep(_close_holes(cache, position, finished, len(rows)))
+                rows.keep(kv_cache.close_holes(cache, position, finished, len(rows)))
             going = len(rows)
             if not going:
                 position = longest - 1  # an empty cache: start again at the front
             elif position >= capacity:
                 shift = min(int(rows.starts.min()), position - (longest - 1))
                 assert shift > 0, (position, capacity, rows.starts)  # span + span // 2 leaves room; see capacity
-                _shift_back(cache, position, shift, going)
+                kv_cache.shift_back(cache, position, shift, going, kv_cache.back_rotation_of(gpt, shift) if rotated
+                                    else None, gpt.config.rotary_interleaved)
                 rows.starts -= shift
                 position -= shift
             admitted = sorted((pending.pop() for _ in range(min(slots - going, len(pending)))),

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from megatron_patch.models.generation import Sampling, generate, generate_in_batches, sampling_generator
+from megatron_patch.models.generation import (Sampling, _prefill_groups, generate, generate_in_batches,
+                                              sampling_generator)
 from megatron_patch.models.log_probs import token_entropy, token_log_probs
 from megatron_patch.models.logits import forward_logits
 from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
@@ -140,15 +141,22 @@ def test_a_decode_step_computes_the_live_rows_only(models):
         completions = generate(model, prompts, sampling, vocab, slots=4)
     finally:
         hook.remove()
-    assert tuple(shapes.pop(0)) == (1, 1)  # one token through the scratch row allocates the cache
     decoded = sum(rows for rows, width in shapes if width == 1)  # every prompt has 2 tokens or more
     # Each sequence feeds every token it made but its last; a row that ended feeds nothing more.
     assert decoded == sum(len(c.tokens) - 1 for c in completions)
     assert len({len(c.tokens) for c in completions}) >= 4  # lengths vary, so rows leave at different steps
     assert max(rows for rows, _ in shapes) == 4
     assert sum(rows for rows, width in shapes if width > 1) == len(prompts)  # each prompt prefilled once
-    # Prompts prefilled together are grouped by length: padding is under a quarter of each row.
-    assert sum(rows * width for rows, width in shapes if width > 1) <= 4 / 3 * sum(map(len, prompts))
+
+
+@pytest.mark.parametrize("lengths, groups", [
+    ((42, 40, 33, 31), [4]),  # padding 18 tokens: not worth a second forward
+    ((300, 290, 20, 10, 10), [2, 3]),  # one forward would pad the short prompts by 840 tokens
+    ((500, 200, 200, 60), [1, 2, 1]),
+    ((7,), [1]),
+])
+def test_prompts_admitted_together_are_prefilled_in_as_few_forwards_as_pay(lengths, groups):
+    assert _prefill_groups(list(lengths), forward_cost=128) == groups
 
 
 def test_top_k_one_is_greedy(models):
