@@ -39,6 +39,7 @@ import torch.distributed as dist
 from megatron_patch.models import kv_cache
 from megatron_patch.models.onednn_linear import onednn_linears
 from megatron_patch.models.routing import ROUTE_DTYPE, recording
+from megatron_patch.patches.cuda_on_cpu import cuda_on_cpu_paused
 
 
 @dataclass(frozen=True)
@@ -310,7 +311,7 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
 
     recorder = None
     with recording(gpt) if record_routing else nullcontext() as recorder, _without_sequence_parallel(gpt), \
-            onednn_linears(gpt), kv_cache.keys_rotated_once(gpt) as rotated:
+            onednn_linears(gpt), kv_cache.keys_rotated_once(gpt) as rotated, cuda_on_cpu_paused():
         logits = None
         while True:
             if logits is not None:
