@@ -135,7 +135,8 @@ def main(argv=None) -> int:
     stops = _stops_for_mean_length(budget_rows, args.mean_length * args.new_tokens)
     varied = Sampling(max_new_tokens=args.new_tokens, temperature=0, stop_token_ids=stops)
     figures = {"model": args.model, "layers": arch.num_layers, "precision": args.precision, "device": device,
-               "prompts": len(prompts), "slots": args.slots or len(prompts), "prompt_lengths": [min(lengths), max(lengths)], "new_tokens": args.new_tokens,
+               "prompts": len(prompts), "slots": args.slots or len(prompts),
+               "prompt_lengths": [min(lengths), max(lengths)], "new_tokens": args.new_tokens,
                "stop_tokens": list(stops), "cases": {}}
     print(f"{args.model} ({arch.num_layers} layers) {args.precision} on {device}: {len(prompts)} prompts of "
           f"{min(lengths)}-{max(lengths)} tokens, up to {args.new_tokens} new tokens each, "

@@ -29,7 +29,7 @@ batch or on when it was admitted.
 
 from __future__ import annotations
 
-import dataclasses
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from megatron_patch.models import kv_cache
 from megatron_patch.models.onednn_linear import onednn_linears
-from megatron_patch.models.routing import ROUTE_DTYPE, recording
+from megatron_patch.models.routing import recording
 from megatron_patch.patches.cuda_on_cpu import cuda_on_cpu_paused
 
 
@@ -153,16 +153,23 @@ FORWARD_COST_TOKENS = 128
 
 def _prefill_groups(lengths: list[int], forward_cost: int = FORWARD_COST_TOKENS) -> list[int]:
     """Sizes of the prefill forwards for prompts sorted longest first (a forward pads its rows to its
-    first): the split with the fewest padded tokens plus ``forward_cost`` per forward."""
-    count = len(lengths)
-    best = [(0, 0)] + [None] * count  # best[i]: (cost, last group's size) of the first i prompts
-    for end in range(1, count + 1):
-        best[end] = min((best[first][0] + lengths[first] * (end - first) + forward_cost, end - first)
+    first): the split with the fewest padded tokens plus ``forward_cost`` per forward. Prompts of one
+    length never gain from a split between them, so the search runs over the distinct lengths."""
+    counts = Counter(lengths)
+    distinct = sorted(counts, reverse=True)
+    before = [0]  # before[i]: how many prompts are longer than distinct[i]
+    for length in distinct:
+        before.append(before[-1] + counts[length])
+    # best[i]: (cost, distinct lengths in the last forward) of the prompts of the first i lengths
+    best = [(0, 0)] + [None] * len(distinct)
+    for end in range(1, len(distinct) + 1):
+        best[end] = min((best[first][0] + distinct[first] * (before[end] - before[first]) + forward_cost, end - first)
                         for first in range(end))
-    sizes = []
-    while count:
-        sizes.append(best[count][1])
-        count -= sizes[-1]
+    sizes, end = [], len(distinct)
+    while end:
+        first = end - best[end][1]
+        sizes.append(before[end] - before[first])
+        end = first
     return sizes[::-1]
 
 
@@ -309,7 +316,6 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
                 out.routes[admitted[row]].append(routes[width - len(prompts[admitted[row]]):])
         return logits
 
-    recorder = None
     with recording(gpt) if record_routing else nullcontext() as recorder, _without_sequence_parallel(gpt), \
             onednn_linears(gpt), kv_cache.keys_rotated_once(gpt) as rotated, cuda_on_cpu_paused():
         logits = None

@@ -142,7 +142,7 @@ def rewards(log_dir: Path) -> list[float]:
 @pytest.mark.slow
 def test_the_grpo_demo_learns_through_the_script(tmp_path):
     """make demo-rl: run_mcore_qwen3_grpo.sh from / with a bare PATH, full fine-tuning of a tiny model."""
-    result = subprocess.run([sys.executable, "-m", "megatron_patch.demo", "--grpo", "--iterations", "12",
+    result = subprocess.run([sys.executable, "-m", "megatron_patch.demo", "--grpo", "--iterations", "16",
                              "--work-dir", tmp_path / "demo"],
                             capture_output=True, text=True, timeout=900, cwd="/",
                             env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"})

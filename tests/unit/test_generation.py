@@ -3,8 +3,13 @@
 import pytest
 import torch
 
-from megatron_patch.models.generation import (Sampling, _prefill_groups, generate, generate_in_batches,
-                                              sampling_generator)
+from megatron_patch.models.generation import (
+    Sampling,
+    _prefill_groups,
+    generate,
+    generate_in_batches,
+    sampling_generator,
+)
 from megatron_patch.models.log_probs import token_entropy, token_log_probs
 from megatron_patch.models.logits import forward_logits
 from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model

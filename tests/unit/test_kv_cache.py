@@ -17,7 +17,7 @@ def _cached_forwards(model, tokens, steps: int):
 
     context = StaticInferenceContext(max_batch_size=tokens.shape[0], max_sequence_length=tokens.shape[1] + steps)
     outputs, feed, start = [], tokens, 0
-    for step in range(steps + 1):
+    for _ in range(steps + 1):
         positions = torch.arange(start, start + feed.shape[1]).expand_as(feed)
         with profile(record_shapes=True) as trace:
             logits = model(input_ids=feed, position_ids=positions, attention_mask=None, inference_context=context,
