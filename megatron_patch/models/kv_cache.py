@@ -110,8 +110,9 @@ def keys_rotated_once(model):
     Yields whether they do: not for a model without RoPE or with flash decoding."""
     attentions = _attentions(model)
     config = attentions[0].config if attentions else None
+    # Fused single-QKV RoPE (0.19) rotates query and key together after this step: left as it is.
     if not attentions or config.flash_decode or getattr(model, "position_embedding_type", "rope") != "rope" \
-            or config.multi_latent_attention:
+            or config.multi_latent_attention or getattr(config, "fused_single_qkv_rope", False):
         yield False
         return
     for attention in attentions:
