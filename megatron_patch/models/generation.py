@@ -347,10 +347,10 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
                 position -= shift
             admitted = sorted((pending.pop() for _ in range(min(slots - going, len(pending)))),
                               key=lambda index: -len(prompts[index]))
-            groups = _prefill_groups([len(prompts[index]) for index in admitted])
+            lengths = [len(prompts[index]) for index in admitted]
+            groups = _prefill_groups(lengths)
             if admitted:
-                lengths = torch.tensor([len(prompts[index]) for index in admitted], device=device)
-                rows.add(admitted, position + 1 - lengths)
+                rows.add(admitted, position + 1 - torch.tensor(lengths, device=device))
             decoding, prefills = _most_over_processes((int(going > 0), len(groups)), device)
             if not (decoding or prefills):
                 break
@@ -376,10 +376,3 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
                                       stopped=out.stopped[index], routing=routing))
     return completions
 
-
-def generate_in_batches(model, prompts: list[list[int]], sampling: Sampling, vocab_size: int,
-                        generator: torch.Generator | list[torch.Generator] | None = None,
-                        batch: int = 0, record_routing: bool = False) -> list[Completion]:
-    """``generate`` with at most ``batch`` sequences at once (0: all), which bounds the KV cache and the
-    prefill; a finished sequence's slot takes the next prompt (continuous batching)."""
-    return generate(model, prompts, sampling, vocab_size, generator, record_routing, slots=batch)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_patch.lora.apply import adapters_disabled
-from megatron_patch.models.generation import Sampling, generate_in_batches, sampling_generator
+from megatron_patch.models.generation import Sampling, generate, sampling_generator
 from megatron_patch.models.log_probs import token_entropy, token_log_probs
 from megatron_patch.models.routing import RoutingRecorder, RoutingReplay, differing_routes, recording
 from megatron_patch.rl.config import GrpoSettings, training_view
@@ -219,9 +219,9 @@ class GrpoTrainer:
         else:
             generators = [sampling_generator(seed) for seed in seeds]
             with synchronized_parameters(self.model.ddp_chunks):
-                completions = generate_in_batches(
+                completions = generate(
                     self._policy(), [list(p.tokens) for p in prompts], self.sampling, self.model.arch.vocab_size,
-                    generators, settings.rollout_batch, record_routing=self.records_routing)
+                    generators, record_routing=self.records_routing, slots=settings.rollout_batch)
         rewards, extras = [], []
         for index, (prompt, completion) in enumerate(zip(prompts, completions)):
             text = self.model.tokenizer.backend.decode(
@@ -480,8 +480,8 @@ class GrpoTrainer:
         with synchronized_parameters(self.model.ddp_chunks):
             # Every rank generates (expert ranks exchange tokens); one without prompts repeats the first.
             tokens = [list(p.tokens) for p in (mine or self.valid_prompts[:1])]
-            completions = generate_in_batches(self._policy(), tokens, greedy, self.model.arch.vocab_size,
-                                              batch=self.settings.rollout_batch)
+            completions = generate(self._policy(), tokens, greedy, self.model.arch.vocab_size,
+                                   slots=self.settings.rollout_batch)
         total = 0.0
         for prompt, completion in zip(mine, completions):
             text = self.model.tokenizer.backend.decode(

@@ -7,7 +7,6 @@ from megatron_patch.models.generation import (
     Sampling,
     _prefill_groups,
     generate,
-    generate_in_batches,
     sampling_generator,
 )
 from megatron_patch.models.log_probs import token_entropy, token_log_probs
@@ -101,8 +100,7 @@ def test_a_generator_per_row_gives_each_row_the_same_samples_in_any_batch(models
         assert alone[0].tokens == together[row].tokens
         assert alone[0].log_probs == pytest.approx(together[row].log_probs, abs=1e-5)
     # GRPO's --rollout-batch: the same rows, three at a time.
-    batched = generate_in_batches(model, prompts, sampling, vocab, [sampling_generator(100 + i) for i in range(4)],
-                                  batch=3)
+    batched = generate(model, prompts, sampling, vocab, [sampling_generator(100 + i) for i in range(4)], slots=3)
     assert [c.tokens for c in batched] == [c.tokens for c in together]
 
 
