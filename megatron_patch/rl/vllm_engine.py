@@ -77,17 +77,6 @@ def hf_weights(model_chunks, arch: Qwen3Arch) -> dict[str, torch.Tensor] | None:
     return dict(hf_tensors_from_megatron(bound_qwen3_mappings(arch), full.__getitem__))
 
 
-def _completion_record(completion: Completion) -> dict:
-    return {"tokens": completion.tokens, "log_probs": completion.log_probs, "stopped": completion.stopped,
-            "routing": None if completion.routing is None else completion.routing.tolist()}
-
-
-def _completion(record: dict) -> Completion:
-    routing = record["routing"]
-    return Completion(record["tokens"], record["log_probs"], record["stopped"],
-                      None if routing is None else torch.tensor(routing, dtype=ROUTE_DTYPE))
-
-
 def generate_on_rank_zero(engine: VllmEngine | None, prompts: list[list[int]], seeds: list[int],
                           sampling: Sampling, share: tuple[int, bool]) -> list[Completion]:
     """This rank's completions from the engine beside global rank 0, every rank of the job calling.
@@ -107,7 +96,7 @@ def generate_on_rank_zero(engine: VllmEngine | None, prompts: list[list[int]], s
         order = sorted(senders)
         flat_prompts = [p for dp in order for p in senders[dp][0]]
         flat_seeds = [seed for dp in order for seed in senders[dp][1]]
-        made = [_completion_record(c) for c in engine.generate(flat_prompts, flat_seeds, sampling)]
+        made = engine.generate(flat_prompts, flat_seeds, sampling)
         by_dp, start = {}, 0
         for dp in order:
             by_dp[dp] = made[start:start + len(senders[dp][0])]
@@ -115,7 +104,7 @@ def generate_on_rank_zero(engine: VllmEngine | None, prompts: list[list[int]], s
         answers = [by_dp[dp] for dp, _ in asked]
     received = [None]
     dist.scatter_object_list(received, answers, src=0)
-    return [_completion(record) for record in received[0]]
+    return received[0]
 
 
 class VllmEngine:
@@ -238,12 +227,23 @@ class VllmEngine:
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling) -> list[Completion]:
         """Completions as the embedded generator gives them: tokens (a stop token included), the sampled
         tokens' log-probs of the temperature-scaled distribution, and (``routing``) each input's experts."""
+        # The experts come back as a file in shared memory: as JSON they would be most of the reply.
+        routing_path = self.folder / "routing.safetensors" if self.routing else None
         reply = self._request({
-            "op": "generate", "prompts": prompts, "seeds": seeds, "routing": self.routing, "sleep_after": self.sleep,
+            "op": "generate", "prompts": prompts, "seeds": seeds, "sleep_after": self.sleep,
+            "routing": None if routing_path is None else str(routing_path),
             "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                          "max_tokens": sampling.max_new_tokens, "stop_token_ids": list(sampling.stop_token_ids)}})
-        routes = reply["routing"] or [None] * len(prompts)
-        return [_completion({"tokens": tokens, "log_probs": log_probs, "stopped": stopped, "routing": route})
+        routes = [None] * len(prompts)
+        if routing_path is not None:
+            from safetensors.torch import load_file
+
+            try:
+                experts = load_file(str(routing_path))["experts"].to(ROUTE_DTYPE)
+                routes = [part.clone() for part in experts.split(reply["routing_lengths"])]  # not views of all
+            finally:
+                routing_path.unlink(missing_ok=True)
+        return [Completion(tokens, log_probs, stopped, route)
                 for tokens, log_probs, stopped, route in zip(reply["tokens"], reply["log_probs"], reply["stopped"],
                                                              routes)]
 

