@@ -1,35 +1,32 @@
-"""Sampling from a Megatron-Core GPTModel with its own static KV cache: the kit's one generator.
+"""Sampling from a Megatron-Core GPTModel with a KV cache: the kit's one generator.
 
 Used by GRPO rollout (on the training model itself, in its TP/EP layout) and by the evaluation
 model's ``generate_until``. Pipeline parallelism is not supported (one model chunk).
 
-Continuous batching on Megatron-Core's static KV cache, whose rows share one write position:
-- up to ``slots`` sequences are in the cache, one batch row each; every step the live rows feed
-  their last token at the shared position;
+Continuous batching in one forward per step, on the key/value memory of Megatron-Core's static
+inference context (one batch row per sequence, one write position shared by the rows):
+- up to ``slots`` sequences are in the cache; every step the live rows feed their last token at the
+  shared position, and prompts admitted this step feed their whole prompts, ending at that
+  position, in the *same* forward: its tokens are packed [1, tokens] (models/kv_cache.RaggedStep),
+  so no linear computes padding, and a refill does not read the weights again;
 - a sequence that ends leaves at once: the last live rows move into the holes, so a step computes
   live rows only (varied response lengths cost what they generate, not the longest row's length);
-- a freed slot takes the next prompt in the same step: its prompt is prefilled into its row, left-
-  padded to end at the shared position; prompts admitted together share forwards, split by length
-  where the padding saved outweighs a forward (_prefill_groups);
 - when the cache's positions run out, the live rows' keys move back to the front;
-- keys are cached rotated, so a step does not rotate the whole history again (models/kv_cache.py).
-A row's keys before its first prompt token (padding, or an earlier sequence's) are masked
-explicitly in every forward: Megatron-Core drops its causal mask after the first prefill, and torch
-SDPA would align a causal mask top-left when query and key lengths differ. A row's positions are
-offset by where it starts, which RoPE does not see: attention depends only on the distance between
-query and key. Linears run through oneDNN on a CPU (models/onednn_linear.py).
+- keys are cached rotated at their own positions, so a step does not rotate the history again.
+A row's keys before its first prompt token (an earlier sequence's) are masked. A row's positions
+are offset by where it starts, which RoPE does not see: attention depends only on the distance
+between query and key. Linears run through oneDNN on a CPU (models/onednn_linear.py).
 
 Every process of a data-parallel group gives the same prompts and identically seeded generators,
 so tensor-parallel ranks (which see the same gathered logits) sample the same tokens. Expert-
 parallel ranks exchange tokens inside every forward, so all processes make the same forwards: a
-process with no rows for a decode or prefill that another process makes feeds one token through a
-scratch row. With a generator per prompt a sequence's tokens do not depend on the others in the
-batch or on when it was admitted.
+process with no rows while another computes feeds one token through a scratch row. With a
+generator per prompt a sequence's tokens do not depend on the others in the batch or on when it
+was admitted.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -145,34 +142,6 @@ def _most_over_processes(values: tuple[int, ...], device) -> tuple[int, ...]:
     return tuple(tensor.tolist())
 
 
-# What one more forward costs, in tokens of another forward: it reads every weight once more (the
-# output layer's 151,936 rows included) for its few rows. Measured on CPU, fp32: 60-95 tokens' worth
-# (0.6B shape, 28 and 4 layers); more on a GPU, where a token costs less against reading the weights.
-FORWARD_COST_TOKENS = 128
-
-
-def _prefill_groups(lengths: list[int], forward_cost: int = FORWARD_COST_TOKENS) -> list[int]:
-    """Sizes of the prefill forwards for prompts sorted longest first (a forward pads its rows to its
-    first): the split with the fewest padded tokens plus ``forward_cost`` per forward. Prompts of one
-    length never gain from a split between them, so the search runs over the distinct lengths."""
-    counts = Counter(lengths)
-    distinct = sorted(counts, reverse=True)
-    before = [0]  # before[i]: how many prompts are longer than distinct[i]
-    for length in distinct:
-        before.append(before[-1] + counts[length])
-    # best[i]: (cost, distinct lengths in the last forward) of the prompts of the first i lengths
-    best = [(0, 0)] + [None] * len(distinct)
-    for end in range(1, len(distinct) + 1):
-        best[end] = min((best[first][0] + distinct[first] * (before[end] - before[first]) + forward_cost, end - first)
-                        for first in range(end))
-    sizes, end = [], len(distinct)
-    while end:
-        first = end - best[end][1]
-        sizes.append(before[end] - before[first])
-        end = first
-    return sizes[::-1]
-
-
 @contextmanager
 def _without_sequence_parallel(model):
     """Sequence parallelism off outside the MoE layers while generating, as Megatron-Core's own
@@ -262,6 +231,7 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
     capacity = span if slots == count else span + span // 2
     scratch = slots  # the batch row of forwards made only to keep step with other processes
     context = StaticInferenceContext(max_batch_size=slots + 1, max_sequence_length=capacity)
+    context.enable_prefill_mode()  # Megatron-Core's decode-only paths are not the ragged step's
     cache = kv_cache.allocate(gpt, context)
     padding = sampling.stop_token_ids[0] if sampling.stop_token_ids else 0
     stops = set(sampling.stop_token_ids)
@@ -270,54 +240,41 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
     pending = list(range(count))
     pending.reverse()  # popped from the end: prompt order
     rows = _Rows(device)
-    position = longest - 1  # the cache position the next decode step writes; prefills end there too
+    position = longest - 1  # the cache position the next step's decode tokens write; new prompts end there too
 
-    def forward(tokens, offset: int, row: int, masked):
-        context.sequence_len_offset, context.batch_size_offset = offset, row
-        logits = model(input_ids=tokens, position_ids=torch.arange(offset, offset + tokens.shape[1], device=device)
-                       .expand_as(tokens), attention_mask=masked[:, None], inference_context=context,
-                       runtime_gather_output=True)
-        return logits[:, -1, :vocab_size].float()
-
-    def masks(starts, first: int, end: int):
-        """True = not attended: keys after the query, or before the row's first prompt token. A query
-        before that (left padding) attends to itself only: a row of nothing but masked keys gives NaN."""
-        queries = torch.arange(first, end, device=device)
-        keys = torch.arange(end, device=device)
-        masked = (keys > queries[:, None]) | (keys < starts[:, None, None])
-        return masked & (keys != queries[:, None])
+    def forward(step: kv_cache.RaggedStep, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [rows, vocabulary] of each row's last token in ``step``."""
+        context.ragged = step
+        try:
+            logits = model(input_ids=tokens[None], position_ids=step.positions[None], attention_mask=None,
+                           inference_context=context, runtime_gather_output=True)
+        finally:
+            context.ragged = None
+        return logits[0, :, :vocab_size].float()
 
     def keep_step():
         """One token through the scratch row: expert-parallel ranks exchange tokens in every forward."""
-        forward(torch.full((1, 1), padding, device=device), 0, scratch, torch.zeros(1, 1, 1, dtype=torch.bool,
-                                                                                   device=device))
+        forward(kv_cache.RaggedStep(0, 0, scratch, [1], torch.zeros(0, dtype=torch.long, device=device)),
+                torch.full((1,), padding, device=device))
 
-    def decode(count: int):
-        """The first ``count`` rows feed their last token at ``position``."""
-        context.enable_decode_mode()
-        logits = forward(rows.feeds[:count, None], position, 0, masks(rows.starts[:count], position, position + 1))
+    def step(going: int, admitted: list[int]) -> torch.Tensor:
+        """The first ``going`` rows feed their last token, the ``admitted`` sequences (the rows after them)
+        their prompts: one forward."""
+        lengths = [len(prompts[index]) for index in admitted]
+        tokens = torch.cat([rows.feeds[:going]] + [torch.tensor(prompts[index], device=device) for index in admitted])
+        logits = forward(kv_cache.RaggedStep(going, position, going, lengths, rows.starts), tokens)
         if recorder is not None:
-            for row, routes in enumerate(recorder.routes(1, count).cpu()):
-                out.routes[rows.sequences[row]].append(routes)
-        return logits
-
-    def prefill(first: int, count: int):
-        """Rows ``first``..``first + count`` (just admitted) take their prompts, left-padded to end at ``position``."""
-        context.enable_prefill_mode()
-        admitted = rows.sequences[first:first + count]
-        width = max(len(prompts[index]) for index in admitted)
-        tokens = torch.full((len(admitted), width), padding, dtype=torch.long, device=device)
-        for row, index in enumerate(admitted):
-            tokens[row, width - len(prompts[index]):] = torch.tensor(prompts[index], device=device)
-        begin = position + 1 - width
-        logits = forward(tokens, begin, first, masks(rows.starts[first:first + count], begin, position + 1))
-        if recorder is not None:
-            for row, routes in enumerate(recorder.routes(width, len(admitted)).cpu()):
-                out.routes[admitted[row]].append(routes[width - len(prompts[admitted[row]]):])
+            routes = recorder.routes(len(tokens), 1)[0].cpu()
+            for row in range(going):
+                out.routes[rows.sequences[row]].append(routes[row:row + 1])
+            first = going
+            for index, length in zip(admitted, lengths):
+                out.routes[index].append(routes[first:first + length])
+                first += length
         return logits
 
     with recording(gpt) if record_routing else nullcontext() as recorder, _without_sequence_parallel(gpt), \
-            onednn_linears(gpt), kv_cache.keys_rotated_once(gpt) as rotated, cuda_on_cpu_paused():
+            onednn_linears(gpt), kv_cache.ragged_forwards(gpt, context), cuda_on_cpu_paused():
         logits = None
         while True:
             if logits is not None:
@@ -341,33 +298,22 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
             elif position >= capacity:
                 shift = min(int(rows.starts.min()), position - (longest - 1))
                 assert shift > 0, (position, capacity, rows.starts)  # span + span // 2 leaves room; see capacity
-                kv_cache.shift_back(cache, position, shift, going, kv_cache.back_rotation_of(gpt, shift) if rotated
-                                    else None, gpt.config.rotary_interleaved)
+                kv_cache.shift_back(cache, position, shift, going, kv_cache.back_rotation_of(gpt, shift),
+                                    gpt.config.rotary_interleaved)
                 rows.starts -= shift
                 position -= shift
-            admitted = sorted((pending.pop() for _ in range(min(slots - going, len(pending)))),
-                              key=lambda index: -len(prompts[index]))
-            lengths = [len(prompts[index]) for index in admitted]
-            groups = _prefill_groups(lengths)
+            admitted = [pending.pop() for _ in range(min(slots - going, len(pending)))]
             if admitted:
-                rows.add(admitted, position + 1 - torch.tensor(lengths, device=device))
-            decoding, prefills = _most_over_processes((int(going > 0), len(groups)), device)
-            if not (decoding or prefills):
+                rows.add(admitted, position + 1 - torch.tensor([len(prompts[i]) for i in admitted], device=device))
+            # A process with nothing to compute while another computes makes a keep step.
+            (busy,) = _most_over_processes((int(going > 0 or bool(admitted)),), device)
+            if not busy:
                 break
-            # A process with no rows of its own for a forward that another process makes makes a keep step.
-            made = []
-            if decoding and going:
-                made.append(decode(going))
-            elif decoding:
+            if going or admitted:
+                logits = step(going, admitted)
+            else:
                 keep_step()
-            first = going
-            for group in range(prefills):
-                if group < len(groups):
-                    made.append(prefill(first, groups[group]))
-                    first += groups[group]
-                else:
-                    keep_step()
-            logits = torch.cat(made) if made else None
+                logits = None
     completions = []
     for index in range(count):
         routing = torch.cat(out.routes[index])[:len(prompts[index]) + len(out.tokens[index]) - 1] \

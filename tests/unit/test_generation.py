@@ -5,7 +5,6 @@ import torch
 
 from megatron_patch.models.generation import (
     Sampling,
-    _prefill_groups,
     generate,
     sampling_generator,
 )
@@ -133,33 +132,27 @@ def test_continuous_batching_gives_each_sequence_its_one_batch_tokens(models, sl
         assert a.log_probs == pytest.approx(b.log_probs, abs=1e-5)
 
 
-def test_a_decode_step_computes_the_live_rows_only(models):
+def test_each_step_is_one_forward_of_the_live_rows_tokens_only(models):
+    """Decode tokens and newly admitted prompts share one forward, packed: no padding, no finished row."""
     model, vocab = models["dense"], ARCHS["dense"].vocab_size
     prompts = prompts_of(VARIED_PROMPTS, vocab)
     sampling = varied_length_sampling(model, prompts, vocab)
-    shapes = []
-    hook = model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(kwargs["input_ids"].shape),
-                                           with_kwargs=True)
+    fed, rows = [], []
+    hooks = [model.register_forward_pre_hook(lambda module, args, kwargs: fed.append(kwargs["input_ids"].shape),
+                                             with_kwargs=True),
+             model.output_layer.register_forward_hook(lambda module, args, output: rows.append(output[0].shape[0]))]
     try:
         completions = generate(model, prompts, sampling, vocab, slots=4)
     finally:
-        hook.remove()
-    decoded = sum(rows for rows, width in shapes if width == 1)  # every prompt has 2 tokens or more
-    # Each sequence feeds every token it made but its last; a row that ended feeds nothing more.
-    assert decoded == sum(len(c.tokens) - 1 for c in completions)
+        for hook in hooks:
+            hook.remove()
+    assert all(batch == 1 for batch, _ in fed)  # [1, tokens]: rows packed one after another
+    # Each prompt once, and each sequence every token it made but its last; a row that ended feeds nothing.
+    assert sum(width for _, width in fed) == sum(map(len, prompts)) + sum(len(c.tokens) - 1 for c in completions)
     assert len({len(c.tokens) for c in completions}) >= 4  # lengths vary, so rows leave at different steps
-    assert max(rows for rows, _ in shapes) == 4
-    assert sum(rows for rows, width in shapes if width > 1) == len(prompts)  # each prompt prefilled once
-
-
-@pytest.mark.parametrize("lengths, groups", [
-    ((42, 40, 33, 31), [4]),  # padding 18 tokens: not worth a second forward
-    ((300, 290, 20, 10, 10), [2, 3]),  # one forward would pad the short prompts by 840 tokens
-    ((500, 200, 200, 60), [1, 2, 1]),
-    ((7,), [1]),
-])
-def test_prompts_admitted_together_are_prefilled_in_as_few_forwards_as_pay(lengths, groups):
-    assert _prefill_groups(list(lengths), forward_cost=128) == groups
+    # The output layer sees each row's last token only: one per token generated, at most 4 rows at once.
+    assert sum(rows) == sum(len(c.tokens) for c in completions) and max(rows) == 4
+    assert len(fed) == len(rows) < len(prompts) + max(len(c.tokens) for c in completions) * 2
 
 
 def test_top_k_one_is_greedy(models):
