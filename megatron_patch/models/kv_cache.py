@@ -111,8 +111,10 @@ class RaggedStep:
         self.last_tokens = torch.cat([torch.arange(decoding, device=device), ends])
         # Masks, True = attended. A decode token sees its row from the row's first prompt token on; a
         # prompt token sees its prompt up to itself (a padding slot itself only: all-masked rows give NaN).
-        keys = torch.arange(position + 1, device=device)
-        self.decode_mask = (keys >= starts[:decoding, None]).view(decoding, 1, 1, position + 1)
+        # Decoding rows attend from the earliest first token among them: nothing before it is theirs.
+        self.oldest = int(starts[:decoding].min()) if decoding else position
+        keys = torch.arange(self.oldest, position + 1, device=device)
+        self.decode_mask = (keys >= starts[:decoding, None]).view(decoding, 1, 1, len(keys))
         slot = torch.arange(self.width, device=device)
         firsts = self.width - torch.tensor(lengths, dtype=torch.long, device=device)
         causal = slot[None, :] <= slot[:, None]
@@ -132,10 +134,10 @@ class RaggedStep:
 
         if self.decoding:
             rows = slice(0, self.decoding)
+            window = slice(self.oldest, self.position + 1)
             out = F.scaled_dot_product_attention(
-                queries[:self.decoding, :, None], cached(keys, slice(0, self.position + 1), rows),
-                cached(values, slice(0, self.position + 1), rows), attn_mask=self.decode_mask, scale=scale,
-                enable_gqa=gqa)
+                queries[:self.decoding, :, None], cached(keys, window, rows), cached(values, window, rows),
+                attn_mask=self.decode_mask, scale=scale, enable_gqa=gqa)
             outputs.append(out[:, :, 0])
         if self.lengths:
             count, heads, dim = len(self.lengths), queries.shape[1], queries.shape[2]
