@@ -107,13 +107,13 @@ def main(argv=None) -> int:
     def start_vllm():
         """vLLM's engine with the Megatron model's weights. It runs only while vLLM is measured: an idle
         engine process takes CPU time from the other engines' runs (5-7 % of the kit's, on 2 cores)."""
-        from megatron_patch.rl.vllm_engine import VllmEngine, hf_weights, vllm_python
+        from megatron_patch.rl.vllm_engine import VllmEngine, hf_weight_buckets, vllm_python
 
         started = VllmEngine(arch, vllm_python(None), max_model_len=longest + args.new_tokens + 8,
                              dtype="float32" if args.precision == "fp32" else "bfloat16",
                              max_num_seqs=args.slots or max(args.prompts, 8), enforce_eager=not cuda,
                              log_path=Path(tempfile.gettempdir()) / "rollout-vllm.log")
-        started.sync(hf_weights([ours], arch))
+        started.sync(hf_weight_buckets([ours], arch))
         return started
 
     groups = [prompts[i:i + args.slots] for i in range(0, len(prompts), args.slots)] if args.slots else [prompts]

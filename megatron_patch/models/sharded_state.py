@@ -91,14 +91,24 @@ def load_full_tensors(model_chunks, full_tensor: Callable[[MegatronAddress], tor
     return count
 
 
-@torch.no_grad()
-def main_replica_pieces(model_chunks) -> list[tuple[MegatronAddress, tuple[int, ...], tuple[slice, ...], torch.Tensor]]:
-    """(address, full shape, where, data) of every main-replica shard this rank holds; the data a host copy
-    of its own (a parameter is a view into DDP's buffer, which pickling would send whole)."""
+def main_replicas(model_chunks) -> list[tuple[MegatronAddress, object]]:
+    """(address, ShardedTensor) of every main-replica shard this rank holds."""
     from megatron.core.dist_checkpointing.mapping import is_main_replica
 
-    return [(address, global_shape(shard), local_slice(shard), shard.data.detach().to("cpu", copy=True))
-            for address, shard in local_shards(model_chunks) if is_main_replica(shard.replica_id)]
+    return [(address, shard) for address, shard in local_shards(model_chunks) if is_main_replica(shard.replica_id)]
+
+
+@torch.no_grad()
+def host_piece(address: MegatronAddress, shard
+               ) -> tuple[MegatronAddress, tuple[int, ...], tuple[slice, ...], torch.Tensor]:
+    """(address, full shape, where, data) of a shard; the data a host copy of its own (a parameter is a view
+    into DDP's buffer, which pickling would send whole)."""
+    return address, global_shape(shard), local_slice(shard), shard.data.detach().to("cpu", copy=True)
+
+
+def main_replica_pieces(model_chunks) -> list[tuple[MegatronAddress, tuple[int, ...], tuple[slice, ...], torch.Tensor]]:
+    """``host_piece`` of every main-replica shard this rank holds."""
+    return [host_piece(address, shard) for address, shard in main_replicas(model_chunks)]
 
 
 def assemble_full_tensors(pieces) -> dict[MegatronAddress, torch.Tensor]:

@@ -92,6 +92,9 @@ class GrpoSettings:
     rollout_gpus: int = option(0, "vLLM disaggregated: the engine runs on this many GPUs of its own, the ones after "
                                   "the trainer's on this node, as its tensor parallelism; 0 shares the trainer's "
                                   "(GPU only)", env="MP_GRPO_ROLLOUT_GPUS")
+    vllm_sync_bucket_mb: int = option(1024, "vLLM weight sync: MB of weights rank 0 gathers and hands over at a time "
+                                            "(a larger tensor goes alone); bounds rank 0's host memory and the "
+                                            "shared-memory file", env="MP_GRPO_VLLM_SYNC_BUCKET_MB")
     vllm_enforce_eager: bool = option(True, "vLLM: no CUDA graphs or torch.compile (faster start; off for speed on "
                                             "a GPU)", env="MP_GRPO_VLLM_ENFORCE_EAGER")
     tis: bool = option(False, "truncated importance sampling: weight each response token's loss by "
@@ -151,6 +154,8 @@ class GrpoSettings:
                 fail("--vllm-sleep (colocated) and --rollout-gpus (disaggregated) exclude each other")
         elif self.vllm_sleep or self.rollout_gpus:
             fail("--vllm-sleep and --rollout-gpus are for --rollout-engine vllm")
+        if self.vllm_sync_bucket_mb < 1:
+            fail(f"--vllm-sync-bucket-mb must be >= 1, got {self.vllm_sync_bucket_mb}")
         if self.rollout_gpus < 0:
             fail(f"--rollout-gpus must be >= 0, got {self.rollout_gpus}")
         if self.kl_coef < 0:

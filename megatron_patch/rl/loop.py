@@ -40,7 +40,7 @@ from megatron_patch.rl.objectives import (
 )
 from megatron_patch.rl.prompts import Prompt, read_prompt_files
 from megatron_patch.rl.rewards import load_reward
-from megatron_patch.rl.vllm_engine import VllmEngine, generate_on_rank_zero, hf_weights, vllm_python
+from megatron_patch.rl.vllm_engine import VllmEngine, generate_on_rank_zero, hf_weight_buckets, vllm_python
 from megatron_patch.training.checkpointing import load_checkpoint
 from megatron_patch.training.config import TrainConfig, TrainConfigError
 from megatron_patch.training.loop import save_model
@@ -176,12 +176,16 @@ class GrpoTrainer:
             self.engine.close()
 
     def sync_weights(self) -> None:
-        """The current weights into the vLLM engine, in HF names through the converter's mapping (every rank
-        sends its shards to rank 0)."""
+        """The current weights into the vLLM engine, in HF names through the converter's mapping, a bucket at a
+        time (every rank sends its shards of each to rank 0)."""
         with synchronized_parameters(self.model.ddp_chunks):
-            weights = hf_weights(self.model.chunks, self.model.arch)
-        if self.engine is not None:
-            self.engine.sync(weights)
+            buckets = hf_weight_buckets(self.model.chunks, self.model.arch,
+                                        self.settings.vllm_sync_bucket_mb * 2**20)
+            if self.engine is not None:
+                self.engine.sync(buckets)
+            else:
+                for _ in buckets:  # this rank's part of each bucket's gather
+                    pass
 
     @contextmanager
     def _training_forwards(self):

@@ -13,13 +13,14 @@ which ``LLM.collective_rpc`` reaches directly; the server's HTTP routes for them
 protocol and a port, and prompts are token ids anyway.
 
 Weights arrive through a weight-transfer backend registered here, ``kit_shared_memory``: the
-trainer writes the current weights under their HF names as one safetensors file in shared memory
-(``/dev/shm``), and the backend loads them with vLLM's layerwise reload, the path its IPC backend
-takes. vLLM's IPC and NCCL backends need CUDA; this one runs anywhere.
+trainer writes the current weights under their HF names as safetensors files in shared memory
+(``/dev/shm``), a bucket at a time, and the backend loads each with vLLM's layerwise reload, the
+path its IPC backend takes. vLLM's IPC and NCCL backends need CUDA; this one runs anywhere.
 
 Messages (requests → replies):
-- ``{"op": "update", "path": FILE, "asleep": bool}`` → ``{"seconds": S}`` (asleep: wake the weights first,
-  the KV cache after)
+- a weight update: ``{"op": "update_begin", "asleep": bool}``, then ``{"op": "update_weights", "path":
+  FILE}`` for each bucket of weights, then ``{"op": "update_end", "asleep": bool}``, each → ``{}``
+  (asleep: wake the weights first, the KV cache after)
 - ``{"op": "generate", "prompts": [[ids]], "seeds": [int], "sampling": {...}, "routing": FILE | null,
   "sleep_after": bool}`` →
   ``{"tokens": [[ids]], "log_probs": [[float]], "stopped": [bool], "routing_lengths": [int] | null}``;
@@ -175,18 +176,25 @@ def _engine(args):
 SLEEP_LEVEL = 2
 
 
-def _update(llm, request) -> dict:
-    start = time.perf_counter()
+def _update_begin(llm, request) -> dict:
     if request.get("asleep"):
         llm.wake_up(tags=["weights"])
     llm.collective_rpc("start_weight_update")
+    return {}
+
+
+def _update_weights(llm, request) -> dict:
     llm.collective_rpc("update_weights", args=({"path": request["path"]},))
+    return {}
+
+
+def _update_end(llm, request) -> dict:
     llm.collective_rpc("finish_weight_update")
     # Cached prefixes were computed with the old weights.
     llm.reset_prefix_cache()
     if request.get("asleep"):
         llm.wake_up(tags=["kv_cache"])
-    return {"seconds": time.perf_counter() - start}
+    return {}
 
 
 def _capture_routing(worker) -> None:
@@ -318,7 +326,8 @@ def main() -> int:
     except BaseException as error:  # the trainer shows this as the engine's last error
         send({"error": f"vLLM did not start: {type(error).__name__}: {' '.join(str(error).split())}"})
         raise
-    handlers = {"update": _update, "generate": _generate, "forget_prefixes": _forget_prefixes}
+    handlers = {"update_begin": _update_begin, "update_weights": _update_weights, "update_end": _update_end,
+                "generate": _generate, "forget_prefixes": _forget_prefixes}
     while True:
         request = json.loads(connection.recv_bytes())
         if request["op"] == "stop":

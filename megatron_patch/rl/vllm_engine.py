@@ -9,8 +9,9 @@ run's metrics). vLLM starts from ``load_format=dummy`` on the run's config.json:
 gives it the weights, so no checkpoint is converted or written for it.
 
 Weights travel in HF names, made from the training model by the converter's mapping
-(``models/qwen3/mapping.py``), as one safetensors file in shared memory (``/dev/shm``) that the
-driver's weight-transfer backend loads: no restart, no checkpoint directory. In a parallel layout the
+(``models/qwen3/mapping.py``), a bucket at a time (about 1 GiB: rank 0 never holds the whole model)
+as safetensors files in shared memory (``/dev/shm``) that the driver's weight-transfer backend
+loads, all within one vLLM weight update: no restart, no checkpoint directory. In a parallel layout the
 engine runs beside global rank 0: every rank sends it its shards for a sync and its prompts for a
 rollout, and gets its completions back.
 """
@@ -18,6 +19,7 @@ rollout, and gets its completions back.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -25,6 +27,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from multiprocessing.connection import Listener
 from pathlib import Path
 
@@ -37,8 +40,8 @@ from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.models.qwen3.hf_model import hf_config
 from megatron_patch.models.qwen3.mapping import bound_qwen3_mappings
 from megatron_patch.models.routing import ROUTE_DTYPE
-from megatron_patch.models.sharded_state import assemble_full_tensors, main_replica_pieces
-from megatron_patch.models.weight_mapping import hf_tensors_from_megatron
+from megatron_patch.models.sharded_state import assemble_full_tensors, global_shape, host_piece, main_replicas
+from megatron_patch.models.weight_mapping import BoundMapping, hf_tensors_from_megatron
 from megatron_patch.parallel import end_with_parent
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,21 +63,53 @@ def vllm_python(configured: str | None) -> Path:
     return python
 
 
-def hf_weights(model_chunks, arch: Qwen3Arch) -> dict[str, torch.Tensor] | None:
-    """The current weights in HF names (the converter's mapping), on global rank 0; None on the others.
+# Weights a sync hands over at a time: rank 0 holds one bucket, never the whole model (Qwen3-235B-A22B is
+# 470 GB in bf16), and the shared-memory file is as large.
+SYNC_BUCKET_BYTES = 1 << 30
 
-    Every rank sends rank 0 the main replica of each of its shards (TP slices, its experts), and rank 0
-    puts the full tensors together; every rank of the job calls this together.
-    """
-    pieces = main_replica_pieces(model_chunks)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(pieces, gathered, dst=0)
-        if dist.get_rank() != 0:
-            return None
-        pieces = [piece for part in gathered for piece in part]
-    full = assemble_full_tensors(pieces)
-    return dict(hf_tensors_from_megatron(bound_qwen3_mappings(arch), full.__getitem__))
+
+def _buckets(bound: list[BoundMapping], sizes: dict[str, int], limit: int) -> Iterator[list[BoundMapping]]:
+    """Consecutive mapping rows of at most ``limit`` bytes together (a larger tensor alone)."""
+    bucket, total = [], 0
+    for row in bound:
+        size = sizes[row.address.key]
+        if bucket and total + size > limit:
+            yield bucket
+            bucket, total = [], 0
+        bucket.append(row)
+        total += size
+    if bucket:
+        yield bucket
+
+
+def hf_weight_buckets(model_chunks, arch: Qwen3Arch, bucket_bytes: int = SYNC_BUCKET_BYTES
+                      ) -> Iterator[dict[str, torch.Tensor] | None]:
+    """The current weights in HF names (the converter's mapping), about ``bucket_bytes`` at a time, on global
+    rank 0; None on the others. Every rank of the job iterates them together: for each bucket every rank
+    sends rank 0 the main replica of its shards of the bucket's tensors (TP slices, its experts), and rank 0
+    puts the full tensors together."""
+    parallel = dist.is_initialized() and dist.get_world_size() > 1
+    # Bytes of each full tensor, by key (the same at every layer and expert): from every rank, since with
+    # pipeline stages none holds every key, and every rank must cut the same buckets. (A key every rank
+    # holds only as another's replica has its main replica somewhere, so it is counted there.)
+    shards = main_replicas(model_chunks)
+    sizes = {address.key: math.prod(global_shape(shard)) * shard.data.element_size() for address, shard in shards}
+    if parallel:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, sizes)
+        sizes = {key: size for part in everyone for key, size in part.items()}
+    for bucket in _buckets(bound_qwen3_mappings(arch), sizes, bucket_bytes):
+        wanted = {row.address for row in bucket}
+        pieces = [host_piece(address, shard) for address, shard in shards if address in wanted]
+        if parallel:
+            gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+            dist.gather_object(pieces, gathered, dst=0)
+            if dist.get_rank() != 0:
+                yield None
+                continue
+            pieces = [piece for part in gathered for piece in part]
+        full = assemble_full_tensors(pieces)
+        yield dict(hf_tensors_from_megatron(bucket, full.__getitem__))
 
 
 def generate_on_rank_zero(engine: VllmEngine | None, prompts: list[list[int]], seeds: list[int],
@@ -205,18 +240,24 @@ class VllmEngine:
         return self._reply()
 
     # --- what the trainer asks ----------------------------------------------------------------------------
-    def sync(self, weights: dict[str, torch.Tensor]) -> float:
-        """Give the engine these weights (HF names); returns the seconds from writing to loaded."""
+    def sync(self, buckets: Iterable[dict[str, torch.Tensor]]) -> float:
+        """Give the engine these weights (HF names), a bucket at a time (``hf_weight_buckets``) within one
+        weight update; returns the seconds from the first bucket's gathering to loaded."""
         from safetensors.torch import save_file
 
         start = time.perf_counter()
+        self._request({"op": "update_begin", "asleep": self.sleep})
         staged, path = self.folder / "weights.safetensors.partial", self.folder / "weights.safetensors"
-        save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(staged))
-        staged.rename(path)
-        try:
-            self._request({"op": "update", "path": str(path), "asleep": self.sleep})
-        finally:
-            path.unlink(missing_ok=True)
+        self.synced_buckets = 0
+        for weights in buckets:
+            save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(staged))
+            staged.rename(path)
+            try:
+                self._request({"op": "update_weights", "path": str(path)})
+            finally:
+                path.unlink(missing_ok=True)
+            self.synced_buckets += 1
+        self._request({"op": "update_end", "asleep": self.sleep})
         return time.perf_counter() - start
 
     def forget_prefixes(self) -> None:

@@ -20,7 +20,7 @@ from megatron_patch.models.generation import Sampling, generate
 from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
 from megatron_patch.models.qwen3.presets import get_preset
 from megatron_patch.models.routing import RoutingRecorder, differing_routes
-from megatron_patch.rl.vllm_engine import VllmEngine, VllmEngineError, hf_weights, vllm_python
+from megatron_patch.rl.vllm_engine import VllmEngine, VllmEngineError, hf_weight_buckets, vllm_python
 from tests.conftest import TINY_DENSE, TINY_MOE
 from tests.helpers import teacher_forced_log_probs
 
@@ -48,7 +48,7 @@ def engine(tmp_path_factory):
 
 def test_after_each_sync_vllm_generates_what_the_kit_generates(model, engine):
     greedy = Sampling(max_new_tokens=16, temperature=0, stop_token_ids=(1,))
-    engine.sync(hf_weights([model], ARCH))
+    engine.sync(hf_weight_buckets([model], ARCH))
     before = engine.generate(PROMPTS, [0, 1, 2], greedy)
     ours = generate(model, PROMPTS, greedy, ARCH.vocab_size)
     assert [c.tokens for c in before] == [c.tokens for c in ours]
@@ -62,16 +62,20 @@ def test_after_each_sync_vllm_generates_what_the_kit_generates(model, engine):
     changed = generate(model, PROMPTS, greedy, ARCH.vocab_size)
     assert [c.tokens for c in changed] != [c.tokens for c in ours]
     assert [c.tokens for c in engine.generate(PROMPTS, [0, 1, 2], greedy)] == [c.tokens for c in before]
-    seconds = engine.sync(hf_weights([model], ARCH))
+    # This sync in buckets of 64 KiB: one weight update over several files (a larger tensor goes alone).
+    seconds = engine.sync(hf_weight_buckets([model], ARCH, bucket_bytes=64 * 1024))
+    assert engine.synced_buckets > 3 and seconds > 0
     after = engine.generate(PROMPTS, [0, 1, 2], greedy)
     assert [c.tokens for c in after] == [c.tokens for c in changed]
-    assert seconds > 0
+    gap = max((torch.tensor(a.log_probs) - torch.tensor(b.log_probs)).abs().max().item()
+              for a, b in zip(after, changed))
+    assert gap <= 1e-4, gap
 
 
 def test_sampled_tokens_carry_the_training_forwards_log_probs(model, engine):
     """The rollout's log-probs are of the temperature-scaled distribution (vLLM's processed_logprobs), as the
     training forward computes them: the gap is vLLM's numerics against Megatron-Core's."""
-    engine.sync(hf_weights([model], ARCH))
+    engine.sync(hf_weight_buckets([model], ARCH))
     sampling = Sampling(max_new_tokens=16, temperature=0.8, stop_token_ids=(1,))
     completions = engine.generate(PROMPTS, [11, 12, 13], sampling)
     again = engine.generate(PROMPTS, [11, 12, 13], sampling)
@@ -90,7 +94,7 @@ def test_a_tied_model_gets_its_output_layer_synced_too(megatron_world, tmp_path)
     engine = VllmEngine(arch, vllm_python(None), max_model_len=64, dtype="float32", max_num_seqs=4,
                         log_path=tmp_path / "vllm.log")
     try:
-        engine.sync(hf_weights([model], arch))
+        engine.sync(hf_weight_buckets([model], arch))
         greedy = Sampling(max_new_tokens=8, temperature=0)
         theirs, ours = engine.generate(PROMPTS, [0, 1, 2], greedy), generate(model, PROMPTS, greedy, arch.vocab_size)
         assert [c.tokens for c in theirs] == [c.tokens for c in ours]
@@ -143,7 +147,7 @@ def test_vllm_returns_the_experts_a_training_forward_takes_and_a_sync_changes_th
         return differ, compared
 
     try:
-        engine.sync(hf_weights([model], arch))
+        engine.sync(hf_weight_buckets([model], arch))
         # Three prompts through two sequence slots: the third starts when one ends, beside a decoding one.
         first = engine.generate(PROMPTS, [1, 2, 3], sampling)
         differ, compared = differing(first)
@@ -152,7 +156,7 @@ def test_vllm_returns_the_experts_a_training_forward_takes_and_a_sync_changes_th
             for parameter in model.parameters():
                 parameter.add_(torch.randn_like(parameter) * 0.3)
         assert differing(first)[0] > 0  # the new weights route otherwise...
-        engine.sync(hf_weights([model], arch))
+        engine.sync(hf_weight_buckets([model], arch))
         assert differing(engine.generate(PROMPTS, [1, 2, 3], sampling))[0] == 0  # ...and so does vLLM after a sync
     finally:
         recorder.remove()
