@@ -147,9 +147,6 @@ class GrpoSettings:
             fail("--routing-replay needs --tensor-model-parallel-size 1: sequence parallelism splits a router's tokens "
                  "over tensor-parallel ranks (expert parallelism is fine)")
         if self.rollout_engine == "vllm":
-            if config.lora_rank:
-                fail("--rollout-engine vllm does not sync LoRA adapters yet: use --rollout-engine megatron with "
-                     "--lora-rank")
             if self.vllm_sleep and self.rollout_gpus:
                 fail("--vllm-sleep (colocated) and --rollout-gpus (disaggregated) exclude each other")
         elif self.vllm_sleep or self.rollout_gpus:

@@ -177,10 +177,11 @@ class GrpoTrainer:
 
     def sync_weights(self) -> None:
         """The current weights into the vLLM engine, in HF names through the converter's mapping, a bucket at a
-        time (every rank sends its shards of each to rank 0)."""
+        time (every rank sends its shards of each to rank 0), LoRA adapters merged."""
         with synchronized_parameters(self.model.ddp_chunks):
-            buckets = hf_weight_buckets(self.model.chunks, self.model.arch,
-                                        self.settings.vllm_sync_bucket_mb * 2**20)
+            lora = self.model.lora
+            buckets = hf_weight_buckets(self.model.chunks, self.model.arch, self.settings.vllm_sync_bucket_mb * 2**20,
+                                        lora_scale=None if lora is None else lora.settings.scale)
             if self.engine is not None:
                 self.engine.sync(buckets)
             else:

@@ -11,9 +11,9 @@ gives it the weights, so no checkpoint is converted or written for it.
 Weights travel in HF names, made from the training model by the converter's mapping
 (``models/qwen3/mapping.py``), a bucket at a time (about 1 GiB: rank 0 never holds the whole model)
 as safetensors files in shared memory (``/dev/shm``) that the driver's weight-transfer backend
-loads, all within one vLLM weight update: no restart, no checkpoint directory. In a parallel layout the
-engine runs beside global rank 0: every rank sends it its shards for a sync and its prompts for a
-rollout, and gets its completions back.
+loads, all within one vLLM weight update: no restart, no checkpoint directory. LoRA adapters go
+merged into their weights. In a parallel layout the engine runs beside global rank 0: every rank
+sends it its shards for a sync and its prompts for a rollout, and gets its completions back.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from megatron_patch.models.qwen3.hf_model import hf_config
 from megatron_patch.models.qwen3.mapping import bound_qwen3_mappings
 from megatron_patch.models.routing import ROUTE_DTYPE
 from megatron_patch.models.sharded_state import assemble_full_tensors, global_shape, host_piece, main_replicas
-from megatron_patch.models.weight_mapping import BoundMapping, hf_tensors_from_megatron
+from megatron_patch.models.weight_mapping import BoundMapping, MegatronAddress, hf_tensors_from_megatron
 from megatron_patch.parallel import end_with_parent
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,24 +82,35 @@ def _buckets(bound: list[BoundMapping], sizes: dict[str, int], limit: int) -> It
         yield bucket
 
 
-def hf_weight_buckets(model_chunks, arch: Qwen3Arch, bucket_bytes: int = SYNC_BUCKET_BYTES
-                      ) -> Iterator[dict[str, torch.Tensor] | None]:
+def _adapter_addresses(address: MegatronAddress) -> tuple[MegatronAddress, MegatronAddress]:
+    """(A, B) of the LoRA adapter on a base weight: same layer and expert, the adapter's keys."""
+    stem = address.key.removesuffix("weight") + "adapter."
+    return (MegatronAddress(stem + "linear_in.weight", address.layer, address.expert),
+            MegatronAddress(stem + "linear_out.weight", address.layer, address.expert))
+
+
+def hf_weight_buckets(model_chunks, arch: Qwen3Arch, bucket_bytes: int = SYNC_BUCKET_BYTES,
+                      lora_scale: float | None = None) -> Iterator[dict[str, torch.Tensor] | None]:
     """The current weights in HF names (the converter's mapping), about ``bucket_bytes`` at a time, on global
     rank 0; None on the others. Every rank of the job iterates them together: for each bucket every rank
     sends rank 0 the main replica of its shards of the bucket's tensors (TP slices, its experts), and rank 0
-    puts the full tensors together."""
+    puts the full tensors together. With LoRA adapters (``lora_scale``: alpha / r) each adapted weight goes
+    merged, W + scale * B @ A in fp32, as the merged HF export writes it: vLLM serves the policy being trained."""
     parallel = dist.is_initialized() and dist.get_world_size() > 1
+    shards = main_replicas(model_chunks)
     # Bytes of each full tensor, by key (the same at every layer and expert): from every rank, since with
     # pipeline stages none holds every key, and every rank must cut the same buckets. (A key every rank
     # holds only as another's replica has its main replica somewhere, so it is counted there.)
-    shards = main_replicas(model_chunks)
     sizes = {address.key: math.prod(global_shape(shard)) * shard.data.element_size() for address, shard in shards}
     if parallel:
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, sizes)
         sizes = {key: size for part in everyone for key, size in part.items()}
+    adapted = lora_scale is not None and any("adapter" in key for key in sizes)
     for bucket in _buckets(bound_qwen3_mappings(arch), sizes, bucket_bytes):
         wanted = {row.address for row in bucket}
+        if adapted:
+            wanted |= {part for row in bucket for part in _adapter_addresses(row.address) if part.key in sizes}
         pieces = [host_piece(address, shard) for address, shard in shards if address in wanted]
         if parallel:
             gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
@@ -109,6 +120,13 @@ def hf_weight_buckets(model_chunks, arch: Qwen3Arch, bucket_bytes: int = SYNC_BU
                 continue
             pieces = [piece for part in gathered for piece in part]
         full = assemble_full_tensors(pieces)
+        if adapted:
+            for row in bucket:
+                a, b = _adapter_addresses(row.address)
+                if a in full:
+                    weight = full[row.address]
+                    full[row.address] = (weight.float() + lora_scale * (full.pop(b).float() @ full.pop(a).float())
+                                         ).to(weight.dtype)
         yield dict(hf_tensors_from_megatron(bucket, full.__getitem__))
 
 

@@ -86,6 +86,36 @@ def test_sampled_tokens_carry_the_training_forwards_log_probs(model, engine):
     print(f"sampled at temperature 0.8: max |delta log-prob| against the training forward {gap:.2e}")
 
 
+def test_lora_adapters_go_merged_and_vllm_generates_what_the_adapted_kit_model_generates(megatron_world, tmp_path):
+    """A LoRA policy (every target, experts' included; adapters set away from their zero start) reaches vLLM as
+    merged weights: vLLM's greedy rows are the kit's on the adapted model, and not the base model's."""
+    from megatron_patch.lora.apply import adapter_parameters, apply_lora
+    from megatron_patch.lora.config import LoraSettings
+
+    arch = TINY_MOE.replace(moe_ffn_hidden_size=64, dense_layers=(1,))
+    torch.manual_seed(6)
+    model = build_gpt_model(arch, BuildOptions(aux_loss_coeff=0.0), init_method_std=0.6).eval()
+    settings = LoraSettings(4, 8.0, targets=("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"))
+    apply_lora([model], settings)
+    with torch.no_grad():
+        for _, parameter in adapter_parameters([model]):
+            parameter.normal_(std=0.3)
+    greedy = Sampling(max_new_tokens=12, temperature=0)
+    engine = VllmEngine(arch, vllm_python(None), max_model_len=64, dtype="float32", max_num_seqs=4,
+                        log_path=tmp_path / "vllm.log")
+    try:
+        engine.sync(hf_weight_buckets([model], arch))  # the base weights only: the adapters left out
+        base = [c.tokens for c in engine.generate(PROMPTS, [0, 1, 2], greedy)]
+        engine.sync(hf_weight_buckets([model], arch, bucket_bytes=64 * 1024, lora_scale=settings.scale))
+        theirs = engine.generate(PROMPTS, [0, 1, 2], greedy)
+    finally:
+        engine.close()
+    ours = generate(model, PROMPTS, greedy, arch.vocab_size)
+    assert [c.tokens for c in theirs] == [c.tokens for c in ours] != base
+    gap = max(abs(a - b) for x, y in zip(theirs, ours) for a, b in zip(x.log_probs, y.log_probs))
+    assert gap <= 1e-4, gap
+
+
 def test_a_tied_model_gets_its_output_layer_synced_too(megatron_world, tmp_path):
     """vLLM processes a tied output layer once, at load (on CPU, packing it for oneDNN): the driver redoes it."""
     arch = ARCH.replace(tie_word_embeddings=True)
@@ -248,6 +278,21 @@ def test_expert_parallel_ranks_sync_and_roll_out_through_rank_0(tmp_path_factory
     # the two engines agree; the engine test above shows a difference is found).
     assert all(r["routing_mismatch"] is not None and r["routing_mismatch"] < 0.05 for r in records), records
     print("routing mismatch without replay, vLLM vs the training forward:", [r["routing_mismatch"] for r in records])
+    assert engine_gone(int(ENGINE_PID.search(result.stdout).group(1)))
+
+
+def test_lora_grpo_syncs_the_merged_policy_every_step(tmp_path_factory):
+    """LoRA GRPO with vLLM, 3 steps: after each update the adapters differ, and vLLM's log-probs still are the
+    training forward's (rollout kl ~ 1e-9), so each sync carried the adapters, merged."""
+    folder = str(tmp_path_factory.getbasetemp() / "vllm-grpo")
+    run = Path(folder) / "lora"
+    env = {**os.environ, **VLLM_ENV, "MP_LORA_RANK": "8", "MP_LORA_ALPHA": "16"}
+    result = subprocess.run(grpo_command(folder, run, 3), capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    (metrics,) = run.rglob("metrics.jsonl")
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if "reward_mean" in line]
+    assert len(records) == 3 and all(r["rollout_kl"] < 1e-6 for r in records), records
+    assert records[-1]["grad_norm"] > 0  # the adapters did move
     assert engine_gone(int(ENGINE_PID.search(result.stdout).group(1)))
 
 

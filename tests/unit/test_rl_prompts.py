@@ -141,7 +141,7 @@ def test_grpo_settings_that_cannot_run_are_named(changes, message):
 
 
 @pytest.mark.parametrize("config_changes, settings, message", [
-    ({"lora_rank": 8}, {"rollout_engine": "vllm"}, "does not sync LoRA adapters yet"),
+    ({}, {"rollout_engine": "vllm", "vllm_sync_bucket_mb": 0}, "--vllm-sync-bucket-mb must be >= 1"),
     ({}, {"rollout_engine": "vllm", "vllm_sleep": True, "rollout_gpus": 2}, "exclude each other"),
     ({}, {"rollout_gpus": 2}, "--vllm-sleep and --rollout-gpus are for --rollout-engine vllm"),
     ({"tensor_model_parallel_size": 2}, {"routing_replay": True}, "--routing-replay needs --tensor-model-parallel"),
