@@ -11,6 +11,8 @@ inference context (one batch row per sequence, one write position shared by the 
   so no linear computes padding, and a refill does not read the weights again;
 - a sequence that ends leaves at once: the last live rows move into the holes, so a step computes
   live rows only (varied response lengths cost what they generate, not the longest row's length);
+- a prompt admitted several times at once (GRPO's samples of one prompt) is computed once, and its
+  other rows take that row's keys, values and logits;
 - when the cache's positions run out, the live rows' keys move back to the front;
 - keys are cached rotated at their own positions, so a step does not rotate the history again.
 A row's keys before its first prompt token (an earlier sequence's) are masked. A row's positions
@@ -257,20 +259,28 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
         forward(kv_cache.RaggedStep(0, 0, scratch, [1], torch.zeros(0, dtype=torch.long, device=device)),
                 torch.full((1,), padding, device=device))
 
-    def step(going: int, admitted: list[int]) -> torch.Tensor:
-        """The first ``going`` rows feed their last token, the ``admitted`` sequences (the rows after them)
-        their prompts: one forward."""
-        lengths = [len(prompts[index]) for index in admitted]
-        tokens = torch.cat([rows.feeds[:going]] + [torch.tensor(prompts[index], device=device) for index in admitted])
+    def step(going: int, fed: list[int], copies: list[tuple[int, int]]) -> torch.Tensor:
+        """The first ``going`` rows feed their last token, the ``fed`` sequences (the rows after them) their
+        prompts: one forward. Then each of ``copies`` (sequence, row of the same prompt among ``fed``), in the
+        rows after those, takes that row's cache and logits."""
+        lengths = [len(prompts[index]) for index in fed]
+        tokens = torch.cat([rows.feeds[:going]] + [torch.tensor(prompts[index], device=device) for index in fed])
         logits = forward(kv_cache.RaggedStep(going, position, going, lengths, rows.starts), tokens)
+        if copies:
+            sources = [source for _, source in copies]
+            targets = list(range(going + len(fed), going + len(fed) + len(copies)))
+            kv_cache.copy_rows(cache, slice(position + 1 - max(lengths), position + 1), sources, targets)
+            logits = torch.cat([logits, logits[sources]])
         if recorder is not None:
             routes = recorder.routes(len(tokens), 1)[0].cpu()
             for row in range(going):
                 out.routes[rows.sequences[row]].append(routes[row:row + 1])
-            first = going
-            for index, length in zip(admitted, lengths):
-                out.routes[index].append(routes[first:first + length])
+            first, prompt_routes = going, {}
+            for row, (index, length) in enumerate(zip(fed, lengths), start=going):
+                out.routes[index].append(prompt_routes.setdefault(row, routes[first:first + length]))
                 first += length
+            for index, source in copies:
+                out.routes[index].append(prompt_routes[source])
         return logits
 
     with recording(gpt) if record_routing else nullcontext() as recorder, _without_sequence_parallel(gpt), \
@@ -303,6 +313,17 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
                 rows.starts -= shift
                 position -= shift
             admitted = [pending.pop() for _ in range(min(slots - going, len(pending)))]
+            # A prompt admitted more than once (GRPO's samples of one prompt) is computed once; its other
+            # sequences take the cache rows and logits of the first, in the rows after the computed ones.
+            fed, copies, row_of = [], [], {}
+            for index in admitted:
+                prompt = tuple(prompts[index])
+                if prompt in row_of:
+                    copies.append((index, row_of[prompt]))
+                else:
+                    row_of[prompt] = going + len(fed)
+                    fed.append(index)
+            admitted = fed + [index for index, _ in copies]
             if admitted:
                 rows.add(admitted, position + 1 - torch.tensor([len(prompts[i]) for i in admitted], device=device))
             # A process with nothing to compute while another computes makes a keep step.
@@ -310,7 +331,7 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
             if not busy:
                 break
             if going or admitted:
-                logits = step(going, admitted)
+                logits = step(going, fed, copies)
             else:
                 keep_step()
                 logits = None

@@ -20,6 +20,7 @@ MLA or fused single-QKV RoPE (Megatron-Core rotates inside its own step there): 
 
 Edits:
 - ``close_holes``: finished rows leave; the last live rows move into their places.
+- ``copy_rows``: a row takes another's keys and values (a prompt admitted twice is computed once).
 - ``shift_back``: the live positions move to the front when the cache's positions run out. Cached
   rotated keys are rotated back by the shift, RoPE(p - s) = RoPE(-s) RoPE(p): attention depends
   only on the distance between query and key, so the moved rows attend as before (to float
@@ -63,6 +64,14 @@ def close_holes(cache: dict, filled: int, finished: list[int], rows: int) -> lis
             for part in memory:
                 part[:filled, to.to(part.device)] = part[:filled, source.to(part.device)]
     return order
+
+
+def copy_rows(cache: dict, positions: slice, sources: list[int], targets: list[int]) -> None:
+    """Rows ``targets`` take rows ``sources``' keys and values at ``positions``, in every layer."""
+    to, source = torch.tensor(targets), torch.tensor(sources)
+    for memory in cache.values():
+        for part in memory:
+            part[positions, to.to(part.device)] = part[positions, source.to(part.device)]
 
 
 def shift_back(cache: dict, filled: int, shift: int, rows: int, back_rotation: torch.Tensor,

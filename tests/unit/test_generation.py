@@ -103,6 +103,30 @@ def test_a_generator_per_row_gives_each_row_the_same_samples_in_any_batch(models
     assert [c.tokens for c in batched] == [c.tokens for c in together]
 
 
+def test_a_prompt_admitted_several_times_is_computed_once(models):
+    """GRPO's samples of one prompt: the prompt goes through the forward once, and every sample is what it
+    would be alone (its own generator), its recorded experts included."""
+    model, vocab = models["moe"], TINY_MOE.vocab_size
+    a, b = prompts_of((5, 11), vocab)
+    prompts = [a, b, a, a, b]
+    sampling = Sampling(max_new_tokens=10, temperature=1.0)
+    fed = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: fed.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        together = generate(model, prompts, sampling, vocab, [sampling_generator(200 + i) for i in range(5)],
+                            record_routing=True)
+    finally:
+        hook.remove()
+    assert fed[0] == len(a) + len(b)  # the first forward: each distinct prompt once
+    assert len({tuple(c.tokens) for c in together}) >= 4  # the samples of a prompt still differ
+    for index, prompt in enumerate(prompts):
+        (alone,) = generate(model, [prompt], sampling, vocab, [sampling_generator(200 + index)], record_routing=True)
+        assert alone.tokens == together[index].tokens
+        assert alone.log_probs == pytest.approx(together[index].log_probs, abs=1e-5)
+        assert torch.equal(alone.routing, together[index].routing)
+
+
 VARIED_PROMPTS = (3, 30, 8, 13, 5, 21, 9, 17, 2)
 
 
