@@ -27,13 +27,13 @@ Messages (requests → replies):
   with ``routing`` each completion's experts are written to FILE (safetensors, one int16 tensor
   ``experts`` [Σ positions, MoE layers, top-k], the completions' inputs one after another, sorted
   within top-k), and ``routing_lengths`` says how many positions each has.
+- ``{"op": "stop"}`` → ``{}``; an error in any request → ``{"error": TEXT}``.
 
 Routed experts: vLLM returns them (``enable_return_routed_experts``) only from its V2 GPU model
 runner. On CPU the driver reads them itself: a capture function on each MoE router (vLLM's own
 ``BaseRouter.set_capture_fn`` hook) and a wrapper around the CPU model runner's forward that files
 each forward's token rows under their request and position. The prefix cache is off then: a
 request whose prompt blocks came from the cache would have no forward for them.
-- ``{"op": "stop"}`` → ``{}``; an error in any request → ``{"error": TEXT}``.
 """
 
 from __future__ import annotations
@@ -256,7 +256,10 @@ def _generate(llm, request) -> dict:
                              logprobs=0, detokenize=False, seed=seed)
               for seed in request["seeds"]]
     outputs = llm.generate([{"prompt_token_ids": prompt} for prompt in request["prompts"]], params, use_tqdm=False)
-    captured = llm.collective_rpc(_take_routing)[0] if request.get("routing") and llm.kit_captures_routing else None
+    captured = None
+    if request.get("routing") and llm.kit_captures_routing:
+        # The runner knows a request by the id LLM.generate gave it plus a suffix of the engine's.
+        captured = {key.rsplit("-", 1)[0]: value for key, value in llm.collective_rpc(_take_routing)[0].items()}
     tokens, log_probs, stopped, routing = [], [], [], []
     for prompt, output in zip(request["prompts"], outputs):
         completion = output.outputs[0]
@@ -282,10 +285,10 @@ def _inputs_experts(output, captured: dict | None, inputs: int):
 
     if captured is None:
         experts = torch.as_tensor(output.outputs[0].routed_experts[:inputs])
+    elif output.request_id in captured:
+        experts = captured[output.request_id][:inputs]
     else:
-        # The runner knows a request by the id LLM.generate gave it plus a suffix of the engine's.
-        (experts,) = [value for key, value in captured.items() if key.rsplit("-", 1)[0] == output.request_id]
-        experts = experts[:inputs]
+        experts = torch.zeros(0)
     if len(experts) < inputs or bool((experts < 0).any()):
         raise ValueError(f"routing replay: request {output.request_id} lacks the experts of some of its {inputs} "
                          "input positions")
