@@ -281,6 +281,29 @@ def test_expert_parallel_ranks_sync_and_roll_out_through_rank_0(tmp_path_factory
     assert engine_gone(int(ENGINE_PID.search(result.stdout).group(1)))
 
 
+def test_in_bf16_the_engines_route_differently_and_replay_removes_it(tmp_path_factory):
+    """bf16 on both sides: vLLM's kernels and Megatron-Core's choose other experts for some token-layers, which
+    routing_mismatch shows; with --routing-replay it is 0, and the rollout kl of the same rollout (same seeds,
+    same weights) drops. One step each."""
+    folder = str(tmp_path_factory.getbasetemp() / "vllm-grpo")
+    steps = {}
+    for replay in ("false", "true"):
+        run = Path(folder) / f"bf16-replay-{replay}"
+        command = grpo_command(folder, run, 1)
+        command[command.index("fp32")] = "bf16"
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                                env={**os.environ, **VLLM_ENV, "MP_GRPO_ROUTING_REPLAY": replay})
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+        (metrics,) = run.rglob("metrics.jsonl")
+        steps[replay] = [json.loads(line) for line in metrics.read_text().splitlines() if "reward_mean" in line]
+    plain, replayed = steps["false"], steps["true"]
+    print("bf16 routing mismatch without replay:", [r["routing_mismatch"] for r in plain],
+          "rollout kl:", [r["rollout_kl"] for r in plain], "with replay:", [r["rollout_kl"] for r in replayed])
+    assert plain[0]["routing_mismatch"] > 0 and replayed[0]["routing_mismatch"] == 0, (plain, replayed)
+    assert replayed[0]["reward_mean"] == plain[0]["reward_mean"]  # the same rollout
+    assert replayed[0]["rollout_kl"] < plain[0]["rollout_kl"]
+
+
 def test_lora_grpo_syncs_the_merged_policy_every_step(tmp_path_factory):
     """LoRA GRPO with vLLM, 3 steps: after each update the adapters differ, and vLLM's log-probs still are the
     training forward's (rollout kl ~ 1e-9), so each sync carried the adapters, merged."""
