@@ -59,10 +59,7 @@ def close_holes(cache: dict, filled: int, finished: list[int], rows: int) -> lis
     for hole, mover in zip(holes, movers):
         order[hole] = mover
     if holes:
-        to, source = torch.tensor(holes), torch.tensor(movers)
-        for memory in cache.values():
-            for part in memory:
-                part[:filled, to.to(part.device)] = part[:filled, source.to(part.device)]
+        copy_rows(cache, slice(0, filled), movers[:len(holes)], holes)
     return order
 
 
