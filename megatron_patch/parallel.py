@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import datetime
 import os
-import signal
 import socket
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from megatron_patch.lifetime import end_with_parent
 
 
 @dataclass(frozen=True)
@@ -106,21 +104,6 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234, backend: str |
     parallel_state.initialize_model_parallel(**layout.megatron_sizes())
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed=seed)
-
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def end_with_parent() -> None:
-    """Have Linux kill this process (SIGKILL) when its parent ends, however the parent ends; also a
-    ``preexec_fn`` for a child the kit starts (a rollout engine)."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    parent = os.getppid()
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent ended before the request took effect
-        os._exit(1)
 
 
 def die_with_launcher() -> None:

@@ -11,11 +11,14 @@ reference), ``--eval-interval`` steps between validations (greedy accuracy on th
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from megatron_patch.rl.objectives import ADVANTAGE_ESTIMATORS, AGGREGATIONS, KL_ESTIMATORS, MIS_LEVELS
 from megatron_patch.rl.prompts import PromptKeys
-from megatron_patch.rl.rewards import load_reward
+from megatron_patch.rl.reward_worker import DEFAULT_REWARD_TIMEOUT, check_reward
+from megatron_patch.rl.rewards import RewardError
+from megatron_patch.rl.vllm_engine import DEFAULT_ENGINE_TIMEOUT
 from megatron_patch.training.config import TrainConfig, TrainConfigError, option
 from megatron_patch.training.memory_plan import RolloutShape
 
@@ -38,6 +41,9 @@ class GrpoSettings:
                                   "FUNCTION(prompt, response, label) or, with verl's signature, as "
                                   "compute_score(data_source, solution_str, ground_truth, extra_info); a float, or a "
                                   "dict with score (its other numbers logged)", env="MP_GRPO_REWARD")
+    reward_timeout: float = option(DEFAULT_REWARD_TIMEOUT, "seconds one call of a custom: reward may take; past them "
+                                                           "its process is killed and the job stops naming the sample",
+                                   env="MP_GRPO_REWARD_TIMEOUT")
     advantage_estimator: str = option("grpo", "grpo (group z-score), drgrpo (no std division) or rloo",
                                       env="MP_GRPO_ADVANTAGE", choices=ADVANTAGE_ESTIMATORS)
     clip_low: float = option(0.2, "PPO clip below: ratio >= 1 - clip-low", env="MP_GRPO_CLIP_LOW")
@@ -95,6 +101,10 @@ class GrpoSettings:
     vllm_sync_bucket_mb: int = option(1024, "vLLM weight sync: MB of weights rank 0 gathers and hands over at a time "
                                             "(a larger tensor goes alone); bounds rank 0's host memory and the "
                                             "shared-memory file", env="MP_GRPO_VLLM_SYNC_BUCKET_MB")
+    engine_timeout: float = option(DEFAULT_ENGINE_TIMEOUT, "seconds the vLLM engine may go without answering and "
+                                                           "without using any CPU (stopped, deadlocked); then the "
+                                                           "job stops naming its pid and what it was asked",
+                                   env="MP_GRPO_ENGINE_TIMEOUT")
     vllm_enforce_eager: bool = option(True, "vLLM: no CUDA graphs or torch.compile (faster start; off for speed on "
                                             "a GPU)", env="MP_GRPO_VLLM_ENFORCE_EAGER")
     tis: bool = option(False, "truncated importance sampling: weight each response token's loss by "
@@ -172,7 +182,13 @@ class GrpoSettings:
         if config.pipeline_model_parallel_size > 1 or config.context_parallel_size > 1:
             fail("GRPO needs --pipeline-model-parallel-size 1 and --context-parallel-size 1: the rollout generates "
                  "with the whole model on each rank (use tensor and expert parallelism)")
-        load_reward(self.reward)
+        for name in ("reward_timeout", "engine_timeout"):
+            if not 0 < getattr(self, name) < math.inf:
+                fail(f"--{name.replace('_', '-')} must be a positive number of seconds, got {getattr(self, name)}")
+        try:
+            check_reward(self.reward, self.reward_timeout)
+        except RewardError as err:
+            fail(str(err))
 
     def prompt_keys(self) -> PromptKeys:
         return PromptKeys(self.input_key, self.label_key, self.metadata_key)

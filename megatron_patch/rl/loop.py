@@ -39,7 +39,7 @@ from megatron_patch.rl.objectives import (
     rollout_mismatch,
 )
 from megatron_patch.rl.prompts import Prompt, read_prompt_files
-from megatron_patch.rl.rewards import load_reward
+from megatron_patch.rl.reward_worker import RewardProcess, start_reward
 from megatron_patch.rl.vllm_engine import VllmEngine, generate_on_rank_zero, hf_weight_buckets, vllm_python
 from megatron_patch.training.checkpointing import load_checkpoint
 from megatron_patch.training.config import TrainConfig, TrainConfigError
@@ -122,7 +122,7 @@ class GrpoTrainer:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.model: TrainedModel = prepare_model(training_view(config, settings, world))
         model = self.model
-        self.reward = load_reward(settings.reward)
+        self.reward = start_reward(settings.reward, settings.reward_timeout)
         tokenizer = model.tokenizer
         self.stop_ids = tuple(dict.fromkeys([tokenizer.im_end, tokenizer.eod]))
         if prompts is None:
@@ -165,15 +165,17 @@ class GrpoTrainer:
             log_path=Path(log_dir) / "vllm.log", max_num_seqs=settings.vllm_max_num_seqs,
             tensor_parallel_size=tensor_parallel, memory_fraction=settings.vllm_memory_fraction,
             kv_cache_gib=settings.vllm_kv_cache_gib, enforce_eager=settings.vllm_enforce_eager,
-            routing=self.records_routing, sleep=settings.vllm_sleep, gpus=gpus)
+            routing=self.records_routing, sleep=settings.vllm_sleep, gpus=gpus, idle_timeout=settings.engine_timeout)
         print(f"vLLM engine started in {engine.startup_seconds:.1f} s (pid {engine.process.pid}, log "
               f"{engine.log_path})", flush=True)
         return engine
 
     def close(self) -> None:
-        """Stop what the trainer started beside it (the vLLM engine)."""
+        """Stop what the trainer started beside it (the vLLM engine, a custom reward's process)."""
         if self.engine is not None:
             self.engine.close()
+        if isinstance(self.reward, RewardProcess):
+            self.reward.close()
 
     def sync_weights(self) -> None:
         """The current weights into the vLLM engine, in HF names through the converter's mapping, a bucket at a

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import math
+import numbers
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,7 +77,10 @@ class Score:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number of any numeric type (NumPy's and torch's scalars included), not a bool."""
+    if getattr(value, "shape", None) == () and hasattr(value, "item"):  # NumPy scalars, 0-d arrays and tensors
+        value = value.item()
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,7 @@ class Reward:
                 raise RewardError(f"reward {self.name} returned a dict without \"score\" on {where} "
                                   f"(keys {sorted(value)[:5]})")
             value = value["score"]
-        if not _is_number(value) or not math.isfinite(value):
+        if not _is_number(value) or not math.isfinite(float(value)):
             raise RewardError(f"reward {self.name} returned {value!r} on {where}; expected a finite number")
         return Score(float(value), extras)
 

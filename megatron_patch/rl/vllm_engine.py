@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_patch.errors import InputError
+from megatron_patch.lifetime import end_with_parent
 from megatron_patch.models.generation import Completion, Sampling
 from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.models.qwen3.hf_model import hf_config
@@ -42,11 +43,12 @@ from megatron_patch.models.qwen3.mapping import bound_qwen3_mappings
 from megatron_patch.models.routing import ROUTE_DTYPE
 from megatron_patch.models.sharded_state import assemble_full_tensors, global_shape, host_piece, main_replicas
 from megatron_patch.models.weight_mapping import BoundMapping, MegatronAddress, hf_tensors_from_megatron
-from megatron_patch.parallel import end_with_parent
 
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("vllm_driver.py")
 SHARED_MEMORY = Path("/dev/shm")
+# An engine that neither answers nor uses any CPU for this long is stopped or deadlocked (--engine-timeout).
+DEFAULT_ENGINE_TIMEOUT = 600.0
 
 
 class VllmEngineError(InputError):
@@ -160,16 +162,44 @@ def generate_on_rank_zero(engine: VllmEngine | None, prompts: list[list[int]], s
     return received[0]
 
 
+# What each request asks, in the timeout's words.
+_ASKED = {"update_begin": "begin a weight sync", "update_weights": "load a bucket of weights",
+          "update_end": "finish a weight sync", "generate": "generate a rollout",
+          "forget_prefixes": "drop its prefix cache"}
+
+
+def _tree_cpu_ticks(pid: int) -> int:
+    """User + system CPU ticks of ``pid`` and its descendants, from /proc (0 where there is none)."""
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))  # fields[1]: the parent's pid
+        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])  # utime, stime
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        total += ticks.get(current, 0)
+        todo += children.get(current, [])
+    return total
+
+
 class VllmEngine:
     """One vLLM engine for this process's rollouts."""
 
     def __init__(self, arch: Qwen3Arch, python: Path, *, max_model_len: int, dtype: str, log_path: Path,
                  max_num_seqs: int = 256, tensor_parallel_size: int = 1, memory_fraction: float = 0.5,
                  kv_cache_gib: float = 1.0, enforce_eager: bool = True, routing: bool = False,
-                 sleep: bool = False, gpus: tuple[int, ...] = (), startup_timeout: float = 600.0):
+                 sleep: bool = False, gpus: tuple[int, ...] = (), startup_timeout: float = 600.0,
+                 idle_timeout: float = DEFAULT_ENGINE_TIMEOUT):
         """``sleep``: colocated with training on the same GPU, vLLM sleeps between rollouts (its sleep mode);
         ``gpus``: disaggregated, the engine sees only these GPUs (CUDA_VISIBLE_DEVICES)."""
-        self.routing, self.sleep, self.log_path = routing, sleep, log_path
+        self.routing, self.sleep, self.log_path, self.idle_timeout = routing, sleep, log_path, idle_timeout
         base = SHARED_MEMORY if SHARED_MEMORY.is_dir() else None
         self.folder = Path(tempfile.mkdtemp(prefix="mp-vllm-", dir=base))
         hf_config(arch).to_json_file(str(self.folder / "config.json"))
@@ -194,7 +224,7 @@ class VllmEngine:
         self.connection = None
         try:
             self.connection = self._accept(startup_timeout)
-            self.startup_seconds = self._reply(startup_timeout)["seconds"]
+            self.startup_seconds = self._reply("start", startup_timeout)["seconds"]
         except BaseException:
             self.close()
             raise
@@ -235,13 +265,27 @@ class VllmEngine:
         errors = [line for line in lines if "Error" in line or "error" in line]
         return (errors or lines or ["(no output)"])[-1][-500:]
 
-    def _reply(self, timeout: float | None = None) -> dict:
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _reply(self, asked: str, timeout: float | None = None) -> dict:
+        """The engine's answer to ``asked``. Without an answer, ``timeout`` bounds the whole wait and
+        ``idle_timeout`` the time without progress (CPU used by the engine's processes, or log written):
+        a stopped (SIGSTOP) or deadlocked engine ends the job in one line instead of holding it for ever."""
+        now = time.monotonic()
+        deadline = None if timeout is None else now + timeout
+        progress, progress_at = self._progress(), now
         while not self.connection.poll(0.5):
             self._check_alive()
-            if deadline is not None and time.monotonic() > deadline:
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
                 raise VllmEngineError(f"vLLM engine (pid {self.process.pid}) gave no answer in {timeout:.0f} s "
-                                      f"(log: {self.log_path})")
+                                      f"while asked to {asked} (log: {self.log_path})")
+            current = self._progress()
+            if current != progress:
+                progress, progress_at = current, now
+            elif now - progress_at > self.idle_timeout:
+                raise VllmEngineError(f"vLLM engine (pid {self.process.pid}) neither answered nor did any work for "
+                                      f"{self.idle_timeout:g} s while asked to {asked} (stopped or deadlocked?); "
+                                      f"--engine-timeout / MP_GRPO_ENGINE_TIMEOUT sets the limit (log: "
+                                      f"{self.log_path})")
         try:
             reply = json.loads(self.connection.recv_bytes())
         except (EOFError, OSError):
@@ -255,7 +299,12 @@ class VllmEngine:
     def _request(self, message: dict) -> dict:
         self._check_alive()
         self.connection.send_bytes(json.dumps(message).encode())
-        return self._reply()
+        return self._reply(_ASKED.get(message["op"], message["op"]))
+
+    def _progress(self) -> tuple[int, int]:
+        """(CPU ticks used by the engine and every process under it, bytes of its log): what moves while it
+        works, and stands still while it is stopped or waits on something that never comes."""
+        return _tree_cpu_ticks(self.process.pid), self.log_path.stat().st_size if self.log_path.exists() else 0
 
     # --- what the trainer asks ----------------------------------------------------------------------------
     def sync(self, buckets: Iterable[dict[str, torch.Tensor]]) -> float:

@@ -6,7 +6,8 @@ import pytest
 
 from megatron_patch.rl.gsm8k import INSTRUCTION, label_of
 from megatron_patch.rl.gsm8k import main as gsm8k_main
-from megatron_patch.rl.rewards import RewardError, gsm8k_flexible, gsm8k_strict, load_reward
+from megatron_patch.rl.reward_worker import RewardProcess, check_reward, start_reward
+from megatron_patch.rl.rewards import Reward, RewardError, Score, gsm8k_flexible, gsm8k_strict, load_reward
 from tests.helpers import gsm8k_problems
 
 
@@ -112,3 +113,79 @@ def test_the_converter_writes_prompts_with_labels(tmp_path, capsys):
     assert gsm8k_main(["--input", str(source), "--output", str(tmp_path / "bad.jsonl")]) == 2
     assert f"error: {source}:2: the answer has no final '#### N'" in capsys.readouterr().err
     assert not list(tmp_path.glob("*bad*")) and not list(tmp_path.glob(".bad*"))
+
+
+UNRULY_REWARDS = """
+import os, sys, time
+import numpy as np
+import torch
+
+def exits(prompt, response, label):
+    sys.exit(0)
+
+def exits_3(prompt, response, label):
+    sys.exit(3)
+
+def ends_the_process(prompt, response, label):
+    os._exit(0)
+
+def never_returns(prompt, response, label):
+    time.sleep(3600)
+
+def interrupts(prompt, response, label):
+    raise KeyboardInterrupt
+
+def numpy_half(prompt, response, label):
+    return np.float32(0.5)
+
+def numpy_dict(prompt, response, label):
+    return {"score": np.int64(1), "length": np.float64(len(response)), "tensor": torch.tensor(2.0)}
+
+def numpy_bool(prompt, response, label):
+    return np.bool_(True)
+"""
+
+
+@pytest.mark.parametrize("function, message", [
+    ("exits", r"reward custom:.*:exits called sys.exit\(0\) on p.jsonl:4 sample 2$"),
+    ("exits_3", r"reward custom:.*:exits_3 called sys.exit\(3\) on p.jsonl:4 sample 2$"),
+    ("ends_the_process", r"ends_the_process ended the process it runs in on p.jsonl:4 sample 2: it exited with "
+                         r"status 0 without answering"),
+    ("interrupts", r"interrupts raised KeyboardInterrupt on p.jsonl:4 sample 2$"),
+    ("never_returns", r"never_returns did not return within 1 s on p.jsonl:4 sample 2; its process .pid \d+. was "
+                      r"killed .--reward-timeout / MP_GRPO_REWARD_TIMEOUT"),
+])
+def test_a_reward_that_exits_hangs_or_interrupts_stops_in_one_line_naming_it(function, message, tmp_path):
+    """In the trainer's process sys.exit(0) / os._exit(0) ended the job with status 0 and no step, and a hang
+    held it for ever: a user's reward runs in a process of its own, with a timeout."""
+    (tmp_path / "unruly.py").write_text(UNRULY_REWARDS)
+    reward = start_reward(f"custom:{tmp_path / 'unruly.py'}:{function}", timeout=1)
+    assert isinstance(reward, RewardProcess)
+    try:
+        with pytest.raises(RewardError, match=message):
+            reward("p", "r", "x", where="p.jsonl:4 sample 2")
+    finally:
+        reward.close()
+    assert reward.process.poll() is not None  # nothing left running
+
+
+def test_numeric_scalars_of_any_type_are_rewards_and_bools_are_not(tmp_path):
+    (tmp_path / "unruly.py").write_text(UNRULY_REWARDS)
+    spec = f"custom:{tmp_path / 'unruly.py'}"
+    assert load_reward(f"{spec}:numpy_half")("p", "r", "x").value == 0.5
+    score = load_reward(f"{spec}:numpy_dict")("p", "abc", "x")
+    assert score.value == 1.0 and score.extras == {"length": 3.0, "tensor": 2.0}
+    with pytest.raises(RewardError, match="returned (np.)?True_? on a sample; expected a finite number"):
+        load_reward(f"{spec}:numpy_bool")("p", "r", "x")
+    worker = start_reward(f"{spec}:numpy_dict")  # the same through the reward's own process
+    try:
+        assert worker("p", "abcd", "x") == Score(1.0, {"length": 4.0, "tensor": 2.0})
+    finally:
+        worker.close()
+
+
+def test_a_reward_file_that_exits_while_imported_is_named(tmp_path):
+    (tmp_path / "leaves.py").write_text("import sys\nsys.exit(0)\ndef f(p, r, l):\n    return 1.0\n")
+    with pytest.raises(RewardError, match=r"leaves.py:f called sys.exit\(0\) while its file was imported"):
+        check_reward(f"custom:{tmp_path / 'leaves.py'}:f")
+    assert isinstance(start_reward("gsm8k"), Reward)  # the kit's own rewards run in the trainer's process
