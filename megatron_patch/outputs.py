@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from megatron_patch.errors import InputError
@@ -70,6 +71,22 @@ class DestinationLock:
     def __exit__(self, *exc) -> bool:
         self.release()
         return False
+
+
+def check_writable(path: str | Path, label: str) -> None:
+    """An output can be created at ``path``: its nearest existing ancestor is a directory this process may
+    write in (tried, with a directory made and removed: permission bits say nothing to root, and a
+    read-only mount shows only when written). Checked before a job starts, not found after training."""
+    path = Path(path).absolute()
+    ancestor = path if path.is_dir() else path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"{label} {path}: {ancestor} is a file, so nothing can be written under it")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mp-write-check-", dir=ancestor))
+    except OSError as err:
+        raise OutputError(f"{label} {path}: cannot write in {ancestor} ({err.strerror})") from None
 
 
 def overlaps(path: Path, other: Path) -> bool:

@@ -72,8 +72,9 @@ def _shared(mine):
     return gathered
 
 
-def write_manifest(directory: str | Path) -> Path:
-    """Checksum every file under ``directory`` into ``directory/checksums.json`` (collective)."""
+def write_manifest(directory: str | Path, made_from: str | None = None) -> Path:
+    """Checksum every file under ``directory`` into ``directory/checksums.json`` (collective); ``made_from``
+    records what the output was written from (an HF export's save: ``made_from``)."""
     directory = Path(directory)
     rank, world = _world()
     files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
@@ -86,12 +87,23 @@ def write_manifest(directory: str | Path) -> Path:
     path = directory / MANIFEST_FILE
     if rank == 0:
         temporary = directory / f".{MANIFEST_FILE}.tmp"
-        temporary.write_text(json.dumps({"algorithm": ALGORITHM, "files": dict(sorted(entries.items()))},
-                                        indent=1) + "\n")
+        record = {"algorithm": ALGORITHM, "files": dict(sorted(entries.items()))}
+        if made_from is not None:
+            record["made_from"] = made_from
+        temporary.write_text(json.dumps(record, indent=1) + "\n")
         os.replace(temporary, path)
     if world > 1:
         dist.barrier()
     return path
+
+
+def output_made_from(directory: str | Path) -> str | None:
+    """What ``directory`` (an output of the kit) was written from, as its manifest records; None if unknown."""
+    try:
+        value = json.loads((Path(directory) / MANIFEST_FILE).read_text()).get("made_from")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _find_manifest(directory: Path) -> tuple[Path, str] | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_patch.checkpoints.layout import CheckpointError
-from megatron_patch.checkpoints.manifest import checksums_enabled, write_manifest
+from megatron_patch.checkpoints.manifest import MANIFEST_FILE, checksums_enabled, write_manifest
 from megatron_patch.outputs import DestinationLock, disk_full, no_space, overlaps
 
 # Copied beside converted weights (Pai copies *.json and merges.txt): config, tokenizer, chat template.
@@ -42,10 +42,13 @@ class StagedOutput:
     """
 
     def __init__(self, final: str | Path, force: bool = False, label: str = "output directory",
-                 sources: tuple = ()):
+                 sources: tuple = (), only_own: bool = False, made_from: str | None = None):
+        """``only_own``: with ``force``, replace only a directory the kit wrote (its ``checksums.json``), never
+        one of other files (an output the user did not name as disposable: --save-hf, --save-peft).
+        ``made_from``: recorded in the manifest (``made_from``): the save an HF output was written from."""
         self.final = Path(final).absolute()
         self.staging = self.final.with_name(f".{self.final.name}.incomplete.{os.getpid()}")
-        self.force = force
+        self.force, self.only_own, self.made_from = force, only_own, made_from
         self.label = label  # how the user named the destination (SAVE_DIR, --peft-out, ...)
         self.sources = tuple(Path(s) for s in sources if s is not None)
         self._lock = DestinationLock(self.final.with_name(f".{self.final.name}.lock"), self.final, label)
@@ -55,9 +58,7 @@ class StagedOutput:
             if source.exists() and overlaps(self.final, source):
                 raise CheckpointError(f"{self.label} {self.final} is, contains or lies inside the input {source}; "
                                       "writing there would destroy what is being read (even with --force)")
-        if self.final.exists() and (not self.final.is_dir() or any(self.final.iterdir())) and not self.force:
-            raise CheckpointError(f"{self.final} is not empty; choose another {self.label} or pass --force "
-                                  "to replace it")
+        check_replaceable(self.final, self.label, self.force, self.only_own)
 
     def _acquire(self) -> None:
         self._lock.acquire()
@@ -104,7 +105,7 @@ class StagedOutput:
     def _commit(self) -> None:
         _barrier()
         if checksums_enabled():
-            write_manifest(self.staging)
+            write_manifest(self.staging, made_from=self.made_from)
         if _is_rank0():
             replaced = None
             if self.final.exists():
@@ -114,6 +115,26 @@ class StagedOutput:
             if replaced is not None:
                 shutil.rmtree(replaced)
         _barrier()
+
+
+def check_replaceable(final: Path, label: str, force: bool = False, only_own: bool = False) -> None:
+    """Raise CheckpointError unless an output may be written at ``final``: nothing there, an empty directory,
+    or with ``force`` a directory (with ``only_own``, one the kit wrote). A file or a link is never replaced:
+    the kit did not make it."""
+    if final.is_symlink():
+        raise CheckpointError(f"{label} {final} is a symbolic link; give the directory itself")
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise CheckpointError(f"{label} {final} is a file, not a directory; the kit never replaces a file it did "
+                              f"not write: choose another {label}")
+    if not any(final.iterdir()):
+        return
+    if not force:
+        raise CheckpointError(f"{final} is not empty; choose another {label} or pass --force to replace it")
+    if only_own and not (final / MANIFEST_FILE).is_file():
+        raise CheckpointError(f"{label} {final} holds files the kit did not write (no {MANIFEST_FILE}); choose "
+                              "another directory or empty it")
 
 
 def copy_side_files(source: str | Path, destination: str | Path, dtype_name: str | None = None,

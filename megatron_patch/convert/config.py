@@ -24,6 +24,8 @@ class ConvertConfig:
     max_shard_bytes: int = 5 << 30
     iteration: str | None = None
     force: bool = False
+    only_own: bool = False  # with force: replace only a directory the kit wrote (StagedOutput)
+    made_from: str | None = None  # recorded in the output's manifest (an HF export: the save it came from)
     verify: bool = False
     check_finite: bool = False
     use_cuda: bool = False

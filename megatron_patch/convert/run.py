@@ -87,7 +87,8 @@ def resolve_arch(config: ConvertConfig) -> tuple[Qwen3Arch, Path | None]:
 
 def _staged_output(config: ConvertConfig) -> StagedOutput:
     # The inputs are protected: SAVE_DIR at, inside or around them would delete them (even with --force).
-    return StagedOutput(config.save_dir, config.force, "SAVE_DIR", sources=(config.load_dir, config.hf_dir))
+    return StagedOutput(config.save_dir, config.force, "SAVE_DIR", sources=(config.load_dir, config.hf_dir),
+                        only_own=config.only_own, made_from=config.made_from)
 
 
 def hf_to_megatron(config: ConvertConfig, arch: Qwen3Arch) -> Path:

@@ -138,8 +138,15 @@ def _parquet_rows(path: Path, batch_rows: int = 1024) -> Iterator[tuple[str, obj
         table = pyarrow.parquet.ParquetFile(path)
     except (pyarrow.ArrowException, OSError) as err:
         raise RecordError(f"{path}: not a parquet file ({err})") from None
-    number = 0
-    for batch in table.iter_batches(batch_size=batch_rows):
+    number, batches = 0, table.iter_batches(batch_size=batch_rows)
+    while True:
+        try:  # a damaged page shows only when its batch is decoded
+            batch = next(batches, None)
+        except (pyarrow.ArrowException, OSError, ValueError) as err:
+            raise RecordError(f"{path}: cannot read the rows after row {number} (a damaged page?): "
+                              f"{type(err).__name__}: {err}") from None
+        if batch is None:
+            return
         for row in batch.to_pylist():
             number += 1
             yield f"{path}:row {number}", row

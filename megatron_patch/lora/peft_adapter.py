@@ -96,14 +96,16 @@ def peft_config(adapters: AdapterCheckpoint, hf_modules: list[str], base_model: 
 
 
 def write_peft_adapter(arch: Qwen3Arch, adapters: AdapterCheckpoint, output_dir: str | Path, dtype: torch.dtype,
-                       base_model: str | None = None, force: bool = False) -> dict:
+                       base_model: str | None = None, force: bool = False, only_own: bool = False,
+                       made_from: str | None = None) -> dict:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (staged, renamed when complete)."""
     # A is shared by the parts of a fused weight; safetensors wants each tensor in its own memory.
     tensors = {name: tensor.to(dtype, copy=True).contiguous() for name, tensor in peft_tensors(arch, adapters)}
     modules, parameters = peft_targets(arch, tensors)
     config = peft_config(adapters, modules, base_model, parameters)
     # Every rank of a job enters the staged output; one writes the files.
-    with StagedOutput(output_dir, force, "--peft-out", sources=(adapters.path,)) as staging:
+    with StagedOutput(output_dir, force, "--peft-out", sources=(adapters.path,), only_own=only_own,
+                      made_from=made_from) as staging:
         if not dist.is_initialized() or dist.get_rank() == 0:
             save_file(tensors, str(staging / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
             (staging / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

@@ -101,6 +101,26 @@ class _SafetensorsFile:
         return tensor
 
 
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The index's ``weight_map``: tensor name -> a file name in the index's own directory. Checked whole before
+    any file it names is opened: a list, a non-string entry or a path leading elsewhere ("../x", "/abs")
+    is refused naming the entry."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise HFCheckpointError(f"{index}: not a safetensors index ({type(err).__name__}: {err})") from None
+    if not isinstance(weight_map, dict):
+        raise HFCheckpointError(f"{index}: weight_map is a {type(weight_map).__name__}; expected an object of "
+                                "tensor name -> file name")
+    for name, file in weight_map.items():
+        if not isinstance(file, str):
+            raise HFCheckpointError(f"{index}: weight_map entry {name!r} is {file!r}; expected a file name")
+        if not file or Path(file).name != file or file in (".", ".."):
+            raise HFCheckpointError(f"{index}: weight_map entry {name!r} names {file!r}, which is not a file in the "
+                                    "index's own directory (paths elsewhere are refused, nothing was opened)")
+    return weight_map
+
+
 class HFCheckpoint:
     """The tensors of an HF model directory (single file or sharded with an index)."""
 
@@ -108,10 +128,7 @@ class HFCheckpoint:
         self.path = Path(path)
         index = self.path / INDEX_FILE
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise HFCheckpointError(f"{index}: not a safetensors index ({err})") from None
+            weight_map = _read_weight_map(index)
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in self.path.glob("*.safetensors"))
@@ -150,6 +167,9 @@ class HFCheckpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name).entries[name][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entry(name).entries[name][0]
 
     def file_of(self, name: str) -> Path:
         return self._entry(name).path

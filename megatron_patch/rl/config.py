@@ -14,11 +14,12 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from megatron_patch.errors import InputError
 from megatron_patch.rl.objectives import ADVANTAGE_ESTIMATORS, AGGREGATIONS, KL_ESTIMATORS, MIS_LEVELS
 from megatron_patch.rl.prompts import PromptKeys
 from megatron_patch.rl.reward_worker import DEFAULT_REWARD_TIMEOUT, check_reward
 from megatron_patch.rl.rewards import RewardError
-from megatron_patch.rl.vllm_engine import DEFAULT_ENGINE_TIMEOUT
+from megatron_patch.rl.vllm_engine import DEFAULT_ENGINE_TIMEOUT, vllm_python
 from megatron_patch.training.config import TrainConfig, TrainConfigError, option
 from megatron_patch.training.memory_plan import RolloutShape
 
@@ -185,6 +186,11 @@ class GrpoSettings:
         for name in ("reward_timeout", "engine_timeout"):
             if not 0 < getattr(self, name) < math.inf:
                 fail(f"--{name.replace('_', '-')} must be a positive number of seconds, got {getattr(self, name)}")
+        if self.rollout_engine == "vllm":  # last: the settings' own errors come first
+            try:
+                vllm_python(self.vllm_python)
+            except InputError as err:
+                fail(str(err))
         try:
             check_reward(self.reward, self.reward_timeout)
         except RewardError as err:

@@ -43,7 +43,7 @@ from megatron_patch.rl.reward_worker import RewardProcess, start_reward
 from megatron_patch.rl.vllm_engine import VllmEngine, generate_on_rank_zero, hf_weight_buckets, vllm_python
 from megatron_patch.training.checkpointing import load_checkpoint
 from megatron_patch.training.config import TrainConfig, TrainConfigError
-from megatron_patch.training.loop import save_model
+from megatron_patch.training.loop import finish_outputs, save_model
 from megatron_patch.training.metrics import MetricsWriter, Stopwatch, memory_peak_gib
 from megatron_patch.training.setup import TrainedModel, load_start, prepare_model
 from megatron_patch.training.steps import synchronized_parameters, train_step
@@ -550,6 +550,7 @@ def _train(trainer: GrpoTrainer) -> int:
     config, settings, model = trainer.config, trainer.settings, trainer.model
     writer = MetricsWriter(config.log_dir, config.tensorboard_dir, enabled=_is_logging_rank())
     step = trainer.loaded.iteration
+    finish_outputs(model, step)
     while step < config.train_iters:
         values = trainer.step(step)
         step += 1

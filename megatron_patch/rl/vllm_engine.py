@@ -62,6 +62,10 @@ def vllm_python(configured: str | None) -> Path:
     if not python.exists():
         raise InputError(f"--rollout-engine vllm needs vLLM's own environment, and {python} does not exist: "
                          "run `make setup-vllm` (or set --vllm-python / MP_GRPO_VLLM_PYTHON)")
+    if python.is_dir() or not os.access(python, os.X_OK):
+        what = "a directory" if python.is_dir() else "not executable"
+        raise InputError(f"--vllm-python {python} is {what}; give the interpreter of vLLM's environment "
+                         "(e.g. .venv-vllm/bin/python)")
     return python
 
 

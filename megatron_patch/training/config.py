@@ -179,11 +179,20 @@ class TrainConfig:
             fail("--save-hf-interval needs --save-hf and must be >= 1")
         if self.save_peft and not self.lora_rank:
             fail("--save-peft writes LoRA adapters: it needs --lora-rank > 0 (MP_LORA_RANK)")
+        # An output never replaces an input of the same run (links followed): the model directory, the
+        # tokenizer, --load, nor another output.
+        inputs = {"--model": self.model if Path(self.model).exists() else None, "--tokenizer": self.tokenizer,
+                  "--load": self.load}
         hf_outputs = {"--save-hf": self.save_hf, "--save-peft": self.save_peft}
         for label, path in hf_outputs.items():
-            for other_label, other in {"--save": self.save, "--load": self.load, **hf_outputs}.items():
+            for other_label, other in {"--save": self.save, **inputs, **hf_outputs}.items():
                 if path and other and other_label != label and overlaps(Path(path), Path(other)):
                     fail(f"{label} {path} is, contains or lies inside {other_label} {other}")
+        for label in ("--model", "--tokenizer"):  # a save's side files (config.json, tokenizer) would land there
+            other = inputs[label]
+            if self.save and other and (Path(other).resolve() == Path(self.save).resolve()
+                                        or Path(other).resolve() in Path(self.save).resolve().parents):
+                fail(f"--save {self.save} is or lies inside {label} {other}")
         if self.eval_interval is not None and self.dataset_type == "raw" and not self.valid_data_path:
             fail("--eval-interval with --dataset-type raw needs --valid-data-path")
         if self.recompute == "full" and self.recompute_num_layers < 1:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_patch.checkpoints import resolve_checkpoint
+from megatron_patch.checkpoints.manifest import output_made_from
 from megatron_patch.convert.config import ConvertConfig
 from megatron_patch.convert.run import megatron_to_hf
 from megatron_patch.convert.template import CheckpointTemplate, checkpoint_template
@@ -55,14 +57,31 @@ class HFExport:
             if adapters is not None:
                 base = Path(config.load) if adapters.adapters_only else checkpoint
                 delta = lambda address: adapters.delta(address, arch)  # noqa: E731
+            # Replaces only an earlier output of the kit; records the save it is made from (catch_up reads it).
             convert = ConvertConfig(load_dir=base, save_dir=Path(config.save_hf), mg2hf=True, precision=precision,
-                                    force=True)
+                                    force=True, only_own=True, made_from=_identity(checkpoint))
             megatron_to_hf(convert, arch, self.hf_dir, delta, self.template, tokenizer_dir=self.tokenizer_dir)
             _say(f"saved HF model {config.save_hf} (from {checkpoint})")
         if config.save_peft and final and adapters is not None:
             write_peft_adapter(arch, adapters, config.save_peft, PRECISIONS[precision],
-                               base_model=str(self.hf_dir) if self.hf_dir else None, force=True)
+                               base_model=str(self.hf_dir) if self.hf_dir else None, force=True, only_own=True,
+                               made_from=_identity(checkpoint))
             _say(f"saved PEFT adapter {config.save_peft}")
+
+
+    def catch_up(self, lora: bool) -> None:
+        """A rerun that finds its training finished: write the HF outputs of the final save when they are not
+        from it (a kill stopped their write: missing, or an earlier --save-hf-interval output). Every rank calls
+        this; an output already made from the final save is left as it is."""
+        checkpoint = resolve_checkpoint(self.config.save).path
+        wanted = [self.config.save_hf, self.config.save_peft if lora else None]
+        if any(out and output_made_from(out) != _identity(checkpoint) for out in wanted):
+            _say(f"the HF outputs are not from the final save {checkpoint}: writing them")
+            self.write(checkpoint, lora, final=True)
+
+
+def _identity(checkpoint: Path) -> str:
+    return str(Path(checkpoint).resolve())
 
 
 def _say(line: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import difflib
 import math
 import os
 import re
@@ -66,6 +67,38 @@ HF_OUTPUT_VARIABLES = {"MP_SAVE_HF": "--save-hf", "MP_SAVE_HF_INTERVAL": "--save
 
 class LaunchError(InputError):
     """A bad argument; the message names it."""
+
+
+# Every MP_* variable the training launcher and what it starts read. Any other MP_* name is refused before
+# anything starts (see ``unknown_variables``).
+KIT_VARIABLES = frozenset({
+    "MP_NPROC", "MP_DRY_RUN", "MP_GPU_MEMORY", "MP_CHECKSUMS", "MP_TRANSFORMER_IMPL", "MP_DATASET_TYPE",
+    "MP_SFT_PACKING", "MP_AC_LAYERS", "MP_VP", "MP_PP0_LAYERS", "MP_SAVE_OPTIM", "MP_SAVE_LORA_ONLY",
+    "MP_LORA_RANK", "MP_LORA_ALPHA", "MP_LORA_DROPOUT", "MP_LORA_TARGETS", *HF_OUTPUT_VARIABLES,
+})
+# The GRPO launcher's own variables: beside a training launch they are another job's, not typos.
+GRPO_PREFIX = "MP_GRPO_"
+
+
+def unknown_variables(env: dict, job_variables: frozenset) -> str | None:
+    """One line naming an MP_* variable no launcher of the kit reads (a typo such as MP_GRPO_REWRAD, or a newer
+    kit's setting), with the nearest known name; None when all are known.
+
+    A refusal, not a warning: a misspelt variable leaves the run on the default the user meant to change, and
+    a warning scrolls away in the first seconds of a job that then trains for days."""
+    known = KIT_VARIABLES | job_variables
+    foreign = () if any(name.startswith(GRPO_PREFIX) for name in job_variables) else (GRPO_PREFIX,)
+    unknown = sorted(name for name in env if name.startswith("MP_") and name not in known
+                     and not name.startswith(foreign))
+    if not unknown:
+        return None
+    lines = []
+    for name in unknown:
+        nearest = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        lines.append(f"{name}" + (f" (did you mean {nearest[0]}?)" if nearest else ""))
+    return (f"{', '.join(lines)}: no setting of this kit reads {'it' if len(lines) == 1 else 'them'}; unset "
+            f"{'it' if len(lines) == 1 else 'them'} or fix the name (examples/qwen3/README.md lists the MP_* "
+            "variables)")
 
 
 def _name(position: str) -> str:
@@ -164,6 +197,11 @@ class Job:
     flag_sources: dict = field(default_factory=dict)  # the job's flags -> the variable that sets them
     usage: str = USAGE
 
+    @property
+    def variables(self) -> frozenset:
+        """The job's own MP_* variables."""
+        return frozenset(name for name in self.flag_sources.values() if name.startswith("MP_"))
+
 
 TRAINING = Job()
 
@@ -172,6 +210,9 @@ def plan(arguments: list[str], env: dict | None = None, cuda_devices: int | None
          job: Job = TRAINING) -> Launch:
     """Translate and check the 27 arguments (and MP_* variables); raise LaunchError naming the bad one."""
     env = dict(os.environ if env is None else env)
+    unknown = unknown_variables(env, job.variables)
+    if unknown:
+        raise LaunchError(unknown)
     if len(arguments) != len(POSITIONALS):
         raise LaunchError(f"expected {len(POSITIONALS)} arguments, got {len(arguments)}")
     v = dict(zip(POSITIONALS, arguments))

@@ -117,6 +117,14 @@ def save_model(model: TrainedModel, iteration: int, consumed_samples: int, extra
         model.hf_export.write(path, lora is not None, final)
 
 
+def finish_outputs(model: TrainedModel, iteration: int) -> None:
+    """A rerun of a run whose training is done (resumed at --train-iters) still leaves every output it asks
+    for: the HF outputs of the final save, when a kill stopped their write."""
+    config = model.config
+    if iteration >= config.train_iters and config.save and model.hf_export is not None:
+        model.hf_export.catch_up(model.lora is not None)
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Run the training described by ``config`` in this process (one rank of the job)."""
     run = prepare_run(config)
@@ -131,6 +139,7 @@ def train(config: TrainConfig) -> TrainResult:
     peak = device_peak_tflops(config.peak_tflops)
 
     iteration = run.loaded.iteration
+    finish_outputs(run, iteration)
     result = TrainResult(start_iteration=iteration, last_iteration=iteration)
     stopwatch = Stopwatch()
     unlogged = 0  # iterations since the last report

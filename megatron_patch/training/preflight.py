@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 
 from megatron_patch.checkpoints import (
-    MANIFEST_FILE,
+    CheckpointError,
     check_hf_model,
     is_hf_model_dir,
     resolve_checkpoint,
     tracked_iteration,
 )
+from megatron_patch.checkpoints.staging import check_replaceable
 from megatron_patch.data.build_sft import MASK_SUFFIX
 from megatron_patch.data.indexed import IndexedDatasetError, check_indexed_dataset
 from megatron_patch.data.tokenizer import bundled_qwen3_tokenizer_dir
@@ -24,6 +25,7 @@ from megatron_patch.models.choices import resolve_transformer_impl, transformer_
 from megatron_patch.models.layout_check import layout_problems
 from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.models.qwen3.presets import get_preset
+from megatron_patch.outputs import OutputError, check_writable
 from megatron_patch.parallel import ParallelLayout
 from megatron_patch.training.config import TrainConfig, TrainConfigError
 from megatron_patch.training.data import DataConfigError, weighted_prefixes
@@ -79,6 +81,23 @@ def check_run(config: TrainConfig, arch: Qwen3Arch, impl: str, world_size: int |
     return layout
 
 
+def check_outputs(config: TrainConfig) -> None:
+    """Every output can be written, before anything is trained: --save-hf and --save-peft, replaced by each
+    write, may hold only an earlier output of the kit (its checksums.json), never a file or other files."""
+    for label, output in (("--save", config.save), ("--save-hf", config.save_hf), ("--save-peft", config.save_peft)):
+        if not output:
+            continue
+        if label != "--save":
+            try:
+                check_replaceable(Path(output).absolute(), label, force=True, only_own=True)
+            except CheckpointError as err:
+                raise TrainConfigError(str(err)) from None
+        try:
+            check_writable(output, label)
+        except OutputError as err:
+            raise TrainConfigError(str(err)) from None
+
+
 def check_inputs(config: TrainConfig) -> None:
     """The data and the checkpoint to start from exist and are whole.
 
@@ -97,12 +116,7 @@ def check_inputs(config: TrainConfig) -> None:
                     check_indexed_dataset(part)
                 except IndexedDatasetError as err:
                     raise DataConfigError(f"--data-path {prefix}: {err}") from None
-    for label, output in (("--save-hf", config.save_hf), ("--save-peft", config.save_peft)):
-        # Replaced by each write: only an earlier output of the kit (its checksums.json) may be there.
-        if output and Path(output).is_dir() and any(Path(output).iterdir()) \
-                and not (Path(output) / MANIFEST_FILE).is_file():
-            raise TrainConfigError(f"{label} {output} holds files the kit did not write (no {MANIFEST_FILE}); "
-                                   "choose another directory or empty it")
+    check_outputs(config)
     # A rerun that resumes from --save does not read --load (LoRA aside, checked when it loads).
     if config.load and not (config.save and isinstance(tracked_iteration(config.save), int)):
         if is_hf_model_dir(config.load):

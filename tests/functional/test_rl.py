@@ -39,10 +39,14 @@ def _rl_runs(work: str) -> dict[str, str]:
     hf_dir, _ = converted(work, "tiny-dense")
     # The uninterrupted run starts from the HF directory itself (its reference too) and writes HF at
     # the end; the halves start from its torch_dist conversion (the same bf16 weights).
+    # The whole run's HF output is written by a rerun that finds its training finished (as after a kill during
+    # the HF write): the HF output of the final save, which the first run never wrote.
+    whole = rl_flags(work, "whole", STEPS, "--load", hf_dir)
     jobs = {
-        "whole": ("rl", rl_flags(work, "whole", STEPS, "--load", hf_dir, "--save-hf", Path(work) / "rl" / "whole-hf")),
+        "whole": ("rl", whole),
         "first-half": ("rl", rl_flags(work, "halves", STEPS, "--exit-interval", 1)),
         "second-half": ("rl", rl_flags(work, "halves")),
+        "whole-rerun": ("rl", [*whole, "--save-hf", Path(work) / "rl" / "whole-hf"]),
     }
     return torchrun_batch(1, jobs, Path(work) / "rl" / "batch-1")
 
@@ -71,8 +75,10 @@ def test_grpo_steps_report_their_metrics_and_resume_exactly(work):
         assert values["rollout_kl"] <= 1e-9 and values["rollout_beyond_cap"] == values["mis_dropped"] == 0
     checkpoint = Path(work) / "rl" / "whole" / "checkpoint"
     assert (checkpoint / "latest_checkpointed_iteration.txt").read_text() == str(STEPS)
-    # HF out: the converter's HF of the final save, byte for byte.
+    # HF out: the converter's HF of the final save, byte for byte, written by the rerun (nothing trained).
     assert "HF model directory, read from its safetensors" in outputs["whole"]
+    rerun = outputs["whole-rerun"]
+    assert "step " not in rerun and "the HF outputs are not from the final save" in rerun
     from megatron_patch.convert.__main__ import main as convert  # in this process: no second start-up
 
     converted_back = Path(work) / "rl" / "whole-converted"

@@ -260,6 +260,23 @@ def test_stop_and_resume_continues_with_the_same_losses_and_writes_hf_at_the_end
     trained = saved_weights_of(root / "checkpoint" / f"iter_{ITERATIONS:07d}")
     assert any(not torch.equal(trained[k], start[k]) for k in start if k in trained)  # trained weights were written
 
+    # kill -9 during the HF write leaves its staging and lock, and maybe an earlier --save-hf-interval output
+    # that looks complete: the identical command, finding training finished, writes the final save's HF.
+    final_hf = (root / "hf" / "model.safetensors").read_bytes()
+    manifest = json.loads((root / "hf" / "checksums.json").read_text())
+    assert manifest["made_from"] == str((root / "checkpoint" / f"iter_{ITERATIONS:07d}").resolve())
+    manifest["made_from"] = str((root / "checkpoint" / f"iter_{RESUME_AFTER:07d}").resolve())
+    (root / "hf" / "checksums.json").write_text(json.dumps(manifest))
+    (root / ".hf.incomplete.999999").mkdir()
+    (root / ".hf.incomplete.999999" / "model.safetensors").write_bytes(final_hf[:100])
+    (root / ".hf.lock").write_text("")
+    rerun = torchrun_module(2, "megatron_patch.train", *resume_job(work, first_half=False)[1])
+    assert "the HF outputs are not from the final save" in rerun.stdout
+    assert losses(root / "log") == resumed  # nothing trained again
+    assert (root / "hf" / "model.safetensors").read_bytes() == final_hf
+    assert json.loads((root / "hf" / "checksums.json").read_text())["made_from"].endswith(f"iter_{ITERATIONS:07d}")
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []
+
 
 def raw_and_idxmap_jobs(work: str) -> dict[str, tuple[str, list]]:
     prefix = sft_data(work, 32, packing=False)

@@ -107,6 +107,67 @@ def _tar_with_a_link_outside(folder):
     return path
 
 
+def _hf_with_index(hf_dir, folder, weight_map):
+    """An HF directory whose model.safetensors.index.json holds ``weight_map`` (given the real tensor names)."""
+    from megatron_patch.models.hf_checkpoint import HFCheckpoint
+
+    shutil.copytree(hf_dir, folder)
+    names = sorted(HFCheckpoint(folder).keys())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map(names)}))
+    return folder
+
+
+def _hf_with_int_weight(hf_dir, folder):
+    """model.norm.weight stored as int32 (1.07e9 as a float): refused, not cast."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(hf_dir, folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], 1 << 30, dtype=torch.int32)
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+def _kit_written_model(hf_dir, folder, link=None):
+    """A copy of the HF model with the kit's checksums.json (as if the kit wrote it); ``link``: a symlink to it."""
+    from megatron_patch.checkpoints.manifest import write_manifest
+
+    shutil.copytree(hf_dir, folder)
+    write_manifest(folder)
+    if link is not None:
+        link.symlink_to(folder)
+    return folder
+
+
+def _damaged_parquet(folder):
+    """A verl-style prompt parquet whose middle pages are damaged."""
+    import pyarrow
+    import pyarrow.parquet
+
+    folder.mkdir()
+    path = folder / "train.parquet"
+    rows = range(3000)
+    table = pyarrow.table({"prompt": [f"question {i} " * 30 for i in rows], "label": [str(i) for i in rows]})
+    pyarrow.parquet.write_table(table, path, row_group_size=500)
+    data = bytearray(path.read_bytes())
+    for offset in range(len(data) // 2, len(data) // 2 + 3000, 7):
+        data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _a_file(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("the user's notes\n")
+    return path
+
+
+def _pretraining_run(d, **changes):
+    data = build_pretrain_data(d / "data")
+    return arguments(DATASET_PATH=data, VALID_DATASET_PATH=data, **changes)
+
+
 # id: (entry point, arguments given the work folder and an HF model, environment, expected message)
 CASES = {
     "launcher LR=nan": (launch_main, lambda d, hf: arguments(LR="nan"), {},
@@ -192,6 +253,55 @@ CASES = {
         rl_main, lambda d, hf: ["--data-path", "p.jsonl", "--seq-length", "1024", "--reward",
                                 f"custom:{d / 'mine.py'}:score"], {},
         "mine.py not found"),
+    "HF index whose weight_map is a list, before launch": (
+        launch_main, lambda d, hf: _pretraining_run(d, MODEL_SIZE=hf, PRETRAIN_CHECKPOINT_PATH=_hf_with_index(
+            hf, d / "hf", lambda names: names)), {},
+        "model.safetensors.index.json: weight_map is a list; expected an object of tensor name -> file name"),
+    "HF index with a number for a file, before launch": (
+        launch_main, lambda d, hf: _pretraining_run(d, MODEL_SIZE=hf, PRETRAIN_CHECKPOINT_PATH=_hf_with_index(
+            hf, d / "hf", lambda names: dict.fromkeys(names, 1))), {},
+        "model.safetensors.index.json: weight_map entry 'model.embed_tokens.weight' is 1; expected a file name"),
+    "HF index naming a file outside its directory, before launch": (
+        launch_main, lambda d, hf: _pretraining_run(d, MODEL_SIZE=hf, PRETRAIN_CHECKPOINT_PATH=_hf_with_index(
+            hf, d / "hf", lambda names: dict.fromkeys(names, "../elsewhere/model.safetensors"))), {},
+        "names '../elsewhere/model.safetensors', which is not a file in the index's own directory"),
+    "HF weight stored as int32, before launch": (
+        launch_main, lambda d, hf: _pretraining_run(d, MODEL_SIZE=hf, PRETRAIN_CHECKPOINT_PATH=_hf_with_int_weight(
+            hf, d / "hf")), {},
+        "model.safetensors: tensor model.norm.weight is stored as torch.int32; model weights are floating point"),
+    "MP_SAVE_HF the kit-written model directory of MODEL_SIZE": (
+        launch_main, lambda d, hf: arguments(MODEL_SIZE=_kit_written_model(hf, d / "model")),
+        {"MP_SAVE_HF": "{d}/model"},
+        "--save-hf (MP_SAVE_HF) {d}/model is, contains or lies inside --model (MODEL_SIZE (argument 2))"),
+    "MP_SAVE_HF a link to the model directory of MODEL_SIZE": (
+        launch_main, lambda d, hf: arguments(MODEL_SIZE=_kit_written_model(hf, d / "model", link=d / "link")),
+        {"MP_SAVE_HF": "{d}/link"}, "{d}/link is, contains or lies inside --model (MODEL_SIZE (argument 2))"),
+    "MP_SAVE_HF an existing file, before launch": (
+        launch_main, lambda d, hf: _pretraining_run(d) if _a_file(d / "notes.txt") else None,
+        {"MP_SAVE_HF": "{d}/notes.txt"},
+        "--save-hf (MP_SAVE_HF) {d}/notes.txt is a file, not a directory; the kit never replaces a file"),
+    "MP_SAVE_HF under a file, before launch": (
+        launch_main, lambda d, hf: _pretraining_run(d) if _a_file(d / "notes.txt") else None,
+        {"MP_SAVE_HF": "{d}/notes.txt/hf"}, "{d}/notes.txt is a file, so nothing can be written under it"),
+    "MP_SAVE_HF where nothing can be written, before launch": (
+        launch_main, lambda d, hf: _pretraining_run(d), {"MP_SAVE_HF": "/proc/mp-hf"},
+        "--save-hf (MP_SAVE_HF) /proc/mp-hf: cannot write in /proc"),
+    "GRPO prompt parquet with damaged pages": (
+        rl_main, lambda d, hf: ["--model", hf, "--data-path", _damaged_parquet(d / "data"), "--seq-length", "1024"],
+        {}, "train.parquet: cannot read the rows after row"),
+    "GRPO --vllm-python a directory": (
+        rl_main, lambda d, hf: ["--data-path", "p.jsonl", "--seq-length", "1024", "--rollout-engine", "vllm",
+                                "--vllm-python", d], {},
+        "is a directory; give the interpreter of vLLM's environment"),
+    "MP_* typo, before anything starts": (
+        launch_main, lambda d, hf: arguments(), {"MP_SFT_PACKNG": "true"},
+        "MP_SFT_PACKNG (did you mean MP_SFT_PACKING?): no setting of this kit reads it; unset it or fix the name"),
+    "MP_GRPO_* typo in the GRPO launcher": (
+        lambda argv: launch_main(argv, job=GRPO), lambda d, hf: arguments(DATASET_PATH="p.jsonl"),
+        {"MP_GRPO_REWRAD": "gsm8k"}, "MP_GRPO_REWRAD (did you mean MP_GRPO_REWARD?): no setting of this kit reads it"),
+    "a newer kit's MP_* setting": (
+        launch_main, lambda d, hf: arguments(), {"MP_ROLLOUT_ENGINES_PER_NODE": "2"},
+        "MP_ROLLOUT_ENGINES_PER_NODE: no setting of this kit reads it"),
     "planner unknown preset": (
         plan_main, lambda d, hf: ["A4B", "--gpus", 8, "--seq-length", 4096, "--global-batch-size", 8], {},
         "MODEL_SIZE 'A4B': not a directory and not a preset"),
@@ -213,18 +323,34 @@ CASES = {
 }
 
 
-def test_an_hf_directory_with_a_tensor_of_the_wrong_shape_stops_before_the_first_step(hf_checkpoints, tmp_path):
-    """The shapes are checked by each rank as it loads (no launcher-side model to check against): a
-    real trainer process, one line naming the file and the tensor, no step and no save."""
+def _hf_with_nan(hf_dir, folder):
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(hf_dir, folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    tensors["model.layers.1.mlp.up_proj.weight"][4, 5] = float("inf")
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("broken, message", [
+    (lambda hf, d: _hf_with_tensor(hf, d, "model.layers.1.self_attn.k_proj.weight", (8, 64)),
+     "model.safetensors: tensor model.layers.1.self_attn.k_proj.weight has shape (8, 64), the model needs (64, 64)"),
+    (_hf_with_nan, "model.safetensors: tensor model.layers.1.mlp.up_proj.weight holds 2 NaN or Inf values of "),
+], ids=["wrong shape", "NaN and Inf"])
+def test_an_hf_directory_with_a_bad_tensor_stops_before_the_first_step(broken, message, hf_checkpoints, tmp_path):
+    """Shapes and values are checked by each rank as it loads (no launcher-side read of every weight): a
+    real trainer process, one line naming the file and the tensor, no step and no save. Before, a NaN weight
+    gave a 40-line traceback from the gradient norm naming no tensor."""
     _, hf_dir, _ = hf_checkpoints["dense-tied"]
-    broken = _hf_with_tensor(hf_dir, tmp_path / "hf", "model.layers.1.self_attn.k_proj.weight", (8, 64))
-    result = subprocess.run([sys.executable, "-m", "megatron_patch.train", *map(str, _start_from(tmp_path, broken,
+    start = broken(hf_dir, tmp_path / "hf")
+    result = subprocess.run([sys.executable, "-m", "megatron_patch.train", *map(str, _start_from(tmp_path, start,
                                                                                            model=hf_dir))],
                             capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
-    assert "model.safetensors: tensor model.layers.1.self_attn.k_proj.weight has shape (8, 64), the model needs " \
-        "(64, 64)" in errors[0]
+    assert message in errors[0]
     assert "iteration" not in result.stdout and not (tmp_path / "out").exists()
 
 
@@ -232,7 +358,8 @@ def test_an_hf_directory_with_a_tensor_of_the_wrong_shape_stops_before_the_first
 def test_bad_input_gives_one_line_and_leaves_nothing(case, hf_checkpoints, tmp_path, capsys, monkeypatch):
     entry, make_arguments, environment, message = CASES[case]
     for name, value in environment.items():
-        monkeypatch.setenv(name, value)
+        monkeypatch.setenv(name, value.format(d=tmp_path))
+    message = message.format(d=tmp_path)
     _, hf_dir, _ = hf_checkpoints["dense-tied"]
     status = entry([str(a) for a in make_arguments(tmp_path, hf_dir)])
     err = capsys.readouterr().err

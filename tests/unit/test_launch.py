@@ -141,3 +141,20 @@ def test_hf_output_and_prompt_key_variables_become_flags():
     assert "--skip-bad-lines" in launch.flags
     with pytest.raises(LaunchError, match=r"--save-peft \(MP_SAVE_PEFT\) writes LoRA adapters"):
         plan(arguments(), env={"MP_SAVE_PEFT": "/out/peft"}, cuda_devices=0)
+
+
+def test_every_variable_the_kit_documents_is_known_and_another_jobs_are_not_typos():
+    """examples/qwen3/README.md's MP_* table is what unknown_variables() accepts: no documented name is refused."""
+    import re
+    from pathlib import Path
+
+    from megatron_patch.rl.launch import GRPO
+    from megatron_patch.training.launch import KIT_VARIABLES, unknown_variables
+
+    readme = (Path(__file__).resolve().parents[2] / "examples" / "qwen3" / "README.md").read_text()
+    documented = set(re.findall(r"`(MP_[A-Z0-9_]+)`", readme))
+    assert documented and unknown_variables(dict.fromkeys(documented, "1"), GRPO.variables) is None
+    assert KIT_VARIABLES <= documented | {"MP_CHECKSUMS"}, KIT_VARIABLES - documented
+    # A GRPO setting left in the shell does not stop an SFT launch; in the GRPO launcher a misspelt one does.
+    plan(arguments(), env={"MP_GRPO_N": "4"}, cuda_devices=0)
+    assert "MP_GRPO_NN (did you mean MP_GRPO_N?)" in unknown_variables({"MP_GRPO_NN": "4"}, GRPO.variables)

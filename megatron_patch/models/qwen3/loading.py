@@ -18,19 +18,37 @@ _REDUNDANT_WHEN_TIED = "lm_head.weight"
 
 
 def hf_weight_source(
-    hf_dir: str | Path, arch: Qwen3Arch
+    hf_dir: str | Path, arch: Qwen3Arch, check_finite: bool = False
 ) -> tuple[HFCheckpoint, Callable[[MegatronAddress], torch.Tensor]]:
-    """The checkpoint, name-checked against ``arch``, and the full Megatron tensor of any address."""
+    """The checkpoint, name- and dtype-checked against ``arch``, and the full Megatron tensor of any address.
+
+    Every weight must be stored as floating point: an integer or bool tensor (a damaged or hand-edited
+    header) would otherwise be cast to float without a word. ``check_finite``: a tensor holding NaN or Inf
+    is refused as it is read, naming it (training would fail later in the gradient norm, naming nothing).
+    """
     checkpoint = HFCheckpoint(hf_dir)
     bound = bound_qwen3_mappings(arch)
     names = [n for n in checkpoint.keys() if not (arch.tie_word_embeddings and n == _REDUNDANT_WHEN_TIED)]
     check_hf_names(bound, names, source=str(hf_dir))
+    for name in names:
+        if not checkpoint.dtype(name).is_floating_point:
+            raise MappingError(f"{checkpoint.file_of(name)}: tensor {name} is stored as {checkpoint.dtype(name)}; "
+                               "model weights are floating point (a damaged or hand-edited file?)")
     by_address = {b.address: b for b in bound}
+
+    def read(name: str) -> torch.Tensor:
+        tensor = checkpoint.get(name)
+        if check_finite:
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise MappingError(f"{checkpoint.file_of(name)}: tensor {name} holds {bad} NaN or Inf values of "
+                                   f"{tensor.numel()}")
+        return tensor
 
     def full_tensor(address: MegatronAddress) -> torch.Tensor:
         if address not in by_address:
             raise MappingError(f"the model has {address}, which the Qwen3 mapping does not produce")
-        return by_address[address].to_megatron(checkpoint.get)
+        return by_address[address].to_megatron(read)
 
     return checkpoint, full_tensor
 
@@ -71,7 +89,7 @@ def load_hf_weights(model_chunks, hf_dir: str | Path, arch: Qwen3Arch | None = N
     file and tensor, before anything is read.
     """
     arch = arch or Qwen3Arch.from_hf_dir(hf_dir)
-    checkpoint, full_tensor = hf_weight_source(hf_dir, arch)
+    checkpoint, full_tensor = hf_weight_source(hf_dir, arch, check_finite=True)
     shards = [(a, s) for a, s in local_shards(model_chunks) if keep is None or keep(s.key)]
     shapes = {address: global_shape(shard) for address, shard in shards}
     check_hf_shapes(checkpoint, hf_tensor_shapes(arch, shapes, addresses=shapes), needs="the model")
