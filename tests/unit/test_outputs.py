@@ -2,6 +2,7 @@
 file, a link, a directory of other files), and where it cannot write is found before anything runs."""
 
 import json
+import os
 
 import pytest
 
@@ -60,3 +61,22 @@ def test_where_nothing_can_be_written_is_found_before_a_run(tmp_path):
         check_writable(tmp_path / "file" / "hf", "--save-hf")
     with pytest.raises(OutputError, match="--save-hf /proc/mp-out: cannot write in /proc"):
         check_writable("/proc/mp-out", "--save-hf")
+
+
+def test_no_engine_folder_of_a_killed_job_outlives_the_next_start(tmp_path):
+    """kill -9 of a trainer leaves its vLLM folder in shared memory (RAM): the next engine start removes the
+    folders of trainers that no longer run, says so, and leaves a running job's alone."""
+    import subprocess
+    import sys
+
+    from megatron_patch.rl.vllm_engine import FOLDER_PREFIX, remove_stale_folders
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"{FOLDER_PREFIX}{ended.stdout.strip()}-abc123"
+    running = tmp_path / f"{FOLDER_PREFIX}{os.getpid()}-def456"
+    for folder in (dead, running):
+        folder.mkdir()
+        (folder / "weights.safetensors").write_bytes(b"\0" * (3 << 20))
+    said = remove_stale_folders(tmp_path)
+    assert said == [f"removed {dead} (3.0 MiB of shared memory), left by a killed job (pid {ended.stdout.strip()})"]
+    assert not dead.exists() and running.is_dir()
