@@ -1,7 +1,8 @@
 """The package's floors, read from the source: no import runs upward, none between siblings, no cycle.
 
 Floors, lowest first (a module may import its own package and any lower floor):
- -1  errors, units, outputs              the error base class, sizes, output locks: imported by anyone
+ -1  errors, units, outputs, lifetime    the error base class, sizes, output locks, child processes' end:
+                                         imported by anyone
   0  parallel, patches                   process groups, Megatron-Core patches
   1  models, data                        what a Qwen3 model is; tokens and datasets
   2  checkpoints                         checkpoints on disk, for everyone above
@@ -21,7 +22,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "megatron_patch"
 
 FLOORS = {
-    "": -1, "errors": -1, "units": -1, "outputs": -1,
+    "": -1, "errors": -1, "units": -1, "outputs": -1, "lifetime": -1,
     "parallel": 0, "patches": 0,
     "models": 1, "data": 1,
     "checkpoints": 2,
