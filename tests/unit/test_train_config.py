@@ -37,10 +37,20 @@ def test_a_missing_data_path_is_named(capsys):
     (["--save", "run", "--load", "base", "--save-hf", "base"], "--save-hf base is, contains or lies inside --load"),
     (["--save", "run", "--lora-rank", "4", "--save-hf", "out", "--save-peft", "out/peft"],
      "--save-hf out is, contains or lies inside --save-peft out/peft"),
+    # Inputs through a link, and the model directory (argument 2), are inputs too.
+    (["--save", "run", "--load", "base", "--save-hf", "link-to-base"],
+     "--save-hf link-to-base is, contains or lies inside --load base"),
+    (["--model", "model", "--save", "model/run"], "--save model/run is or lies inside --model model"),
+    (["--model", "model", "--save", "run", "--save-hf", "model"],
+     "--save-hf model is, contains or lies inside --model model"),
 ])
 def test_hf_outputs_that_cannot_be_written_are_refused_at_once(flags, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["--model", "tiny-moe", "--data-path", "d", *flags, "--print-config"]) == 2
+    for folder in ("model", "base"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "link-to-base").symlink_to(tmp_path / "base")
+    model = flags[flags.index("--model") + 1] if "--model" in flags else "tiny-moe"
+    assert main(["--model", model, "--data-path", "d", *flags, "--print-config"]) == 2
     assert message in capsys.readouterr().err
 
 
