@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 
 from megatron_patch.errors import InputError
-from megatron_patch.rl.objectives import ADVANTAGE_ESTIMATORS, AGGREGATIONS, KL_ESTIMATORS, MIS_LEVELS
+from megatron_patch.rl.objectives import ADVANTAGE_ESTIMATORS, AGGREGATIONS, KL_ESTIMATORS, MIS_LEVELS, POLICY_LOSSES
 from megatron_patch.rl.prompts import PromptKeys
 from megatron_patch.rl.reward_worker import DEFAULT_REWARD_TIMEOUT, check_reward
 from megatron_patch.rl.rewards import RewardError
@@ -47,17 +47,27 @@ class GrpoSettings:
                                    env="MP_GRPO_REWARD_TIMEOUT")
     advantage_estimator: str = option("grpo", "grpo (group z-score), drgrpo (no std division) or rloo",
                                       env="MP_GRPO_ADVANTAGE", choices=ADVANTAGE_ESTIMATORS)
-    clip_low: float = option(0.2, "PPO clip below: ratio >= 1 - clip-low", env="MP_GRPO_CLIP_LOW")
-    clip_high: float = option(0.2, "PPO clip above: ratio <= 1 + clip-high; DAPO uses 0.28",
-                              env="MP_GRPO_CLIP_HIGH")
-    dual_clip: float | None = option(3.0, "bound of a negative advantage's loss, -A * c (c > 1)",
+    policy_loss: str = option("ppo-clip", "ppo-clip (PPO's token ratio, clipped), gspo (the response's ratio, "
+                                          "Qwen3-MoE's), cispo (clipped, stop-gradient weight on log pi), gmpo "
+                                          "(geometric-mean ratio) or sapo (soft gate); docs/rl.md says which to use",
+                              env="MP_GRPO_POLICY_LOSS", choices=tuple(POLICY_LOSSES))
+    clip_low: float | None = option(None, "clip below: ratio >= 1 - clip-low (gmpo: log-ratio >= -clip-low; sapo: "
+                                          "the temperature of positive advantages); default the loss's own: "
+                                          "ppo-clip 0.2, gspo 3e-4, cispo 1, gmpo 0.4, sapo 1",
+                                    env="MP_GRPO_CLIP_LOW")
+    clip_high: float | None = option(None, "clip above: ratio <= 1 + clip-high (DAPO uses 0.28 with ppo-clip; gmpo: "
+                                           "log-ratio <= clip-high; sapo: the temperature of negative advantages); "
+                                           "default ppo-clip 0.2, gspo 4e-4, cispo 4, gmpo 0.4, sapo 1.05",
+                                     env="MP_GRPO_CLIP_HIGH")
+    dual_clip: float | None = option(3.0, "ppo-clip: bound of a negative advantage's loss, -A * c (c > 1)",
                                      env="MP_GRPO_DUAL_CLIP")
     kl_coef: float = option(0.001, "weight of the KL to the reference policy in the loss; 0 skips the reference "
                                    "pass", env="MP_GRPO_KL_COEF")
     kl_estimator: str = option("k3", "k1, k2 or k3 (low-variance)", env="MP_GRPO_KL_ESTIMATOR",
                                choices=KL_ESTIMATORS)
-    loss_aggregation: str = option("token-mean", "how token losses form the step's loss", env="MP_GRPO_LOSS_AGG",
-                                   choices=AGGREGATIONS)
+    loss_aggregation: str | None = option(None, "how token losses form the step's loss; default the policy loss's "
+                                                "own: token-mean (ppo-clip, cispo), seq-mean-token-mean (gspo, gmpo, "
+                                                "sapo)", env="MP_GRPO_LOSS_AGG", choices=AGGREGATIONS)
     updates_per_rollout: int = option(1, "optimizer steps per rollout, each on its share of the sequences; above "
                                          "1 the pre-update log-probs are computed", env="MP_GRPO_UPDATES")
     dynamic_sampling: bool = option(False, "leave groups whose rewards are all equal out of the loss (DAPO; no "
@@ -144,8 +154,14 @@ class GrpoSettings:
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             fail(f"sampling: --temperature {self.temperature} (>= 0), --top-p {self.top_p} (in (0, 1]), "
                  f"--top-k {self.top_k} (>= 0)")
-        if not 0 <= self.clip_low < 1 or self.clip_high < 0:
-            fail(f"--clip-low {self.clip_low} must be in [0, 1) and --clip-high {self.clip_high} >= 0")
+        low, high = self.clips
+        if self.policy_loss == "sapo":
+            if low <= 0 or high <= 0:
+                fail(f"--clip-low {low} and --clip-high {high} are sapo's temperatures: both must be > 0")
+        elif not 0 <= low <= (1 if self.policy_loss == "cispo" else math.inf) or high < 0 or \
+                (self.policy_loss in ("ppo-clip", "gspo") and low >= 1):
+            fail(f"--clip-low {low} must be in [0, 1) ({self.policy_loss}; cispo allows 1: no lower bound) and "
+                 f"--clip-high {high} >= 0")
         if self.dual_clip is not None and self.dual_clip <= 1:
             fail(f"--dual-clip {self.dual_clip} must be > 1")
         if self.rollout_batch < 0:
@@ -195,6 +211,18 @@ class GrpoSettings:
             check_reward(self.reward, self.reward_timeout)
         except RewardError as err:
             fail(str(err))
+
+    @property
+    def clips(self) -> tuple[float, float]:
+        """(clip_low, clip_high) as given, else the policy loss's own."""
+        defaults = POLICY_LOSSES[self.policy_loss][1]
+        return (defaults[0] if self.clip_low is None else self.clip_low,
+                defaults[1] if self.clip_high is None else self.clip_high)
+
+    @property
+    def aggregation(self) -> str:
+        """--loss-aggregation as given, else the policy loss's own."""
+        return self.loss_aggregation or POLICY_LOSSES[self.policy_loss][2]
 
     def prompt_keys(self) -> PromptKeys:
         return PromptKeys(self.input_key, self.label_key, self.metadata_key)

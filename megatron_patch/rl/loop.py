@@ -30,11 +30,11 @@ from megatron_patch.models.log_probs import token_entropy, token_log_probs
 from megatron_patch.models.routing import RoutingRecorder, RoutingReplay, differing_routes, recording
 from megatron_patch.rl.config import GrpoSettings, training_view
 from megatron_patch.rl.objectives import (
+    POLICY_LOSSES,
     aggregate_parts,
     group_advantages,
     kl_penalty,
     masked_importance_keep,
-    policy_loss,
     rollout_correction,
     rollout_mismatch,
 )
@@ -111,6 +111,15 @@ REPORT_SUMS = ("loss", "loss_norm", "clipped", "kl", "entropy", "tokens", "rollo
 FIRST_UPDATE_SUMS = ("routing_differ", "routing_compared")
 
 
+# How each policy loss names its two numbers (--clip-low, --clip-high).
+_CLIP_NAMES = dict.fromkeys(POLICY_LOSSES, ("clip_low", "clip_high")) | {"sapo": ("tau_positive", "tau_negative")}
+
+
+def _with_numbers(loss, low: float, high: float, extra: dict, logp, old, advantages, mask):
+    """``loss`` with its two numbers (--clip-low, --clip-high; SAPO's temperatures) in their places."""
+    return loss(logp, old, advantages, mask, low, high, **extra)
+
+
 class GrpoTrainer:
     """One process's share of a GRPO run."""
 
@@ -123,6 +132,10 @@ class GrpoTrainer:
         self.model: TrainedModel = prepare_model(training_view(config, settings, world))
         model = self.model
         self.reward = start_reward(settings.reward, settings.reward_timeout)
+        # Per-token (loss, clipped) of (logp, old, advantages, mask); its two numbers as the loss names them.
+        loss, _, _ = POLICY_LOSSES[settings.policy_loss]
+        extra = {"dual_clip": settings.dual_clip} if settings.policy_loss == "ppo-clip" else {}
+        self.policy_loss = functools.partial(_with_numbers, loss, *settings.clips, extra)
         tokenizer = model.tokenizer
         self.stop_ids = tuple(dict.fromkeys([tokenizer.im_end, tokenizer.eod]))
         if prompts is None:
@@ -363,15 +376,14 @@ class GrpoTrainer:
                 if settings.mis:
                     mask = mask * masked_importance_keep(old, rollout_logp, mask, settings.mis_low,
                                                          settings.mis_high, settings.mis_level)
-                per_token, clipped = policy_loss(logp, old, batch["advantages"], settings.clip_low,
-                                                 settings.clip_high, settings.dual_clip)
+                per_token, clipped = self.policy_loss(logp, old, batch["advantages"], responses_in_loss)
                 if settings.tis:
                     per_token = per_token * rollout_correction(old, rollout_logp, settings.tis_cap)
                 kl = torch.zeros_like(logp)
                 if "ref_log_probs" in batch:
                     kl = kl_penalty(logp, batch["ref_log_probs"], settings.kl_estimator)
                     per_token = per_token + settings.kl_coef * kl
-                numerator, denominator = aggregate_parts(per_token, mask, settings.loss_aggregation,
+                numerator, denominator = aggregate_parts(per_token, mask, settings.aggregation,
                                                          settings.max_response_length)
                 live = mask > 0
                 drift = (logp.detach() - rollout_logp).exp().sub(1).abs()

@@ -43,12 +43,14 @@ def importance_ratio(logp: torch.Tensor, logp_old: torch.Tensor) -> torch.Tensor
     return torch.exp((logp - logp_old).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
 
 
-def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, clip_low: float = 0.2,
-                clip_high: float = 0.2, dual_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def ppo_clip_policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                         clip_low: float = 0.2, clip_high: float = 0.2,
+                         dual_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token PPO-clip loss ``max(-A ρ, -A clip(ρ, 1 - clip_low, 1 + clip_high))`` and where it clipped.
 
     ``advantages`` broadcasts over tokens (``[sequences, 1]``). With ``dual_clip`` c > 1 the loss of
-    a negative advantage is at most ``-A c``. Returns (loss, clipped) per token.
+    a negative advantage is at most ``-A c``. ``mask`` is unused (every token stands alone). Returns
+    (loss, clipped) per token.
     """
     ratio = importance_ratio(logp, logp_old)
     unclipped = -advantages * ratio
@@ -61,6 +63,80 @@ def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Te
         bounded = torch.minimum(loss, -advantages * dual_clip)
         loss = torch.where(advantages < 0, bounded, loss)
     return loss, clipped
+
+
+def _sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each sequence's mean over its response tokens, ``[sequences, 1]`` (0 for a sequence without any)."""
+    live = mask.to(values.dtype)
+    return (values * live).sum(dim=-1, keepdim=True) / live.sum(dim=-1, keepdim=True).clamp(min=1.0)
+
+
+def gspo_policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                     clip_low: float = 3e-4, clip_high: float = 4e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """GSPO (Qwen team, 2025), its token form: the importance ratio of a whole response,
+    s = exp(mean over its tokens of log ρ), clipped PPO-style to [1 - clip_low, 1 + clip_high] (a far
+    narrower band than PPO's: a length-normalised ratio moves little). Each token carries
+    s_t = sg(s) · ρ_t / sg(ρ_t): its value is s, its gradient A · s · ∇log π_t / |y|-free; with every
+    token's advantage the sequence's, this is GSPO's sequence objective. Aggregate with
+    seq-mean-token-mean. Returns (loss, clipped) per token."""
+    log_ratio = (logp - logp_old).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    sequence = _sequence_mean(log_ratio, mask).detach()
+    ratio = torch.exp((sequence + logp - logp.detach()).clamp(max=LOG_RATIO_LIMIT))
+    unclipped = -advantages * ratio
+    clipped_loss = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    return torch.maximum(unclipped, clipped_loss), clipped_loss > unclipped
+
+
+def cispo_policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                      clip_low: float = 1.0, clip_high: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """CISPO (MiniMax-M1, 2025): ``-sg(clip(ρ, 1 - clip_low, 1 + clip_high)) · A · log π``. The importance
+    weight is clipped and its gradient stopped, so a token beyond the band still gives its gradient
+    (PPO's clip would drop it), at the clipped weight. MiniMax-M1 sets no lower bound (clip_low 1: the
+    weight may fall to 0) and tunes the upper one. Returns (loss, clipped) per token."""
+    ratio = importance_ratio(logp, logp_old).detach()
+    weight = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    return -weight * advantages * logp, weight != ratio
+
+
+def gmpo_policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                     clip_low: float = 0.4, clip_high: float = 0.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """GMPO (2025): the geometric mean of the tokens' ratios instead of their arithmetic mean. Each token's
+    log ρ is clipped to [-clip_low, clip_high] (log space: ρ in [e^-0.4, e^0.4] by default) on the side
+    where it would raise the objective (the sign of A, as PPO's min), and the response's loss is
+    -A · exp(mean of the clipped log ρ). Every token carries its response's loss, so
+    seq-mean-token-mean gives the mean over responses. Returns (loss, clipped) per token."""
+    log_ratio = (logp - logp_old).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    sign = torch.sign(advantages).expand_as(log_ratio)
+    bounded = torch.minimum(sign * log_ratio, sign * log_ratio.clamp(-clip_low, clip_high)) * sign
+    loss = -advantages * torch.exp(_sequence_mean(bounded, mask))
+    return loss.expand_as(logp), bounded != log_ratio
+
+
+SAPO_TAU_POSITIVE, SAPO_TAU_NEGATIVE = 1.0, 1.05
+
+
+def sapo_policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                     tau_positive: float = SAPO_TAU_POSITIVE,
+                     tau_negative: float = SAPO_TAU_NEGATIVE) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAPO (Qwen team, 2025): a soft gate instead of a hard clip, ``-A · (4 / τ) · σ(τ (ρ - 1))``, τ by the
+    sign of A (negative advantages a little steeper). At ρ = 1 its gradient is PPO's; as ρ leaves 1 the
+    gradient fades smoothly instead of stopping at a bound. Nothing is clipped. Returns (loss, clipped)."""
+    ratio = importance_ratio(logp, logp_old)
+    tau = torch.where(advantages > 0, torch.full_like(advantages, tau_positive),
+                      torch.full_like(advantages, tau_negative))
+    loss = -advantages * (4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0))
+    return loss, torch.zeros_like(ratio, dtype=torch.bool)
+
+
+# --policy-loss: name -> (function, default (clip_low, clip_high), default aggregation). SAPO's two
+# numbers are its temperatures for positive and negative advantages.
+POLICY_LOSSES = {
+    "ppo-clip": (ppo_clip_policy_loss, (0.2, 0.2), "token-mean"),
+    "gspo": (gspo_policy_loss, (3e-4, 4e-4), "seq-mean-token-mean"),
+    "cispo": (cispo_policy_loss, (1.0, 4.0), "token-mean"),
+    "gmpo": (gmpo_policy_loss, (0.4, 0.4), "seq-mean-token-mean"),
+    "sapo": (sapo_policy_loss, (SAPO_TAU_POSITIVE, SAPO_TAU_NEGATIVE), "seq-mean-token-mean"),
+}
 
 
 def kl_penalty(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: str = "k3") -> torch.Tensor:

@@ -98,6 +98,8 @@ LEARN_FLAGS = ["--model", "tiny-dense", "--precision", "fp32", "--init-method-st
 # LoRA adapters (rank 8, alpha 16) need a larger step than full fine-tuning: 1.0 by step 11 at 3e-2.
 LORA_FLAGS = ["--lora-rank", 8, "--lora-alpha", 16, "--lr", "3e-2", "--min-lr", "3e-2"]
 LEARN_STEPS = 12
+# The policy losses beside PPO-clip, each learning the demo task with its paper's clip and aggregation.
+NEW_POLICY_LOSSES = ("gspo", "cispo", "gmpo", "sapo")
 
 
 def _slow_root(work: str) -> Path:
@@ -110,7 +112,8 @@ def _learning_runs(work: str) -> dict[str, str]:
     jobs = {name: ("rl", [*LEARN_FLAGS, "--data-path", demo, "--train-iters", LEARN_STEPS,
                           "--log-dir", _slow_root(work) / name / "log", *extra])
             # Rollouts of 8 of the step's 32 sequences at a time (--rollout-batch), as a memory-bound run would.
-            for name, extra in (("learn-lora", [*LORA_FLAGS, "--rollout-batch", 8]),)}
+            for name, extra in (("learn-lora", [*LORA_FLAGS, "--rollout-batch", 8]),
+                                *((f"learn-{loss}", ["--policy-loss", loss]) for loss in NEW_POLICY_LOSSES))}
     return torchrun_batch(1, jobs, _slow_root(work) / "batch-learn")
 
 
@@ -167,6 +170,16 @@ def test_lora_grpo_learns_the_demo_task(work):
     assert len(curve) == LEARN_STEPS
     start, end = curve[0], max(curve[-5:])
     assert end >= 0.9 or end >= start + 0.4, curve
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", NEW_POLICY_LOSSES)
+def test_each_policy_loss_learns_the_demo_task(work, loss):
+    _learning_runs(work)
+    curve = rewards(_slow_root(work) / f"learn-{loss}" / "log")
+    assert len(curve) == LEARN_STEPS
+    start, end = curve[0], max(curve[-5:])
+    assert end >= 0.9 or end >= start + 0.3, (loss, curve)
 
 
 @pytest.mark.slow

@@ -6,11 +6,16 @@ import pytest
 import torch
 
 from megatron_patch.rl.objectives import (
+    POLICY_LOSSES,
     aggregate,
+    cispo_policy_loss,
+    gmpo_policy_loss,
     group_advantages,
+    gspo_policy_loss,
     kl_penalty,
-    policy_loss,
+    ppo_clip_policy_loss,
     rollout_correction,
+    sapo_policy_loss,
 )
 
 
@@ -40,7 +45,7 @@ def test_the_clip_has_separate_low_and_high_bounds():
     advantage = torch.tensor([[1.0], [-1.0]])
     ratios = torch.tensor([[0.5, 1.0, 1.25, 1.5], [0.5, 0.75, 1.0, 1.5]])
     logp_old = torch.zeros(2, 4)
-    loss, clipped = policy_loss(ratios.log(), logp_old, advantage, clip_low=0.2, clip_high=0.28)
+    loss, clipped = ppo_clip_policy_loss(ratios.log(), logp_old, advantage, None, clip_low=0.2, clip_high=0.28)
     # A > 0: -A·min(ρ, 1.28) (the clip only ever lowers the gain); A < 0: A·max(ρ, 0.8)
     assert torch.allclose(loss[0], torch.tensor([-0.5, -1.0, -1.25, -1.28]))
     assert torch.allclose(loss[1], torch.tensor([0.8, 0.8, 1.0, 1.5]))
@@ -50,12 +55,12 @@ def test_the_clip_has_separate_low_and_high_bounds():
 def test_dual_clip_bounds_the_loss_of_negative_advantages():
     ratio = torch.tensor([[10.0], [10.0]]).log()
     advantage = torch.tensor([[-1.0], [1.0]])
-    loss, _ = policy_loss(ratio, torch.zeros(2, 1), advantage, dual_clip=3.0)
+    loss, _ = ppo_clip_policy_loss(ratio, torch.zeros(2, 1), advantage, None, dual_clip=3.0)
     assert loss[:, 0].tolist() == pytest.approx([3.0, -1.2])  # -A·c for A < 0; positive A untouched
 
 
 def test_the_log_ratio_is_clamped_before_exp():
-    loss, _ = policy_loss(torch.tensor([[1000.0]]), torch.zeros(1, 1), torch.tensor([[-1.0]]))
+    loss, _ = ppo_clip_policy_loss(torch.tensor([[1000.0]]), torch.zeros(1, 1), torch.tensor([[-1.0]]), None)
     assert torch.isfinite(loss).all() and loss.item() == pytest.approx(math.exp(20.0), rel=1e-5)
     assert rollout_correction(torch.tensor([0.0, 5.0, -1.0]), torch.zeros(3), cap=2.0).tolist() == \
         pytest.approx([1.0, 2.0, math.exp(-1.0)])
@@ -118,3 +123,63 @@ def test_rollout_mismatch_sums_k3_and_the_tokens_beyond_the_cap():
     assert sums["beyond_cap"].item() == 2 and sums["tokens"].item() == 3
     same = rollout_mismatch(train, train, mask)
     assert same["rollout_kl"].item() == 0 and same["beyond_cap"].item() == 0
+
+
+def _grad(function, log_ratio, advantage, mask, aggregation, **numbers):
+    """(per-token loss, clipped, d aggregated loss / d logp) with logp_old = 0."""
+    logp = torch.tensor(log_ratio, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor(mask, dtype=torch.float64)
+    loss, clipped = function(logp, torch.zeros_like(logp), torch.tensor(advantage, dtype=torch.float64), mask,
+                             **numbers)
+    aggregate(loss, mask, aggregation).backward()
+    return loss.detach(), clipped, logp.grad
+
+
+def test_gspo_uses_the_responses_ratio_and_its_narrow_clip():
+    """s = exp(mean log ρ) over the response (the padded token's wild ratio is not in it); every token carries s,
+    and the gradient of seq-mean-token-mean is GSPO's, s / |y| per token."""
+    loss, clipped, grad = _grad(gspo_policy_loss, [[0.1, -0.3, 9.0]], [[1.0]], [[1, 1, 0]], "seq-mean-token-mean")
+    s = math.exp(-0.1)  # below 1 - 3e-4, but with A > 0 the clip only ever lowers the gain: not clipped
+    assert loss[0, :2].tolist() == pytest.approx([-s, -s]) and not clipped[0, :2].any()
+    assert grad[0].tolist() == pytest.approx([-s / 2, -s / 2, 0.0])
+    loss, clipped, grad = _grad(gspo_policy_loss, [[0.01, 0.01]], [[1.0]], [[1, 1]], "seq-mean-token-mean")
+    assert loss[0].tolist() == pytest.approx([-(1 + 4e-4)] * 2) and clipped.all()  # e^0.01 > 1 + 4e-4
+    assert grad.abs().max() == 0
+    assert POLICY_LOSSES["gspo"][1:] == ((3e-4, 4e-4), "seq-mean-token-mean")
+
+
+def test_cispo_clips_the_weight_and_keeps_every_tokens_gradient():
+    """-sg(clip(ρ, 0, 5)) · A · log π: the token at ρ = 6 is clipped to weight 5 and still has a gradient (PPO's
+    clip would give it none)."""
+    logp_old = torch.full((1, 3), -1.0, dtype=torch.float64)
+    logp = (logp_old + torch.tensor([[0.5, 1.0, 6.0]], dtype=torch.float64).log()).requires_grad_()
+    loss, clipped = cispo_policy_loss(logp, logp_old, torch.tensor([[2.0]], dtype=torch.float64), None)
+    weights = torch.tensor([[0.5, 1.0, 5.0]], dtype=torch.float64)
+    assert torch.allclose(loss, -weights * 2 * logp.detach()) and clipped.tolist() == [[False, False, True]]
+    loss.sum().backward()
+    assert logp.grad[0].tolist() == pytest.approx([-1.0, -2.0, -10.0])
+
+
+def test_gmpo_takes_the_geometric_mean_of_clipped_token_ratios():
+    """log ρ clipped to [-0.4, 0.4] on the side that would raise the objective (A's sign); loss -A · exp(mean)."""
+    loss, clipped, grad = _grad(gmpo_policy_loss, [[0.6, -0.2, 0.1]], [[1.0]], [[1, 1, 1]], "seq-mean-token-mean")
+    ratio = math.exp((0.4 - 0.2 + 0.1) / 3)
+    assert loss[0].tolist() == pytest.approx([-ratio] * 3) and clipped.tolist() == [[True, False, False]]
+    assert grad[0].tolist() == pytest.approx([0.0, -ratio / 3, -ratio / 3])  # the clipped token gives none
+    loss, clipped, _ = _grad(gmpo_policy_loss, [[0.6, -0.6, 0.1]], [[-1.0]], [[1, 1, 1]], "seq-mean-token-mean")
+    assert loss[0, 0].item() == pytest.approx(math.exp((0.6 - 0.4 + 0.1) / 3))
+    assert clipped.tolist() == [[False, True, False]]
+
+
+def test_sapo_is_a_soft_gate_with_ppos_gradient_at_ratio_one():
+    loss, clipped, grad = _grad(sapo_policy_loss, [[0.0, 0.0]] * 2, [[1.0], [-2.0]], [[1, 1]] * 2, "token-mean")
+    assert loss[0].tolist() == pytest.approx([-2.0, -2.0])  # -A (4 / 1) σ(0)
+    assert loss[1].tolist() == pytest.approx([2 * 4 / 1.05 * 0.5] * 2)  # τ = 1.05 for A < 0
+    assert grad.flatten().tolist() == pytest.approx([-0.25, -0.25, 0.5, 0.5])  # -A ρ σ'(0) 4 / 4 tokens: PPO's
+    assert not clipped.any()
+    # Away from ρ = 1 the gradient fades instead of stopping: at ρ = 3 (A > 0) it is -(4) σ'(2) ρ = -1.26.
+    logp = torch.tensor([[math.log(3.0)]], requires_grad=True)
+    loss, _ = sapo_policy_loss(logp, torch.zeros(1, 1), torch.tensor([[1.0]]), None)
+    loss.sum().backward()
+    sigmoid = 1 / (1 + math.exp(-2.0))
+    assert logp.grad.item() == pytest.approx(-4 * sigmoid * (1 - sigmoid) * 3.0, rel=1e-5)

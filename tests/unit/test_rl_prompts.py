@@ -147,12 +147,24 @@ def test_grpo_settings_that_cannot_run_are_named(changes, message):
     ({"tensor_model_parallel_size": 2}, {"routing_replay": True}, "--routing-replay needs --tensor-model-parallel"),
     ({}, {"tis_cap": 1.0}, "--tis-cap 1.0 must be > 1"),
     ({}, {"mis_low": 1.2}, "--mis-low 1.2 and --mis-high 2.0 must hold 1"),
+    ({}, {"policy_loss": "gspo", "clip_low": 1.0}, "--clip-low 1.0 must be in [0, 1) (gspo; cispo allows 1"),
+    ({}, {"policy_loss": "sapo", "clip_high": 0.0}, "--clip-low 1.0 and --clip-high 0.0 are sapo's temperatures"),
+    ({}, {"reward_timeout": 0.0}, "--reward-timeout must be a positive number of seconds, got 0.0"),
 ])
 def test_rollout_engine_and_correction_settings_that_cannot_run_are_named(config_changes, settings, message):
     config = TrainConfig(data_path=["p.jsonl"], seq_length=1024, global_batch_size=2, micro_batch_size=4,
                          **config_changes)
     with pytest.raises(TrainConfigError, match=re.escape(message)):
         GrpoSettings(**settings).check(config, data_parallel_size=1)
+
+
+def test_each_policy_loss_brings_its_own_clip_and_aggregation_unless_given():
+    assert (GrpoSettings().clips, GrpoSettings().aggregation) == ((0.2, 0.2), "token-mean")  # as before
+    assert (GrpoSettings(policy_loss="gspo").clips, GrpoSettings(policy_loss="gspo").aggregation) == \
+        ((3e-4, 4e-4), "seq-mean-token-mean")
+    given = GrpoSettings(policy_loss="gspo", clip_high=5e-4, loss_aggregation="token-mean")
+    assert (given.clips, given.aggregation) == ((3e-4, 5e-4), "token-mean")
+    assert GrpoSettings(policy_loss="sapo").clips == (1.0, 1.05)
 
 
 def test_one_yaml_file_holds_training_and_grpo_settings(tmp_path):

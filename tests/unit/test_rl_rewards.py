@@ -117,8 +117,6 @@ def test_the_converter_writes_prompts_with_labels(tmp_path, capsys):
 
 UNRULY_REWARDS = """
 import os, sys, time
-import numpy as np
-import torch
 
 def exits(prompt, response, label):
     sys.exit(0)
@@ -134,6 +132,11 @@ def never_returns(prompt, response, label):
 
 def interrupts(prompt, response, label):
     raise KeyboardInterrupt
+"""
+
+NUMERIC_REWARDS = """
+import numpy as np
+import torch
 
 def numpy_half(prompt, response, label):
     return np.float32(0.5)
@@ -170,8 +173,8 @@ def test_a_reward_that_exits_hangs_or_interrupts_stops_in_one_line_naming_it(fun
 
 
 def test_numeric_scalars_of_any_type_are_rewards_and_bools_are_not(tmp_path):
-    (tmp_path / "unruly.py").write_text(UNRULY_REWARDS)
-    spec = f"custom:{tmp_path / 'unruly.py'}"
+    (tmp_path / "numeric.py").write_text(NUMERIC_REWARDS)
+    spec = f"custom:{tmp_path / 'numeric.py'}"
     assert load_reward(f"{spec}:numpy_half")("p", "r", "x").value == 0.5
     score = load_reward(f"{spec}:numpy_dict")("p", "abc", "x")
     assert score.value == 1.0 and score.extras == {"length": 3.0, "tensor": 2.0}
