@@ -139,7 +139,7 @@ class GrpoTrainer:
         tokenizer = model.tokenizer
         self.stop_ids = tuple(dict.fromkeys([tokenizer.im_end, tokenizer.eod]))
         if prompts is None:
-            prompts = read_prompt_files(config, settings, tokenizer)
+            prompts = read_prompt_files(config, settings, tokenizer, self.reward.needs_label)
         self.prompts, self.valid_prompts = prompts
         # The reference policy: adapters switched off (LoRA), or the starting weights kept on the CPU.
         self.reference = None

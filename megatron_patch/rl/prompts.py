@@ -60,7 +60,7 @@ def _messages(record: dict, where: str, keys: PromptKeys) -> list[Message]:
         raise PromptError(f"{where}: {err}") from None
 
 
-def _label(record: dict, where: str, keys: PromptKeys) -> object:
+def _label(record: dict, where: str, keys: PromptKeys, required: bool) -> object:
     if keys.label in record:
         label = record[keys.label]
     elif isinstance(record.get("reward_model"), dict) and "ground_truth" in record["reward_model"]:
@@ -69,30 +69,37 @@ def _label(record: dict, where: str, keys: PromptKeys) -> object:
         label = None
     if isinstance(label, (int, float)) and not isinstance(label, bool):
         label = str(label)
-    if label is None or isinstance(label, bool) or (isinstance(label, str) and not label.strip()):
+    missing = label is None or (isinstance(label, str) and not label.strip())
+    if missing and not required:
+        return None
+    if missing or isinstance(label, bool):
         raise PromptError(f"{where}: expected a string \"{keys.label}\" or reward_model.ground_truth (the answer "
                           "the reward compares with)")
     return label
 
 
-def parse_prompt(record, where: str, keys: PromptKeys, enable_thinking: bool) -> tuple[str, object, str, object]:
-    """(rendered prompt, label, data_source, extra_info) of one record; raises PromptError naming ``where``."""
+def parse_prompt(record, where: str, keys: PromptKeys, enable_thinking: bool,
+                 label_required: bool = True) -> tuple[str, object, str, object]:
+    """(rendered prompt, label, data_source, extra_info) of one record; raises PromptError naming ``where``.
+    Without ``label_required`` (a reward that takes no label) a missing label is None."""
     if not isinstance(record, dict):
         raise PromptError(f"{where}: expected an object with a prompt and a label")
     text = generation_prompt(_messages(record, where, keys), enable_thinking)
     source = record.get("data_source")
-    return text, _label(record, where, keys), source if isinstance(source, str) else "", record.get(keys.metadata)
+    label = _label(record, where, keys, label_required)
+    return text, label, source if isinstance(source, str) else "", record.get(keys.metadata)
 
 
 def read_prompts(paths: list[str | Path], tokenizer, max_prompt_length: int, enable_thinking: bool = True,
-                 keys: PromptKeys = PromptKeys(), skip_bad_lines: bool = False) -> list[Prompt]:
+                 keys: PromptKeys = PromptKeys(), skip_bad_lines: bool = False,
+                 label_required: bool = True) -> list[Prompt]:
     """Every prompt of ``paths`` in order, rendered and tokenized (``tokenizer``: data.tokenizer.Qwen3Tokenizer)."""
     prompts = []
     stats = ReadStats()
     for path in paths:
         for where, record in iter_records(path, stats, skip_bad_lines):
             try:
-                text, label, source, extra = parse_prompt(record, where, keys, enable_thinking)
+                text, label, source, extra = parse_prompt(record, where, keys, enable_thinking, label_required)
             except PromptError as err:
                 stats.reject(err, skip_bad_lines)
                 continue
@@ -109,11 +116,11 @@ def read_prompts(paths: list[str | Path], tokenizer, max_prompt_length: int, ena
     return prompts
 
 
-def read_prompt_files(config, settings, tokenizer) -> tuple[list[Prompt], list[Prompt]]:
+def read_prompt_files(config, settings, tokenizer, label_required: bool = True) -> tuple[list[Prompt], list[Prompt]]:
     """A run's training and validation prompts (``config``: TrainConfig, ``settings``: GrpoSettings;
-    typed in words, as rl/config.py imports this module)."""
+    typed in words, as rl/config.py imports this module); ``label_required``: the reward's."""
     def read(paths):
         return read_prompts(paths, tokenizer, settings.max_prompt_length, settings.enable_thinking,
-                            settings.prompt_keys(), settings.skip_bad_lines)
+                            settings.prompt_keys(), settings.skip_bad_lines, label_required)
 
     return read(config.data_path), read(config.valid_data_path) if config.valid_data_path else []

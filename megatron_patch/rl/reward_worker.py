@@ -45,7 +45,7 @@ class RewardProcess:
         theirs.close()
         self.connection = Connection(ours.detach())
         try:
-            self._answer("while its file was imported", max(timeout, IMPORT_TIMEOUT))
+            self.needs_label = self._answer("while its file was imported", max(timeout, IMPORT_TIMEOUT))["needs_label"]
         except BaseException:
             self.close()
             raise
@@ -93,11 +93,13 @@ def start_reward(spec: str, timeout: float = DEFAULT_REWARD_TIMEOUT) -> Reward |
     return load_reward(spec) if spec in BUILTIN_REWARDS else RewardProcess(spec, timeout)
 
 
-def check_reward(spec: str, timeout: float = DEFAULT_REWARD_TIMEOUT) -> None:
-    """The reward loads (in a child of its own for a user's file): raises RewardError naming what is wrong."""
+def check_reward(spec: str, timeout: float = DEFAULT_REWARD_TIMEOUT) -> bool:
+    """Whether the reward needs a label, once it loaded (in a child of its own for a user's file); raises
+    RewardError naming what is wrong."""
     reward = start_reward(spec, timeout)
     if isinstance(reward, RewardProcess):
         reward.close()
+    return reward.needs_label
 
 
 def _serve(connection: Connection, spec: str) -> None:
@@ -117,7 +119,7 @@ def _serve(connection: Connection, spec: str) -> None:
     except BaseException as err:  # noqa: BLE001 - the user's import-time code, whatever it does
         reply(error=failure(err, "while its file was imported"))
         return
-    reply(ready=True)
+    reply(needs_label=reward.needs_label)
     while True:
         try:
             prompt, response, label, where, data_source, extra_info = connection.recv()

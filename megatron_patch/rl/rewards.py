@@ -57,7 +57,7 @@ def gsm8k_flexible(prompt: str, response: str, label: str) -> float:
     return 1.0 if gsm8k_flexible_answer(response) == label else 0.0
 
 
-def ascii_letters(prompt: str, response: str, label: str) -> float:
+def ascii_letters(prompt: str, response: str, label: str | None = None) -> float:
     """The share of the response's characters that are ASCII letters: a task a tiny random model
     learns in minutes on CPU (make demo-rl). Random Qwen3 tokens score about 0.7."""
     return sum(c.isascii() and c.isalpha() for c in response) / len(response) if response else 0.0
@@ -68,6 +68,9 @@ BUILTIN_REWARDS: dict[str, Callable[[str, str, str], float]] = {
     "gsm8k-flexible": gsm8k_flexible,
     "letters": ascii_letters,
 }
+
+
+LABEL_FREE_BUILTINS = ("letters",)
 
 
 @dataclass(frozen=True)
@@ -89,16 +92,25 @@ class Reward:
     function: Callable
     style: str = "kit"  # "kit": function(prompt, response, label); "verl": compute_score(...) by keyword
     takes_extra_info: bool = False  # verl style: whether to pass extra_info
+    # The label: "needed" (a prompt without one is refused), "optional" (a default; passed when there is one)
+    # or "none" (function(prompt, response): a format, length or judge reward needs no answer).
+    label: str = "needed"
+
+    @property
+    def needs_label(self) -> bool:
+        return self.label == "needed"
 
     def __call__(self, prompt: str, response: str, label, where: str = "a sample", data_source: str = "",
                  extra_info=None) -> Score:
         """The reward of one response; ``where`` names the sample in errors (prompt file:line, sample k)."""
+        passes_label = self.label == "needed" or (self.label == "optional" and label is not None)
         try:
             if self.style == "verl":
                 extra = {"extra_info": extra_info} if self.takes_extra_info else {}
-                value = self.function(data_source=data_source, solution_str=response, ground_truth=label, **extra)
+                extra |= {"ground_truth": label} if passes_label else {}
+                value = self.function(data_source=data_source, solution_str=response, **extra)
             else:
-                value = self.function(prompt, response, label)
+                value = self.function(prompt, response, *((label,) if passes_label else ()))
         except Exception as err:  # noqa: BLE001 - whatever a user's function raises, say which sample
             raise RewardError(f"reward {self.name} failed on {where}: {type(err).__name__}: {err}") from None
         extras = {}
@@ -113,22 +125,29 @@ class Reward:
         return Score(float(value), extras)
 
 
-def _style(function) -> tuple[str, bool]:
-    """("verl", takes extra_info) for verl's compute_score signature, else ("kit", False)."""
+def _style(function) -> tuple[str, bool, str]:
+    """(style, takes extra_info, label) of a user's function: ("verl", ...) for verl's compute_score signature,
+    else ("kit", False, ...); the label as ``Reward.label`` reads it off the signature."""
     try:
         parameters = inspect.signature(function).parameters
     except (TypeError, ValueError):  # a builtin without a signature: the kit's positional call
-        return "kit", False
+        return "kit", False, "needed"
+    empty = inspect.Parameter.empty
     if {"solution_str", "ground_truth"} <= set(parameters):
         keywords = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-        return "verl", "extra_info" in parameters or keywords
-    return "kit", False
+        label = "needed" if parameters["ground_truth"].default is empty else "optional"
+        return "verl", "extra_info" in parameters or keywords, label
+    positional = [p for p in parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters.values()) or \
+            (len(positional) >= 3 and positional[2].default is empty):
+        return "kit", False, "needed"
+    return "kit", False, "optional" if len(positional) >= 3 else "none"
 
 
 def load_reward(spec: str) -> Reward:
     """A built-in name or ``custom:PATH.py:FUNCTION`` (the user's own file, imported as given)."""
     if spec in BUILTIN_REWARDS:
-        return Reward(spec, BUILTIN_REWARDS[spec])
+        return Reward(spec, BUILTIN_REWARDS[spec], label="optional" if spec in LABEL_FREE_BUILTINS else "needed")
     if not spec.startswith("custom:"):
         raise RewardError(f"reward {spec!r}: expected {', '.join(BUILTIN_REWARDS)} or custom:PATH.py:FUNCTION")
     path_text, _, function_name = spec.removeprefix("custom:").rpartition(":")

@@ -179,3 +179,27 @@ def test_one_yaml_file_holds_training_and_grpo_settings(tmp_path):
     path.write_text("samples_per_promt: 4\n")
     with pytest.raises(TrainConfigError, match="unknown setting.s. samples_per_promt"):
         parse_rl_config(["--config", str(path)], world_size=1)
+
+
+def test_a_reward_that_takes_no_label_takes_prompts_without_one(tmp_path, tokenizer):
+    """slime and verl accept label-free rows for a format, length or judge reward; users had to invent dummy
+    labels. A reward that needs one still refuses such a row in one line."""
+    from megatron_patch.rl.reward_worker import check_reward
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "Write a word."}\n{"prompt": "Another.", "label": ""}\n{"prompt": "3?", "label": 3}\n')
+    reward = tmp_path / "r.py"
+    reward.write_text("def brevity(prompt, response):\n    return 1.0 / (1 + len(response))\n\n"
+                      "def graded(prompt, response, label=None):\n    return 0.0 if label is None else 1.0\n\n"
+                      "def verl(data_source, solution_str, ground_truth=None, extra_info=None):\n    return 1.0\n")
+    needs = {name: check_reward(f"custom:{reward}:{name}") for name in ("brevity", "graded", "verl")}
+    assert needs == {"brevity": False, "graded": False, "verl": False}
+    assert check_reward("gsm8k") and not check_reward("letters")
+    prompts = read_prompts([path], tokenizer, max_prompt_length=64, label_required=False)
+    assert [p.label for p in prompts] == [None, None, "3"]
+    with pytest.raises(PromptError, match=r'p.jsonl:1: expected a string "label"'):
+        read_prompts([path], tokenizer, max_prompt_length=64)
+    graded = load_reward(f"custom:{reward}:graded")
+    assert [graded("p", "r", p.label).value for p in prompts] == [0.0, 0.0, 1.0]
+    assert load_reward(f"custom:{reward}:brevity")("p", "abc", None).value == 0.25
+    assert load_reward(f"custom:{reward}:verl")("p", "abc", None).value == 1.0
