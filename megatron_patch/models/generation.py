@@ -29,6 +29,7 @@ was admitted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -204,13 +205,15 @@ class _Rows:
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: int,
              generator: torch.Generator | list[torch.Generator] | None = None,
-             record_routing: bool = False, slots: int = 0) -> list[Completion]:
+             record_routing: bool = False, slots: int = 0,
+             on_finish: Callable[[int, list[int], bool], None] | None = None) -> list[Completion]:
     """Complete every prompt (token ids) with ``model`` (a GPTModel, or DDP/Float16Module around one).
 
     ``vocab_size`` trims the padded vocabulary; ``generator`` is one for the batch, or one per prompt;
     ``record_routing`` keeps each token's experts (an MoE model) in ``Completion.routing``; ``slots``
     bounds the sequences generated at once (0: all): when one ends, the next prompt takes its place.
-    Each process calls this together with the others of its job (see the module docstring); the
+    ``on_finish(index, tokens, stopped)`` is told of each sequence as it ends (GRPO scores it while the
+    others go on). Each process calls this together with the others of its job (see the module docstring); the
     model is put in eval mode and left there.
     """
     if not prompts or any(not prompt for prompt in prompts):
@@ -300,6 +303,8 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, vocab_size: in
                     out.stopped[index] = token in stops
                     if out.stopped[index] or len(out.tokens[index]) >= sampling.max_new_tokens:
                         finished.append(row)
+                        if on_finish is not None:
+                            on_finish(index, out.tokens[index], out.stopped[index])
                 position += 1  # positions [0, position) are in the cache
                 rows.keep(kv_cache.close_holes(cache, position, finished, len(rows)))
             going = len(rows)

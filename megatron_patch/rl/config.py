@@ -45,6 +45,9 @@ class GrpoSettings:
     reward_timeout: float = option(DEFAULT_REWARD_TIMEOUT, "seconds one call of a custom: reward may take; past them "
                                                            "its process is killed and the job stops naming the sample",
                                    env="MP_GRPO_REWARD_TIMEOUT")
+    reward_workers: int = option(1, "processes a custom: reward runs in per rank: each finished response is scored "
+                                    "while the others still generate, by the least busy one",
+                                 env="MP_GRPO_REWARD_WORKERS")
     advantage_estimator: str = option("grpo", "grpo (group z-score), drgrpo (no std division) or rloo",
                                       env="MP_GRPO_ADVANTAGE", choices=ADVANTAGE_ESTIMATORS)
     policy_loss: str = option("ppo-clip", "ppo-clip (PPO's token ratio, clipped), gspo (the response's ratio, "
@@ -145,7 +148,7 @@ class GrpoSettings:
             raise TrainConfigError(message)
 
         for name in ("samples_per_prompt", "max_prompt_length", "max_response_length", "updates_per_rollout",
-                     "log_prob_chunk"):
+                     "log_prob_chunk", "reward_workers"):
             if getattr(self, name) < 1:
                 fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_prompt_length + self.max_response_length > config.seq_length:

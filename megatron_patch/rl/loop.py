@@ -39,7 +39,7 @@ from megatron_patch.rl.objectives import (
     rollout_mismatch,
 )
 from megatron_patch.rl.prompts import Prompt, read_prompt_files
-from megatron_patch.rl.reward_worker import RewardProcess, start_reward
+from megatron_patch.rl.reward_worker import start_reward
 from megatron_patch.rl.vllm_engine import VllmEngine, generate_on_rank_zero, hf_weight_buckets, vllm_python
 from megatron_patch.training.checkpointing import load_checkpoint
 from megatron_patch.training.config import TrainConfig, TrainConfigError
@@ -131,7 +131,7 @@ class GrpoTrainer:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.model: TrainedModel = prepare_model(training_view(config, settings, world))
         model = self.model
-        self.reward = start_reward(settings.reward, settings.reward_timeout)
+        self.reward = start_reward(settings.reward, settings.reward_timeout, settings.reward_workers)
         # Per-token (loss, clipped) of (logp, old, advantages, mask); its two numbers as the loss names them.
         loss, _, _ = POLICY_LOSSES[settings.policy_loss]
         extra = {"dual_clip": settings.dual_clip} if settings.policy_loss == "ppo-clip" else {}
@@ -187,8 +187,7 @@ class GrpoTrainer:
         """Stop what the trainer started beside it (the vLLM engine, a custom reward's process)."""
         if self.engine is not None:
             self.engine.close()
-        if isinstance(self.reward, RewardProcess):
-            self.reward.close()
+        self.reward.close()
 
     def sync_weights(self) -> None:
         """The current weights into the vLLM engine, in HF names through the converter's mapping, a bucket at a
@@ -231,25 +230,29 @@ class GrpoTrainer:
         prompts = [p for p in step_prompts(self.prompts, step, self.config.global_batch_size, self.config.seed)
                    for _ in range(settings.samples_per_prompt)]
         seeds = sample_seeds(self.config.seed, step, self.config.global_batch_size, settings.samples_per_prompt)
+        def score(index: int, tokens: list[int], stopped: bool) -> None:
+            """Hand a finished response to the reward (scored while the others go on)."""
+            prompt = prompts[index]
+            text = self.model.tokenizer.backend.decode(tokens[:-1] if stopped else tokens, skip_special_tokens=False)
+            self.reward.submit(index, prompt.text, text, prompt.label,
+                               where=f"{prompt.where} (sample {index % settings.samples_per_prompt + 1})",
+                               data_source=prompt.data_source, extra_info=prompt.extra_info)
+
         if self.uses_vllm:
             sender = parallel_state.get_tensor_model_parallel_rank() == 0
             completions = generate_on_rank_zero(self.engine, [list(p.tokens) for p in prompts], seeds, self.sampling,
                                                 (_dp()[0], sender))
+            for index, completion in enumerate(completions):
+                score(index, completion.tokens, completion.stopped)
         else:
             generators = [sampling_generator(seed) for seed in seeds]
             with synchronized_parameters(self.model.ddp_chunks):
                 completions = generate(
                     self._policy(), [list(p.tokens) for p in prompts], self.sampling, self.model.arch.vocab_size,
-                    generators, record_routing=self.records_routing, slots=settings.rollout_batch)
-        rewards, extras = [], []
-        for index, (prompt, completion) in enumerate(zip(prompts, completions)):
-            text = self.model.tokenizer.backend.decode(
-                completion.tokens[:-1] if completion.stopped else completion.tokens, skip_special_tokens=False)
-            score = self.reward(prompt.text, text, prompt.label,
-                                where=f"{prompt.where} (sample {index % settings.samples_per_prompt + 1})",
-                                data_source=prompt.data_source, extra_info=prompt.extra_info)
-            rewards.append(overlong_shaped(score.value, len(completion.tokens), settings))
-            extras.append(score.extras)
+                    generators, record_routing=self.records_routing, slots=settings.rollout_batch, on_finish=score)
+        scores = self.reward.collect()
+        rewards = [overlong_shaped(scores[i].value, len(c.tokens), settings) for i, c in enumerate(completions)]
+        extras = [scores[i].extras for i in range(len(completions))]
         rewards_t = torch.tensor(rewards, dtype=torch.float32)
         groups = rewards_t.view(-1, settings.samples_per_prompt)
         advantages = group_advantages(groups, settings.advantage_estimator).view(-1)

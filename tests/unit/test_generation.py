@@ -156,6 +156,26 @@ def test_continuous_batching_gives_each_sequence_its_one_batch_tokens(models, sl
         assert a.log_probs == pytest.approx(b.log_probs, abs=1e-5)
 
 
+def test_each_sequence_is_handed_on_as_it_ends_not_after_the_batch(models):
+    """on_finish (GRPO scores a response while the others generate): each sequence once, with its final tokens,
+    at the step it ends: the short ones before the longest has its last token."""
+    model, vocab = models["dense"], ARCHS["dense"].vocab_size
+    prompts = prompts_of(VARIED_PROMPTS, vocab)
+    sampling = varied_length_sampling(model, prompts, vocab)
+    told, forwards = [], []
+    hook = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    try:
+        completions = generate(model, prompts, sampling, vocab, slots=2,
+                               on_finish=lambda index, tokens, stopped: told.append(
+                                   (index, list(tokens), stopped, len(forwards))))
+    finally:
+        hook.remove()
+    assert sorted(index for index, *_ in told) == list(range(len(prompts)))
+    for index, tokens, stopped, _ in told:
+        assert tokens == completions[index].tokens and stopped == completions[index].stopped
+    assert told[0][3] < len(forwards) and [when for *_, when in told] == sorted(when for *_, when in told)
+
+
 def test_each_step_is_one_forward_of_the_live_rows_tokens_only(models):
     """Decode tokens and newly admitted prompts share one forward, packed: no padding, no finished row."""
     model, vocab = models["dense"], ARCHS["dense"].vocab_size

@@ -1,6 +1,7 @@
 """Rewards: gsm8k by verl's rules on the real GSM8K test set, user functions that fail loudly, the converter."""
 
 import json
+import time
 
 import pytest
 
@@ -162,8 +163,7 @@ def test_a_reward_that_exits_hangs_or_interrupts_stops_in_one_line_naming_it(fun
     """In the trainer's process sys.exit(0) / os._exit(0) ended the job with status 0 and no step, and a hang
     held it for ever: a user's reward runs in a process of its own, with a timeout."""
     (tmp_path / "unruly.py").write_text(UNRULY_REWARDS)
-    reward = start_reward(f"custom:{tmp_path / 'unruly.py'}:{function}", timeout=1)
-    assert isinstance(reward, RewardProcess)
+    reward = RewardProcess(f"custom:{tmp_path / 'unruly.py'}:{function}", timeout=1)
     try:
         with pytest.raises(RewardError, match=message):
             reward("p", "r", "x", where="p.jsonl:4 sample 2")
@@ -180,7 +180,7 @@ def test_numeric_scalars_of_any_type_are_rewards_and_bools_are_not(tmp_path):
     assert score.value == 1.0 and score.extras == {"length": 3.0, "tensor": 2.0}
     with pytest.raises(RewardError, match="returned (np.)?True_? on a sample; expected a finite number"):
         load_reward(f"{spec}:numpy_bool")("p", "r", "x")
-    worker = start_reward(f"{spec}:numpy_dict")  # the same through the reward's own process
+    worker = RewardProcess(f"{spec}:numpy_dict")  # the same through the reward's own process
     try:
         assert worker("p", "abcd", "x") == Score(1.0, {"length": 4.0, "tensor": 2.0})
     finally:
@@ -191,4 +191,50 @@ def test_a_reward_file_that_exits_while_imported_is_named(tmp_path):
     (tmp_path / "leaves.py").write_text("import sys\nsys.exit(0)\ndef f(p, r, l):\n    return 1.0\n")
     with pytest.raises(RewardError, match=r"leaves.py:f called sys.exit\(0\) while its file was imported"):
         check_reward(f"custom:{tmp_path / 'leaves.py'}:f")
-    assert isinstance(start_reward("gsm8k"), Reward)  # the kit's own rewards run in the trainer's process
+    builtin = start_reward("gsm8k")  # the kit's own rewards run in the trainer's process
+    assert isinstance(builtin.inline, Reward) and builtin.processes == []
+
+
+SLOW_REWARD = """
+import time
+
+def slow(prompt, response, label):
+    time.sleep(0.3)
+    return float(len(response))
+
+def stalls_on_the_third(prompt, response, label):
+    if response == "r2":
+        time.sleep(3600)
+    return 1.0
+"""
+
+
+def test_a_scorer_shares_requests_over_its_workers_and_answers_by_key(tmp_path):
+    """Submitted responses return at once; collect() waits. Four 0.3 s calls over 4 workers take one call's time;
+    the keys come back with their own scores whatever order the workers finish in."""
+    (tmp_path / "slow.py").write_text(SLOW_REWARD)
+    scorer = start_reward(f"custom:{tmp_path / 'slow.py'}:slow", workers=4)
+    try:
+        started = time.monotonic()
+        for key in range(4):
+            scorer.submit(key, "p", "x" * (key + 1), "l", where=f"p.jsonl:1 sample {key + 1}")
+        submitted = time.monotonic() - started
+        assert scorer.collect() == {k: Score(float(k + 1), {}) for k in range(4)}
+        assert submitted < 0.2 and time.monotonic() - started < 1.0  # not 4 x 0.3 s one after another
+        assert scorer.collect() == {}
+    finally:
+        scorer.close()
+
+
+def test_a_request_stuck_behind_others_is_timed_from_when_it_began(tmp_path):
+    """One worker, three requests queued: the third never returns; its timeout counts from when the second
+    answered, and the line names the third sample."""
+    (tmp_path / "slow.py").write_text(SLOW_REWARD)
+    scorer = start_reward(f"custom:{tmp_path / 'slow.py'}:stalls_on_the_third", timeout=1)
+    try:
+        for key in range(3):
+            scorer.submit(key, "p", f"r{key}", "l", where=f"p.jsonl:2 sample {key + 1}")
+        with pytest.raises(RewardError, match=r"did not return within 1 s on p.jsonl:2 sample 3; its process"):
+            scorer.collect()
+    finally:
+        scorer.close()
