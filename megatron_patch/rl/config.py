@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 from megatron_patch.errors import InputError
+from megatron_patch.outputs import check_writable
 from megatron_patch.rl.objectives import ADVANTAGE_ESTIMATORS, AGGREGATIONS, KL_ESTIMATORS, MIS_LEVELS, POLICY_LOSSES
 from megatron_patch.rl.prompts import PromptKeys
 from megatron_patch.rl.reward_worker import DEFAULT_REWARD_TIMEOUT, check_reward
@@ -48,6 +49,9 @@ class GrpoSettings:
     reward_workers: int = option(1, "processes a custom: reward runs in per rank: each finished response is scored "
                                     "while the others still generate, by the least busy one",
                                  env="MP_GRPO_REWARD_WORKERS")
+    rollout_log: str | None = option(None, "write each step's trajectories here, DIR/step_NNNNNN.jsonl: prompt, "
+                                           "messages, tokens, loss mask, rollout log-probs, reward, policy version "
+                                           "(docs/rl.md)", env="MP_GRPO_ROLLOUT_LOG")
     advantage_estimator: str = option("grpo", "grpo (group z-score), drgrpo (no std division) or rloo",
                                       env="MP_GRPO_ADVANTAGE", choices=ADVANTAGE_ESTIMATORS)
     policy_loss: str = option("ppo-clip", "ppo-clip (PPO's token ratio, clipped), gspo (the response's ratio, "
@@ -205,6 +209,11 @@ class GrpoSettings:
         for name in ("reward_timeout", "engine_timeout"):
             if not 0 < getattr(self, name) < math.inf:
                 fail(f"--{name.replace('_', '-')} must be a positive number of seconds, got {getattr(self, name)}")
+        if self.rollout_log:
+            try:
+                check_writable(self.rollout_log, "--rollout-log")
+            except InputError as err:
+                fail(str(err))
         if self.rollout_engine == "vllm":  # last: the settings' own errors come first
             try:
                 vllm_python(self.vllm_python)

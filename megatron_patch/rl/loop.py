@@ -40,6 +40,7 @@ from megatron_patch.rl.objectives import (
 )
 from megatron_patch.rl.prompts import Prompt, read_prompt_files
 from megatron_patch.rl.reward_worker import start_reward
+from megatron_patch.rl.rollout_log import RolloutLog
 from megatron_patch.rl.vllm_engine import VllmEngine, generate_on_rank_zero, hf_weight_buckets, vllm_python
 from megatron_patch.training.checkpointing import load_checkpoint
 from megatron_patch.training.config import TrainConfig, TrainConfigError
@@ -132,6 +133,7 @@ class GrpoTrainer:
         self.model: TrainedModel = prepare_model(training_view(config, settings, world))
         model = self.model
         self.reward = start_reward(settings.reward, settings.reward_timeout, settings.reward_workers)
+        self.rollout_log = RolloutLog(settings.rollout_log) if settings.rollout_log else None
         # Per-token (loss, clipped) of (logp, old, advantages, mask); its two numbers as the loss names them.
         loss, _, _ = POLICY_LOSSES[settings.policy_loss]
         extra = {"dual_clip": settings.dual_clip} if settings.policy_loss == "ppo-clip" else {}
@@ -263,6 +265,23 @@ class GrpoTrainer:
         return Rollout(prompts, [c.tokens for c in completions], [c.log_probs for c in completions],
                        [c.truncated for c in completions], rewards_t, advantages, in_loss, extras,
                        [c.routing for c in completions] if self.records_routing else None)
+
+    def _log_records(self, rollout: Rollout, step: int) -> list[dict]:
+        """This rank's sequences of the step as --rollout-log records (rl/rollout_log.py)."""
+        records = []
+        decode = self.model.tokenizer.backend.decode
+        for index, (prompt, response) in enumerate(zip(rollout.prompts, rollout.responses)):
+            truncated = rollout.truncated[index]
+            text = decode(response if truncated else response[:-1], skip_special_tokens=False)
+            trained = int(bool(rollout.in_loss[index]))
+            records.append({
+                "prompt": prompt.where, "messages": [*prompt.messages, {"role": "assistant", "content": text}],
+                "tokens": [*prompt.tokens, *response],
+                "loss_mask": [0] * len(prompt.tokens) + [trained] * len(response),
+                "log_probs": rollout.rollout_log_probs[index], "reward": float(rollout.rewards[index]),
+                "reward_extras": rollout.reward_extras[index], "policy_version": step,
+                "engine": self.settings.rollout_engine})
+        return records
 
     def _micro_batches(self, rollout: Rollout, indices: list[int]) -> list[dict]:
         """Right-padded micro-batches of ``indices``: tokens, targets, the response mask and per-sequence values."""
@@ -414,6 +433,9 @@ class GrpoTrainer:
             times["weight_sync"] = clock.lap()
         rollout = self.rollout(step)
         times["rollout"] = clock.lap()
+        if self.rollout_log is not None:
+            self.rollout_log.write(step + 1, self._log_records(rollout, step),
+                                   contributes=parallel_state.get_tensor_model_parallel_rank() == 0)
         # Update u trains on the sequences whose place in the global batch is u modulo the updates:
         # each rank holds a contiguous share, so the split is the same in every data-parallel layout.
         order, count = list(range(len(rollout.responses))), settings.updates_per_rollout

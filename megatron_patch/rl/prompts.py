@@ -43,6 +43,7 @@ class Prompt:
     label: object  # the answer: a string (numbers become strings), or a JSON list/object as given
     data_source: str = ""  # verl's data_source ("" when the file has none)
     extra_info: object = None  # verl's extra_info / slime's metadata, as given
+    messages: tuple[dict, ...] = ()  # the conversation before the model's turn ({"role", "content"}), as given
 
 
 def _messages(record: dict, where: str, keys: PromptKeys) -> list[Message]:
@@ -79,15 +80,18 @@ def _label(record: dict, where: str, keys: PromptKeys, required: bool) -> object
 
 
 def parse_prompt(record, where: str, keys: PromptKeys, enable_thinking: bool,
-                 label_required: bool = True) -> tuple[str, object, str, object]:
-    """(rendered prompt, label, data_source, extra_info) of one record; raises PromptError naming ``where``.
+                 label_required: bool = True) -> tuple[str, object, str, object, tuple[dict, ...]]:
+    """(rendered prompt, label, data_source, extra_info, messages) of one record; raises PromptError naming
+    ``where``.
     Without ``label_required`` (a reward that takes no label) a missing label is None."""
     if not isinstance(record, dict):
         raise PromptError(f"{where}: expected an object with a prompt and a label")
-    text = generation_prompt(_messages(record, where, keys), enable_thinking)
+    messages = _messages(record, where, keys)
+    text = generation_prompt(messages, enable_thinking)
     source = record.get("data_source")
     label = _label(record, where, keys, label_required)
-    return text, label, source if isinstance(source, str) else "", record.get(keys.metadata)
+    conversation = tuple({"role": m.role, "content": m.content} for m in messages)
+    return text, label, source if isinstance(source, str) else "", record.get(keys.metadata), conversation
 
 
 def read_prompts(paths: list[str | Path], tokenizer, max_prompt_length: int, enable_thinking: bool = True,
@@ -99,7 +103,8 @@ def read_prompts(paths: list[str | Path], tokenizer, max_prompt_length: int, ena
     for path in paths:
         for where, record in iter_records(path, stats, skip_bad_lines):
             try:
-                text, label, source, extra = parse_prompt(record, where, keys, enable_thinking, label_required)
+                text, label, source, extra, messages = parse_prompt(record, where, keys, enable_thinking,
+                                                                    label_required)
             except PromptError as err:
                 stats.reject(err, skip_bad_lines)
                 continue
@@ -107,7 +112,7 @@ def read_prompts(paths: list[str | Path], tokenizer, max_prompt_length: int, ena
             if len(tokens) > max_prompt_length:
                 raise PromptError(f"{where}: the prompt is {len(tokens)} tokens, over the maximum prompt length "
                                   f"{max_prompt_length} (MP_GRPO_MAX_PROMPT_LENGTH)")
-            prompts.append(Prompt(where, text, tokens, label, source, extra))
+            prompts.append(Prompt(where, text, tokens, label, source, extra, messages))
     if not prompts:
         raise PromptError(f"{', '.join(map(str, paths))}: no prompts")
     if stats.skipped:

@@ -41,7 +41,7 @@ def _rl_runs(work: str) -> dict[str, str]:
     # the end; the halves start from its torch_dist conversion (the same bf16 weights).
     # The whole run's HF output is written by a rerun that finds its training finished (as after a kill during
     # the HF write): the HF output of the final save, which the first run never wrote.
-    whole = rl_flags(work, "whole", STEPS, "--load", hf_dir)
+    whole = rl_flags(work, "whole", STEPS, "--load", hf_dir, "--rollout-log", Path(work) / "rl" / "whole-rollouts")
     jobs = {
         "whole": ("rl", whole),
         "first-half": ("rl", rl_flags(work, "halves", STEPS, "--exit-interval", 1)),
@@ -86,6 +86,34 @@ def test_grpo_steps_report_their_metrics_and_resume_exactly(work):
                                      "--save-dir", converted_back)]) == 0
     hf_out = Path(work) / "rl" / "whole-hf"
     assert (hf_out / "model.safetensors").read_bytes() == (converted_back / "model.safetensors").read_bytes()
+
+
+def test_the_rollout_log_holds_what_each_step_sampled_and_trained_on(work, tokenizer):
+    """--rollout-log: a record per sequence of each step, its prompt part the template's rendering of its
+    messages, its loss mask 1 exactly on the response, its rewards those the metrics report."""
+    from megatron_patch.data.chat import Message, generation_prompt
+    from megatron_patch.rl.rollout_log import log_file
+
+    _rl_runs(work)
+    logged = Path(work) / "rl" / "whole-rollouts"
+    whole = step_values(work, "whole")
+    for step in range(1, STEPS + 1):
+        records = [json.loads(line) for line in log_file(logged, step).read_text().splitlines()]
+        assert len(records) == 2 * 4  # prompts per step x samples per prompt
+        for record in records:
+            prompt_messages = record["messages"][:-1]
+            rendered = generation_prompt([Message(m["role"], m["content"]) for m in prompt_messages])
+            prompt_tokens = tokenizer.backend.encode(rendered, add_special_tokens=False).ids
+            assert record["tokens"][:len(prompt_tokens)] == prompt_tokens and record["prompt"].startswith(
+                str(prompt_file(work)) + ":")
+            response = record["tokens"][len(prompt_tokens):]
+            assert record["loss_mask"] == [0] * len(prompt_tokens) + [1] * len(response)
+            assert len(record["log_probs"]) == len(response) and all(lp <= 0 for lp in record["log_probs"])
+            assert record["messages"][-1]["role"] == "assistant" and record["policy_version"] == step - 1
+            assert record["engine"] == "megatron"
+        mean = sum(r["reward"] for r in records) / len(records)
+        assert mean == pytest.approx(whole[step]["reward_mean"], abs=1e-6)
+    assert not list(logged.glob(".*"))  # nothing half-written left
 
 
 # The demo task (reward "letters"): a tiny model whose random initialisation is peaked enough
