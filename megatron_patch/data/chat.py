@@ -3,14 +3,16 @@
 Rendering follows the Qwen3 chat template (the one in Qwen3's tokenizer_config.json) exactly:
 ChatML turns; an assistant turn after the last user query carries a ``<think>`` block (the
 final turn always, even when empty); earlier assistant turns drop their reasoning; tool
-results render as user turns wrapped in ``<tool_response>``. Tests compare the result with
-the tokenizer's own template, token for token.
+results render as user turns wrapped in ``<tool_response>``; a conversation's tools (OpenAI function
+schemas, the HF chat convention's ``tools``) go into the system turn, and an assistant's
+``tool_calls`` follow its content as ``<tool_call>`` blocks. Tests compare the result with the
+tokenizer's own template (transformers' ``apply_chat_template``, tools included), token for token.
 
-What is trained: each assistant turn's content and its ``<|im_end|>`` (the role header and the
-newline after ``<|im_end|>`` are prompt). Reasoning that the data provides is trained with the
-content. An empty think block is prompt, not target: that is what Qwen3 puts in the prompt in
-non-thinking mode. With ``enable_thinking=False`` reasoning is dropped and every think block
-is empty (training the non-thinking mode).
+What is trained: each assistant turn's content, its tool calls and its ``<|im_end|>`` (the role
+header and the newline after ``<|im_end|>`` are prompt); tool results never are. Reasoning that
+the data provides is trained with the content. An empty think block is prompt, not target: that
+is what Qwen3 puts in the prompt in non-thinking mode. With ``enable_thinking=False`` reasoning is
+dropped and every think block is empty (training the non-thinking mode).
 
 The template renders from the whole conversation (earlier turns lose their reasoning, the last
 turn gains a think block), so masks cannot come from rendering prefixes; they come from
@@ -19,6 +21,7 @@ character spans of the one rendered text, mapped to tokens through the tokenizer
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from megatron_patch.errors import InputError
@@ -39,6 +42,23 @@ class Message:
     role: str
     content: str
     reasoning: str | None = None
+    tool_calls: tuple[dict, ...] = ()  # an assistant's calls: {"name", "arguments": dict or JSON text}
+
+
+class Conversation(list):
+    """A conversation's messages, and the tools (function schemas) its system turn offers the model."""
+
+    def __init__(self, messages=(), tools=()):
+        super().__init__(messages)
+        self.tools = tuple(tools)
+
+
+# The Qwen3 template's system text around the tool schemas.
+TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided "
+                "with function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_FOOTER = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+                "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+                "<args-json-object>}\n</tool_call>")
 
 
 def detect_format(record: dict) -> str:
@@ -58,8 +78,8 @@ def _text(value, what: str) -> str:
     return value
 
 
-def messages_from_record(record: dict, fmt: str = "auto") -> list[Message]:
-    """The conversation of one JSON record, in Alpaca, ShareGPT or OpenAI-messages form."""
+def messages_from_record(record: dict, fmt: str = "auto") -> Conversation:
+    """The conversation of one JSON record, in Alpaca, ShareGPT or OpenAI-messages form (with its ``tools``)."""
     if not isinstance(record, dict):
         raise SampleError(f"a record must be a JSON object, got {type(record).__name__}")
     fmt = detect_format(record) if fmt == "auto" else fmt
@@ -72,7 +92,33 @@ def messages_from_record(record: dict, fmt: str = "auto") -> list[Message]:
     else:
         raise SampleError(f"unknown format {fmt!r}")
     _validate(messages)
-    return messages
+    return Conversation(messages, _tools(record.get("tools")))
+
+
+def _tools(value) -> tuple[dict, ...]:
+    """A record's ``tools``: a list of function schemas (``{"type": "function", "function": {...}}``)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(tool, dict) for tool in value):
+        raise SampleError("'tools' must be a list of function schemas (JSON objects)")
+    return tuple(value)
+
+
+def _tool_calls(value, where: str) -> tuple[dict, ...]:
+    """An assistant turn's ``tool_calls`` (OpenAI's ``{"function": {"name", "arguments"}}`` or the bare
+    ``{"name", "arguments"}``), as ``{"name", "arguments"}`` with arguments a dict or JSON text."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise SampleError(f"{where}.tool_calls must be a list")
+    calls = []
+    for index, call in enumerate(value):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+                or not isinstance(function.get("arguments"), (str, dict)):
+            raise SampleError(f"{where}.tool_calls[{index}] needs a string name and arguments (an object or JSON text)")
+        calls.append({"name": function["name"], "arguments": function["arguments"]})
+    return tuple(calls)
 
 
 def _alpaca(record: dict) -> list[Message]:
@@ -117,14 +163,18 @@ def _openai(record: dict) -> list[Message]:
         raise SampleError("'messages' must be a list")
     messages = []
     for index, turn in enumerate(turns):
-        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+        calls = _tool_calls(turn.get("tool_calls"), f"messages[{index}]") if isinstance(turn, dict) else ()
+        if not isinstance(turn, dict) or "role" not in turn or ("content" not in turn and not calls):
             raise SampleError(f"messages[{index}] needs 'role' and 'content'")
         if turn["role"] not in ROLES:
             raise SampleError(f"messages[{index}]: unknown role {turn['role']!r} (known: {', '.join(ROLES)})")
+        if calls and turn["role"] != "assistant":
+            raise SampleError(f"messages[{index}]: only an assistant turn makes tool calls")
         reasoning = turn.get("reasoning_content")
+        content = turn.get("content")
         messages.append(Message(
-            turn["role"], _text(turn["content"], f"messages[{index}].content"),
-            None if reasoning is None else _text(reasoning, f"messages[{index}].reasoning_content"),
+            turn["role"], "" if content is None and calls else _text(content, f"messages[{index}].content"),
+            None if reasoning is None else _text(reasoning, f"messages[{index}].reasoning_content"), calls,
         ))
     return messages
 
@@ -165,6 +215,7 @@ def render(
     parts: list[str] = []
     spans: list[tuple[int, int]] = []
     position = 0
+    tools = getattr(messages, "tools", ())
 
     def emit(text: str, trained: bool = False) -> None:
         nonlocal position
@@ -173,7 +224,13 @@ def render(
         parts.append(text)
         position += len(text)
 
+    if tools:  # the system turn offers them, after the conversation's own system text
+        system = messages[0].content + "\n\n" if messages and messages[0].role == "system" else ""
+        schemas = "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in tools)
+        emit(f"<|im_start|>system\n{system}{TOOLS_HEADER}{schemas}{TOOLS_FOOTER}<|im_end|>\n")
     for index, message in enumerate(messages):
+        if message.role == "system" and tools:
+            continue  # rendered above, with the tools
         if message.role in ("system", "user"):
             emit(f"<|im_start|>{message.role}\n{message.content}<|im_end|>\n")
         elif message.role == "tool":
@@ -188,14 +245,27 @@ def render(
             if not enable_thinking:
                 reasoning = ""
             emit("<|im_start|>assistant\n")
+            calls = tool_call_text(message.tool_calls, after_content=bool(content))
             if index > last_query and (index == len(messages) - 1 or reasoning):
                 think = f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n"
                 # An empty think block is what the non-thinking prompt contains: not a target.
                 emit(think, trained=trained and bool(reasoning.strip("\n")))
                 content = content.lstrip("\n")
-            emit(content + "<|im_end|>", trained=trained)
+            emit(content + calls + "<|im_end|>", trained=trained)
             emit("\n")
     return "".join(parts), _merge(spans)
+
+
+def tool_call_text(calls, after_content: bool) -> str:
+    """An assistant's tool calls as the Qwen3 template writes them after its content."""
+    text = ""
+    for index, call in enumerate(calls):
+        if index or after_content:
+            text += "\n"
+        arguments = call["arguments"]
+        arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        text += f'<tool_call>\n{{"name": "{call["name"]}", "arguments": {arguments}}}\n</tool_call>'
+    return text
 
 
 def prompt_messages(turns) -> list[Message]:

@@ -2,7 +2,14 @@
 
 import pytest
 
-from megatron_patch.data.chat import Message, SampleError, messages_from_record, render, tokenize_conversation
+from megatron_patch.data.chat import (
+    Conversation,
+    Message,
+    SampleError,
+    messages_from_record,
+    render,
+    tokenize_conversation,
+)
 
 
 def as_dicts(messages):
@@ -11,8 +18,33 @@ def as_dicts(messages):
         entry = {"role": m.role, "content": m.content}
         if m.reasoning is not None:
             entry["reasoning_content"] = m.reasoning
+        if m.tool_calls:
+            entry["tool_calls"] = [{"type": "function", "function": call} for call in m.tool_calls]
         out.append(entry)
     return out
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "weather", "description": "Today's weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "城市 / city"}},
+                   "required": ["city"]}}}
+CLOCK = {"type": "function", "function": {"name": "clock", "description": "The time now.",
+                                          "parameters": {"type": "object", "properties": {}}}}
+
+# The HF chat convention: tools beside the messages, assistant turns with tool_calls, tool turns.
+TOOL_CONVERSATIONS = {
+    "calls with tools": (Conversation([
+        Message("system", "Be brief."), Message("user", "Weather in Paris and the time?"),
+        Message("assistant", "", tool_calls=({"name": "weather", "arguments": {"city": "Paris"}},
+                                             {"name": "clock", "arguments": "{}"})),
+        Message("tool", '{"temp": 21}'), Message("tool", '"12:00"'),
+        Message("assistant", "21 °C at noon.")], tools=(WEATHER, CLOCK))),
+    "content then a call, no system": (Conversation([
+        Message("user", "巴黎天气？"),
+        Message("assistant", "Let me check.", reasoning="The user wants weather.",
+                tool_calls=({"name": "weather", "arguments": {"city": "巴黎"}},)),
+        Message("tool", "晴"), Message("assistant", "晴天。", reasoning="Sunny.")], tools=(WEATHER,))),
+}
 
 
 CONVERSATIONS = {
@@ -133,3 +165,51 @@ def test_bad_records_are_named(record, message):
 def test_tokenizer_facts(tokenizer):
     assert tokenizer.vocab_size == 151669
     assert (tokenizer.eod, tokenizer.pad, tokenizer.im_start, tokenizer.im_end) == (151643, 151643, 151644, 151645)
+
+
+@pytest.mark.parametrize("name", list(TOOL_CONVERSATIONS))
+def test_tool_conversations_render_as_the_tokenizers_template_with_tools(name, tokenizer, hf_tokenizer):
+    conversation = TOOL_CONVERSATIONS[name]
+    text, _ = render(conversation)
+    expected = hf_tokenizer.apply_chat_template(as_dicts(conversation), tools=list(conversation.tools), tokenize=False)
+    assert text == expected
+    ids, _ = tokenize_conversation(tokenizer, conversation)
+    assert ids == tokenizer.backend.encode(expected, add_special_tokens=False).ids
+
+
+def test_tool_calls_are_trained_and_tool_results_and_schemas_are_not(tokenizer):
+    ids, mask = tokenize_conversation(tokenizer, TOOL_CONVERSATIONS["calls with tools"])
+    assert trained_pieces(tokenizer, ids, mask) == [
+        '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "clock", "arguments": {}}\n</tool_call><|im_end|>',
+        "21 °C at noon.<|im_end|>",
+    ]
+    ids, mask = tokenize_conversation(tokenizer, TOOL_CONVERSATIONS["content then a call, no system"])
+    assert trained_pieces(tokenizer, ids, mask) == [
+        # After the last user query a turn keeps its reasoning (the template's multi-step tool rule).
+        '<think>\nThe user wants weather.\n</think>\n\nLet me check.\n<tool_call>\n{"name": "weather", '
+        '"arguments": {"city": "巴黎"}}\n</tool_call><|im_end|>',
+        "<think>\nSunny.\n</think>\n\n晴天。<|im_end|>",
+    ]
+
+
+def test_a_messages_record_with_tools_and_tool_calls_reads_as_the_hf_convention():
+    record = {"tools": [WEATHER], "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "weather", "content": '{"temp": 21}'},
+        {"role": "assistant", "content": "21 °C."}]}
+    conversation = messages_from_record(record)
+    assert conversation.tools == (WEATHER,)
+    assert conversation[1] == Message("assistant", "", None, ({"name": "weather", "arguments": '{"city": "Paris"}'},))
+    for bad, message in (({"tools": {"weather": 1}}, "'tools' must be a list of function schemas"),
+                         ({"messages": [{"role": "user", "content": "x", "tool_calls": []}, *record["messages"][1:]]},
+                          None),
+                         ({"messages": [record["messages"][0], {"role": "assistant", "tool_calls": [{"name": 3}]}]},
+                          r"messages\[1\].tool_calls\[0\] needs a string name and arguments")):
+        if message is None:
+            messages_from_record({**record, **bad})  # an empty list of calls is no call
+            continue
+        with pytest.raises(SampleError, match=message):
+            messages_from_record({**record, **bad})

@@ -127,3 +127,31 @@ def test_inspect_prints_the_sample_and_marks_the_trained_text(tokenizer, sft_dat
     assert f"{TRAINED_OPEN}{answer}<|im_end|>{TRAINED_CLOSE}" in text
     assert inspect_main([str(root / "packed"), "--index", "999"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_tool_conversations_go_through_preprocessing_and_raw_json_alike(tmp_path, capsys):
+    """{"messages", "tools"} in the HF chat convention: the idxmap build and raw JSON give the same tokens and
+    mask; show_sample marks the tool calls as trained and neither the schemas nor the tool results."""
+    weather = {"type": "function", "function": {"name": "weather", "description": "Weather in a city.",
+                                                "parameters": {"type": "object",
+                                                               "properties": {"city": {"type": "string"}}}}}
+    record = {"tools": [weather], "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+            "name": "weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "name": "weather", "content": "sunny, 21 C"},
+        {"role": "assistant", "content": "Sunny, 21 °C."}]}
+    source = write_jsonl(tmp_path / "tools.jsonl", [record, record])
+    tokenizer_dir = str(bundled_qwen3_tokenizer_dir())
+    assert build_sft(["--tokenizer", tokenizer_dir, "--input", str(source), "--seq-length", "512",
+                      "--output-prefix", str(tmp_path / "tools")]) == 0
+    capsys.readouterr()
+    assert inspect_main([str(tmp_path / "tools"), "--index", "0", "--tokenizer", tokenizer_dir, "--decode"]) == 0
+    built = capsys.readouterr().out
+    assert inspect_main([str(source), "--tokenizer", tokenizer_dir, "--index", "0", "--decode"]) == 0
+    raw = capsys.readouterr().out
+    assert built == raw
+    trained = [piece.split(TRAINED_CLOSE)[0] for piece in raw.split(TRAINED_OPEN)[1:]]
+    assert trained == ['<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+                       "Sunny, 21 °C.<|im_end|>"]
+    assert '"name": "weather", "description": "Weather in a city."' in raw and "sunny, 21 C" in raw
