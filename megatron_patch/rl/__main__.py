@@ -20,6 +20,7 @@ from megatron_patch.patches.warnings import silence_upstream_warnings
 from megatron_patch.rl.config import GrpoSettings, data_parallel_size
 from megatron_patch.rl.prompts import Prompt, read_prompt_files
 from megatron_patch.rl.reward_worker import check_reward
+from megatron_patch.rl.tools import tool_schemas
 from megatron_patch.training.config import TrainConfig, build_parser, parse_settings
 
 DESCRIPTION = ("GRPO reinforcement learning for Qwen3 / Qwen3-MoE on Megatron-Core: sample responses to prompts "
@@ -47,7 +48,8 @@ def read_run_prompts(config: TrainConfig, settings: GrpoSettings) -> tuple[list[
 
     _, hf_dir = resolve_model(config.model)
     tokenizer = Qwen3Tokenizer.from_dir(resolve_tokenizer_dir(config, hf_dir))
-    return read_prompt_files(config, settings, tokenizer, check_reward(settings.reward, settings.reward_timeout))
+    return read_prompt_files(config, settings, tokenizer, check_reward(settings.reward, settings.reward_timeout),
+                             tool_schemas(settings.tools, settings.tool_timeout))
 
 
 def _run(argv) -> None:

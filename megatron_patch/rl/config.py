@@ -20,6 +20,7 @@ from megatron_patch.rl.objectives import ADVANTAGE_ESTIMATORS, AGGREGATIONS, KL_
 from megatron_patch.rl.prompts import PromptKeys
 from megatron_patch.rl.reward_worker import DEFAULT_REWARD_TIMEOUT, check_reward
 from megatron_patch.rl.rewards import RewardError
+from megatron_patch.rl.tools import DEFAULT_TOOL_TIMEOUT
 from megatron_patch.rl.vllm_engine import DEFAULT_ENGINE_TIMEOUT, vllm_python
 from megatron_patch.training.config import TrainConfig, TrainConfigError, option
 from megatron_patch.training.memory_plan import RolloutShape
@@ -52,6 +53,12 @@ class GrpoSettings:
     rollout_log: str | None = option(None, "write each step's trajectories here, DIR/step_NNNNNN.jsonl: prompt, "
                                            "messages, tokens, loss mask, rollout log-probs, reward, policy version "
                                            "(docs/rl.md)", env="MP_GRPO_ROLLOUT_LOG")
+    tools: str | None = option(None, "multi-turn tool calling: PATH.py:fn1,fn2, plain functions with type hints and "
+                                     "Google-style docstrings; prompts offer their schemas, each turn's <tool_call>s "
+                                     "are run and their results inserted (docs/rl.md)", env="MP_GRPO_TOOLS")
+    tool_timeout: float = option(DEFAULT_TOOL_TIMEOUT, "seconds a tool call may take; past them it is an error text "
+                                                       "in the tool turn", env="MP_GRPO_TOOL_TIMEOUT")
+    max_turns: int = option(5, "with --tools: assistant turns per trajectory at most", env="MP_GRPO_MAX_TURNS")
     advantage_estimator: str = option("grpo", "grpo (group z-score), drgrpo (no std division) or rloo",
                                       env="MP_GRPO_ADVANTAGE", choices=ADVANTAGE_ESTIMATORS)
     policy_loss: str = option("ppo-clip", "ppo-clip (PPO's token ratio, clipped), gspo (the response's ratio, "
@@ -152,7 +159,7 @@ class GrpoSettings:
             raise TrainConfigError(message)
 
         for name in ("samples_per_prompt", "max_prompt_length", "max_response_length", "updates_per_rollout",
-                     "log_prob_chunk", "reward_workers"):
+                     "log_prob_chunk", "reward_workers", "max_turns"):
             if getattr(self, name) < 1:
                 fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_prompt_length + self.max_response_length > config.seq_length:
@@ -206,7 +213,7 @@ class GrpoSettings:
         if config.pipeline_model_parallel_size > 1 or config.context_parallel_size > 1:
             fail("GRPO needs --pipeline-model-parallel-size 1 and --context-parallel-size 1: the rollout generates "
                  "with the whole model on each rank (use tensor and expert parallelism)")
-        for name in ("reward_timeout", "engine_timeout"):
+        for name in ("reward_timeout", "engine_timeout", "tool_timeout"):
             if not 0 < getattr(self, name) < math.inf:
                 fail(f"--{name.replace('_', '-')} must be a positive number of seconds, got {getattr(self, name)}")
         if self.rollout_log:

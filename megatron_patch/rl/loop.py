@@ -13,6 +13,7 @@ and optimizer, and the samples do not depend on the data-parallel or expert-para
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_patch.lora.apply import adapters_disabled
-from megatron_patch.models.generation import Sampling, generate, sampling_generator
+from megatron_patch.models.generation import Completion, Sampling, generate, sampling_generator
 from megatron_patch.models.log_probs import token_entropy, token_log_probs
 from megatron_patch.models.routing import RoutingRecorder, RoutingReplay, differing_routes, recording
 from megatron_patch.rl.config import GrpoSettings, training_view
@@ -41,6 +42,8 @@ from megatron_patch.rl.objectives import (
 from megatron_patch.rl.prompts import Prompt, read_prompt_files
 from megatron_patch.rl.reward_worker import start_reward
 from megatron_patch.rl.rollout_log import RolloutLog
+from megatron_patch.rl.tool_rollout import tool_rollout
+from megatron_patch.rl.tools import Tools
 from megatron_patch.rl.vllm_engine import VllmEngine, generate_on_rank_zero, hf_weight_buckets, vllm_python
 from megatron_patch.training.checkpointing import load_checkpoint
 from megatron_patch.training.config import TrainConfig, TrainConfigError
@@ -63,6 +66,11 @@ class Rollout:
     in_loss: torch.Tensor  # [sequences] bool: dynamic sampling leaves equal-reward groups out
     reward_extras: list[dict[str, float]]  # per sequence: the reward dict's other numbers
     routing: list[torch.Tensor] | None  # per sequence (MoE, TP 1): its inputs' experts, [positions, layers, top-k]
+    # With --tools: per sequence, 1 on the model's response tokens and 0 on inserted tool turns; the turns
+    # after the prompt ({"role", "content"}); its tool calls and tool errors.
+    model_masks: list[list[int]] | None = None
+    turns: list[list[dict]] | None = None
+    tool_stats: list[dict[str, float]] | None = None
 
 
 def _dp() -> tuple[int, int]:
@@ -134,6 +142,7 @@ class GrpoTrainer:
         model = self.model
         self.reward = start_reward(settings.reward, settings.reward_timeout, settings.reward_workers)
         self.rollout_log = RolloutLog(settings.rollout_log) if settings.rollout_log else None
+        self.tools = Tools(settings.tools, settings.tool_timeout) if settings.tools else None
         # Per-token (loss, clipped) of (logp, old, advantages, mask); its two numbers as the loss names them.
         loss, _, _ = POLICY_LOSSES[settings.policy_loss]
         extra = {"dual_clip": settings.dual_clip} if settings.policy_loss == "ppo-clip" else {}
@@ -141,7 +150,8 @@ class GrpoTrainer:
         tokenizer = model.tokenizer
         self.stop_ids = tuple(dict.fromkeys([tokenizer.im_end, tokenizer.eod]))
         if prompts is None:
-            prompts = read_prompt_files(config, settings, tokenizer, self.reward.needs_label)
+            prompts = read_prompt_files(config, settings, tokenizer, self.reward.needs_label,
+                                        self.tools.schemas if self.tools else ())
         self.prompts, self.valid_prompts = prompts
         # The reference policy: adapters switched off (LoRA), or the starting weights kept on the CPU.
         self.reference = None
@@ -190,6 +200,8 @@ class GrpoTrainer:
         if self.engine is not None:
             self.engine.close()
         self.reward.close()
+        if self.tools is not None:
+            self.tools.close()
 
     def sync_weights(self) -> None:
         """The current weights into the vLLM engine, in HF names through the converter's mapping, a bucket at a
@@ -240,6 +252,8 @@ class GrpoTrainer:
                                where=f"{prompt.where} (sample {index % settings.samples_per_prompt + 1})",
                                data_source=prompt.data_source, extra_info=prompt.extra_info)
 
+        if self.tools is not None:
+            return self._tool_rollout(prompts, seeds, score)
         if self.uses_vllm:
             sender = parallel_state.get_tensor_model_parallel_rank() == 0
             completions = generate_on_rank_zero(self.engine, [list(p.tokens) for p in prompts], seeds, self.sampling,
@@ -252,6 +266,12 @@ class GrpoTrainer:
                 completions = generate(
                     self._policy(), [list(p.tokens) for p in prompts], self.sampling, self.model.arch.vocab_size,
                     generators, record_routing=self.records_routing, slots=settings.rollout_batch, on_finish=score)
+        return self._scored(prompts, completions)
+
+    def _scored(self, prompts: list[Prompt], completions: list, **tools) -> Rollout:
+        """The rollout of these completions, their scores collected, advantages computed; ``tools``: the tool
+        fields of Rollout."""
+        settings = self.settings
         scores = self.reward.collect()
         rewards = [overlong_shaped(scores[i].value, len(c.tokens), settings) for i, c in enumerate(completions)]
         extras = [scores[i].extras for i in range(len(completions))]
@@ -264,7 +284,47 @@ class GrpoTrainer:
                 settings.samples_per_prompt)
         return Rollout(prompts, [c.tokens for c in completions], [c.log_probs for c in completions],
                        [c.truncated for c in completions], rewards_t, advantages, in_loss, extras,
-                       [c.routing for c in completions] if self.records_routing else None)
+                       [c.routing for c in completions] if self.records_routing else None, **tools)
+
+    def _tool_rollout(self, prompts: list[Prompt], seeds: list[int], score) -> Rollout:
+        """Multi-turn trajectories with tool calls (rl/tool_rollout.py) on either engine; each is scored whole."""
+        settings, tokenizer = self.settings, self.model.tokenizer
+        generators = [sampling_generator(seed) for seed in seeds]
+        rounds = iter(range(settings.max_turns))
+
+        def generate_turn(indices: list[int], contexts: list[list[int]], budget: int) -> list[Completion]:
+            sampling = dataclasses.replace(self.sampling, max_new_tokens=budget)
+            turn = next(rounds)
+            if self.uses_vllm:
+                sender = parallel_state.get_tensor_model_parallel_rank() == 0
+                return generate_on_rank_zero(self.engine, contexts, [(seeds[i] + 7919 * turn) % 2**31 for i in indices],
+                                             sampling, (_dp()[0], sender))
+            # A process whose sequences have all ended keeps step with the others on a one-token filler.
+            filler = not contexts
+            with synchronized_parameters(self.model.ddp_chunks):
+                made = generate(self._policy(), [[self.stop_ids[0]]] if filler else contexts, sampling,
+                                self.model.arch.vocab_size,
+                                [sampling_generator(0)] if filler else [generators[i] for i in indices],
+                                record_routing=self.records_routing, slots=settings.rollout_batch)
+            return [] if filler else made
+
+        def anyone_going(mine: bool) -> bool:
+            flag = torch.tensor([float(mine)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return bool(flag.item())
+
+        trajectories = tool_rollout(
+            generate_turn, [list(p.tokens) for p in prompts], settings.max_response_length, self.tools, tokenizer,
+            tokenizer.im_end, settings.max_turns, settings.enable_thinking,
+            where=lambda i: f"{prompts[i].where} (sample {i % settings.samples_per_prompt + 1})",
+            anyone_going=anyone_going)
+        for index, trajectory in enumerate(trajectories):
+            score(index, trajectory.tokens, trajectory.stopped)  # the whole trajectory, tool turns included
+        completions = [Completion(t.tokens, t.log_probs, t.stopped, t.routing) for t in trajectories]
+        return self._scored(prompts, completions, model_masks=[t.model_mask for t in trajectories],
+                            turns=[t.turns for t in trajectories],
+                            tool_stats=[{"tool_calls": t.tool_calls, "tool_errors": t.tool_errors}
+                                        for t in trajectories])
 
     def _log_records(self, rollout: Rollout, step: int) -> list[dict]:
         """This rank's sequences of the step as --rollout-log records (rl/rollout_log.py)."""
@@ -274,11 +334,14 @@ class GrpoTrainer:
             truncated = rollout.truncated[index]
             text = decode(response if truncated else response[:-1], skip_special_tokens=False)
             trained = int(bool(rollout.in_loss[index]))
+            model = rollout.model_masks[index] if rollout.model_masks is not None else [1] * len(response)
+            turns = rollout.turns[index] if rollout.turns is not None else [{"role": "assistant", "content": text}]
             records.append({
-                "prompt": prompt.where, "messages": [*prompt.messages, {"role": "assistant", "content": text}],
+                "prompt": prompt.where, "messages": [*prompt.messages, *turns],
                 "tokens": [*prompt.tokens, *response],
-                "loss_mask": [0] * len(prompt.tokens) + [trained] * len(response),
-                "log_probs": rollout.rollout_log_probs[index], "reward": float(rollout.rewards[index]),
+                "loss_mask": [0] * len(prompt.tokens) + [trained * m for m in model],
+                "log_probs": [lp if m else None for lp, m in zip(rollout.rollout_log_probs[index], model)],
+                "reward": float(rollout.rewards[index]),
                 "reward_extras": rollout.reward_extras[index], "policy_version": step,
                 "engine": self.settings.rollout_engine})
         return records
@@ -302,6 +365,8 @@ class GrpoTrainer:
                 begin = len(rollout.prompts[index].tokens) - 1  # the first target that is a response token
                 end = begin + len(rollout.responses[index])
                 mask[row, begin:end] = float(rollout.in_loss[index])
+                if rollout.model_masks is not None:  # inserted tool turns are not the model's: not trained
+                    mask[row, begin:end] *= torch.tensor(rollout.model_masks[index], dtype=mask.dtype)
                 response[row, begin:end] = True
                 rollout_logp[row, begin:end] = torch.tensor(rollout.rollout_log_probs[index])
             device = self.model.device
@@ -513,7 +578,8 @@ class GrpoTrainer:
             "generated_tokens_per_second": length_sum / max(times["rollout"], 1e-9),
             "memory_peak_gib": memory_peak_gib(),
         }
-        return values | _extra_means(rollout.reward_extras, group)
+        tools = _extra_means(rollout.tool_stats, group, prefix="") if rollout.tool_stats is not None else {}
+        return values | _extra_means(rollout.reward_extras, group) | tools
 
     def validate(self) -> float:
         """Greedy accuracy (mean reward) on the validation prompts, shared out over data-parallel ranks."""
@@ -537,8 +603,9 @@ class GrpoTrainer:
         return (sums[0] / sums[1]).item()
 
 
-def _extra_means(extras: list[dict[str, float]], group) -> dict[str, float]:
-    """``reward_extra/KEY``: each extra number's mean over the sequences of every data-parallel rank that has it."""
+def _extra_means(extras: list[dict[str, float]], group, prefix: str = "reward_extra/") -> dict[str, float]:
+    """``reward_extra/KEY`` (``prefix``): each number's mean over the sequences of every data-parallel rank that
+    has it."""
     sums: dict[str, list[float]] = {}
     for entry in extras:
         for key, value in entry.items():
@@ -553,7 +620,7 @@ def _extra_means(extras: list[dict[str, float]], group) -> dict[str, float]:
             total = merged.setdefault(key, [0.0, 0.0])
             total[0] += value
             total[1] += count
-    return {f"reward_extra/{key}": value / count for key, (value, count) in sorted(merged.items())}
+    return {f"{prefix}{key}": value / count for key, (value, count) in sorted(merged.items())}
 
 
 def _is_logging_rank() -> bool:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_patch.data.chat import Message, SampleError, generation_prompt, prompt_messages
+from megatron_patch.data.chat import Conversation, Message, SampleError, generation_prompt, prompt_messages
 from megatron_patch.data.records import ReadStats, RecordError, iter_records
 
 
@@ -79,15 +79,16 @@ def _label(record: dict, where: str, keys: PromptKeys, required: bool) -> object
     return label
 
 
-def parse_prompt(record, where: str, keys: PromptKeys, enable_thinking: bool,
-                 label_required: bool = True) -> tuple[str, object, str, object, tuple[dict, ...]]:
+def parse_prompt(record, where: str, keys: PromptKeys, enable_thinking: bool, label_required: bool = True,
+                 tools: tuple[dict, ...] = ()) -> tuple[str, object, str, object, tuple[dict, ...]]:
     """(rendered prompt, label, data_source, extra_info, messages) of one record; raises PromptError naming
     ``where``.
-    Without ``label_required`` (a reward that takes no label) a missing label is None."""
+    Without ``label_required`` (a reward that takes no label) a missing label is None; ``tools`` (function
+    schemas, --tools) are offered in the rendered prompt's system turn."""
     if not isinstance(record, dict):
         raise PromptError(f"{where}: expected an object with a prompt and a label")
     messages = _messages(record, where, keys)
-    text = generation_prompt(messages, enable_thinking)
+    text = generation_prompt(Conversation(messages, tools), enable_thinking)
     source = record.get("data_source")
     label = _label(record, where, keys, label_required)
     conversation = tuple({"role": m.role, "content": m.content} for m in messages)
@@ -96,7 +97,7 @@ def parse_prompt(record, where: str, keys: PromptKeys, enable_thinking: bool,
 
 def read_prompts(paths: list[str | Path], tokenizer, max_prompt_length: int, enable_thinking: bool = True,
                  keys: PromptKeys = PromptKeys(), skip_bad_lines: bool = False,
-                 label_required: bool = True) -> list[Prompt]:
+                 label_required: bool = True, tools: tuple[dict, ...] = ()) -> list[Prompt]:
     """Every prompt of ``paths`` in order, rendered and tokenized (``tokenizer``: data.tokenizer.Qwen3Tokenizer)."""
     prompts = []
     stats = ReadStats()
@@ -104,7 +105,7 @@ def read_prompts(paths: list[str | Path], tokenizer, max_prompt_length: int, ena
         for where, record in iter_records(path, stats, skip_bad_lines):
             try:
                 text, label, source, extra, messages = parse_prompt(record, where, keys, enable_thinking,
-                                                                    label_required)
+                                                                    label_required, tools)
             except PromptError as err:
                 stats.reject(err, skip_bad_lines)
                 continue
@@ -121,11 +122,13 @@ def read_prompts(paths: list[str | Path], tokenizer, max_prompt_length: int, ena
     return prompts
 
 
-def read_prompt_files(config, settings, tokenizer, label_required: bool = True) -> tuple[list[Prompt], list[Prompt]]:
+def read_prompt_files(config, settings, tokenizer, label_required: bool = True,
+                      tools: tuple[dict, ...] = ()) -> tuple[list[Prompt], list[Prompt]]:
     """A run's training and validation prompts (``config``: TrainConfig, ``settings``: GrpoSettings;
-    typed in words, as rl/config.py imports this module); ``label_required``: the reward's."""
+    typed in words, as rl/config.py imports this module); ``label_required``: the reward's; ``tools``:
+    the schemas of --tools."""
     def read(paths):
         return read_prompts(paths, tokenizer, settings.max_prompt_length, settings.enable_thinking,
-                            settings.prompt_keys(), settings.skip_bad_lines, label_required)
+                            settings.prompt_keys(), settings.skip_bad_lines, label_required, tools)
 
     return read(config.data_path), read(config.valid_data_path) if config.valid_data_path else []

@@ -288,3 +288,107 @@ def test_routing_replay_makes_the_training_forward_take_the_rollouts_experts(wor
     assert sum(values["routing_mismatch"] for values in plain.values()) > 0, plain
     # The first rollout is the same in both (replay changes the training forwards only).
     assert replay[1]["reward_mean"] == plain[1]["reward_mean"]
+
+
+TOOL_FUNCTIONS = '''
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first number.
+        b: The second number.
+    """
+    return a + b
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers.
+
+    Args:
+        a: The first number.
+        b: The second number.
+    """
+    return a * b
+'''
+
+
+@pytest.mark.slow
+def test_grpo_with_tools_trains_on_the_models_turns_only(tmp_path, tokenizer):
+    """A tiny model SFT'd for 40 steps on tool conversations (HF chat convention) makes tool calls, valid or not;
+    GRPO with --tools runs them, inserts the tool turns and trains on the model's tokens only. Every logged
+    trajectory: the prompt is the template's rendering with the tools, each inserted run is exactly the
+    template's tool turn for the logged results, the loss mask is 1 exactly on the model's tokens."""
+    import random
+
+    from megatron_patch.data.chat import Conversation, Message, generation_prompt
+    from megatron_patch.rl.rollout_log import log_file
+    from megatron_patch.rl.tool_rollout import tool_turn_text
+    from megatron_patch.rl.tools import tool_schemas
+
+    (tmp_path / "tools.py").write_text(TOOL_FUNCTIONS)
+    spec = f"{tmp_path / 'tools.py'}:add,multiply"
+    schemas = tool_schemas(spec)
+    rows, generator = [], random.Random(0)
+    for index in range(64):
+        a, b, name = generator.randint(1, 9), generator.randint(1, 9), ("add", "multiply")[index % 2]
+        result = str(a + b if name == "add" else a * b)
+        rows.append({"tools": list(schemas), "messages": [
+            {"role": "user", "content": f"What is {a} and {b}?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": name, "arguments": {"a": a, "b": b}}}]},
+            {"role": "tool", "content": result}, {"role": "assistant", "content": result}]})
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"What is {a} and {b}?"}) + "\n"
+                                                    for a in range(1, 5) for b in range(1, 5)))
+    sft = [sys.executable, "-m", "megatron_patch.train", "--model", "tiny-dense", "--precision", "fp32",
+           "--train-mode", "finetune", "--dataset-type", "raw", "--data-path", tmp_path / "sft.jsonl",
+           "--valid-data-path", tmp_path / "sft.jsonl", "--seq-length", 512, "--max-padding-length", 512,
+           "--global-batch-size", 8, "--micro-batch-size", 8, "--lr", "1e-2", "--min-lr", "1e-3",
+           "--lr-warmup-iters", 0, "--train-iters", 40, "--save", tmp_path / "sft", "--no-save-optim",
+           "--log-dir", tmp_path / "sft-log"]
+    subprocess.run([str(a) for a in sft], check=True, capture_output=True, timeout=900)
+    (tmp_path / "reward.py").write_text("def multiplied(prompt, response):\n"
+                                        "    return float('\"name\": \"multiply\"' in response)\n")
+    logged = tmp_path / "rollouts"
+    grpo = ["--model", "tiny-dense", "--precision", "fp32", "--load", tmp_path / "sft", "--data-path",
+            tmp_path / "prompts.jsonl", "--reward", f"custom:{tmp_path / 'reward.py'}:multiplied",
+            "--global-batch-size", 4, "--samples-per-prompt", 8, "--micro-batch-size", 8, "--seq-length", 512,
+            "--max-prompt-length", 400, "--max-response-length", 64, "--train-iters", 1, "--tools", spec,
+            "--rollout-log", logged, "--kl-coef", 0, "--lr", "1e-2", "--log-dir", tmp_path / "grpo-log"]
+    result = torchrun_batch(1, {"tools": ("rl", grpo)}, tmp_path / "batch")["tools"]
+    (record,) = [r for r in read_metrics(tmp_path / "grpo-log") if "reward_mean" in r]
+    assert record["tool_calls"] > 0, result[-3000:]
+    assert record["max_ratio_drift"] < 1e-3  # rollout log-probs of the model's tokens are the training forward's
+    with_tools = 0
+    for line in log_file(logged, 1).read_text().splitlines():
+        trajectory = json.loads(line)
+        user = trajectory["messages"][0]
+        prompt = tokenizer.backend.encode(generation_prompt(Conversation([Message("user", user["content"])],
+                                                                         schemas)), add_special_tokens=False).ids
+        assert trajectory["tokens"][:len(prompt)] == prompt
+        response, mask = trajectory["tokens"][len(prompt):], trajectory["loss_mask"][len(prompt):]
+        assert trajectory["loss_mask"][:len(prompt)] == [0] * len(prompt)
+        inserted, run, runs = [], [], []
+        for token, trained in zip(response, mask):
+            if not trained:
+                run.append(token)
+            elif run:
+                runs.append(run)
+                run = []
+        runs += [run] if run else []
+        results = [m["content"] for m in trajectory["messages"] if m["role"] == "tool"]
+        turns = [m for m in trajectory["messages"][1:] if m["role"] == "assistant"]
+        with_tools += bool(runs)
+        # Each inserted run is the template's tool turn for the results of the assistant turn before it.
+        pieces = []
+        for message in trajectory["messages"][1:]:
+            if message["role"] == "assistant":
+                if pieces:
+                    inserted.append(tool_turn_text(pieces, True))
+                pieces = []
+            else:
+                pieces.append(message["content"])
+        assert [tokenizer.backend.decode(r, skip_special_tokens=False) for r in runs] == inserted, trajectory
+        assert len(results) >= len(runs) and len(turns) == len(runs) + 1
+        assert all(lp is None for lp, m in zip(trajectory["log_probs"], mask) if not m)
+    assert with_tools > 0
