@@ -17,16 +17,15 @@ sample; it never becomes a silent 0.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import math
 import numbers
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from megatron_patch.errors import InputError
+from megatron_patch.rl.user_code import user_functions
 
 TAIL_CHARACTERS = 300  # verl matches only the end of a response: the answer is there, and regexes stay fast
 _STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
@@ -150,21 +149,6 @@ def load_reward(spec: str) -> Reward:
         return Reward(spec, BUILTIN_REWARDS[spec], label="optional" if spec in LABEL_FREE_BUILTINS else "needed")
     if not spec.startswith("custom:"):
         raise RewardError(f"reward {spec!r}: expected {', '.join(BUILTIN_REWARDS)} or custom:PATH.py:FUNCTION")
-    path_text, _, function_name = spec.removeprefix("custom:").rpartition(":")
-    path = Path(path_text)
-    if not path_text or not function_name:
-        raise RewardError(f"reward {spec!r}: expected custom:PATH.py:FUNCTION")
-    if not path.is_file():
-        raise RewardError(f"reward {spec}: {path} not found")
-    module_spec = importlib.util.spec_from_file_location(f"megatron_patch_reward_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except SyntaxError as err:
-        raise RewardError(f"reward {spec}: {path}:{err.lineno}: {err.msg}") from None
-    except Exception as err:  # noqa: BLE001 - an import-time failure of the user's file, named
-        raise RewardError(f"reward {spec}: importing {path} failed: {type(err).__name__}: {err}") from None
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise RewardError(f"reward {spec}: {path} has no function {function_name}")
+    (function,) = user_functions(spec.removeprefix("custom:"), f"reward {spec}", RewardError,
+                                 form="custom:PATH.py:FUNCTION").values()
     return Reward(spec, function, *_style(function))

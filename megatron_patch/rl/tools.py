@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from megatron_patch.errors import InputError
 from megatron_patch.rl.child_process import ChildProcess, failure_text, serve
+from megatron_patch.rl.user_code import user_functions
 
 DEFAULT_TOOL_TIMEOUT = 60.0
 _CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
@@ -105,26 +106,9 @@ def tool_schemas(spec: str | None, timeout: float = DEFAULT_TOOL_TIMEOUT) -> tup
 
 def _load(spec: str) -> tuple[dict, dict]:
     """The functions ``PATH.py:fn1,fn2`` names, and their schemas."""
-    import importlib.util
-    from pathlib import Path
-
     from transformers.utils import get_json_schema
 
-    path_text, _, names = spec.rpartition(":")
-    path = Path(path_text)
-    if not path_text or not names:
-        raise ToolError(f"--tools {spec!r}: expected PATH.py:FUNCTION[,FUNCTION...]")
-    if not path.is_file():
-        raise ToolError(f"--tools {spec}: {path} not found")
-    module_spec = importlib.util.spec_from_file_location(f"megatron_patch_tools_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    functions = {}
-    for name in names.split(","):
-        function = getattr(module, name.strip(), None)
-        if not callable(function):
-            raise ToolError(f"--tools {spec}: {path} has no function {name.strip()}")
-        functions[name.strip()] = function
+    functions = user_functions(spec, f"--tools {spec}", ToolError, form="PATH.py:FUNCTION[,FUNCTION...]")
     schemas = []
     for name, function in functions.items():
         try:
