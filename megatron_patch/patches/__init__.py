@@ -19,6 +19,8 @@ carries it):
    the expert-data-parallel group, not the dense one (0.16.1 only; 0.19 does it itself).
 8. ``safe_checkpoint_loading``: torch DCP reads a checkpoint's ``.metadata`` and non-tensor
    items through allowlists instead of plain pickle, so no checkpoint runs code when loaded.
+9. ``checkpoint_results_manager``: the process the first save starts to collect the writers'
+   results dies with the job (it outlived ``kill -9``).
 
 Each patch names the upstream code it works around in its module docstring. All are
 idempotent. ``apply_patches`` first silences known upstream warnings (``warnings.py``) and
@@ -37,6 +39,7 @@ import torch
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from megatron_patch.patches.checkpoint_writers import patch_checkpoint_results_manager
 from megatron_patch.patches.cuda_on_cpu import patch_cuda_on_cpu
 from megatron_patch.patches.expert_grads import patch_expert_gradient_groups
 from megatron_patch.patches.moe import patch_alltoall_splits_on_cpu, patch_te_general_gemm
@@ -95,6 +98,10 @@ PATCHES = (
     Patch("safe_checkpoint_loading", patch_safe_checkpoint_loading, "", {
         "0.16.1": "torch DCP unpickles .metadata and non-tensor items without an allowlist (torch 2.13)",
         "0.19.2": "torch 2.14.1's DCP is unchanged there; 0.19's common_state item is read through it too",
+    }),
+    Patch("checkpoint_results_manager", patch_checkpoint_results_manager, "", {
+        "0.16.1": "filesystem_async starts a spawned multiprocessing Manager at the first save; kill -9 orphans it",
+        "0.19.2": "the same (_get_write_results_queue(mp_mode='spawn'))",
     }),
 )
 
@@ -155,6 +162,7 @@ __all__ = [
     "Patch",
     "apply_patches",
     "patch_alltoall_splits_on_cpu",
+    "patch_checkpoint_results_manager",
     "patch_cuda_on_cpu",
     "patch_cuda_rng",
     "patch_distributed_optimizer_loading",

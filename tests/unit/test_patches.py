@@ -125,3 +125,38 @@ def test_the_router_gemm_name_exists_on_the_installed_version(megatron_world):
     from megatron.core.transformer.moe import moe_utils
 
     assert hasattr(moe_utils, "te_general_gemm")
+
+
+def test_the_checkpoint_results_manager_dies_with_its_job(tmp_path):
+    """Megatron-Core's first save spawns a multiprocessing manager that outlived kill -9 of its job (~300 MB per
+    rank, for good). Patched, it ends with the process that started it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("from megatron_patch.patches import patch_checkpoint_results_manager\n"
+              "patch_checkpoint_results_manager()\n"
+              "from megatron.core.dist_checkpointing.strategies import filesystem_async\n"
+              "queue = filesystem_async._get_write_results_queue()\n"
+              "assert filesystem_async._get_write_results_queue() is queue\n"
+              "import multiprocessing, time\n"
+              "print(*[child.pid for child in multiprocessing.active_children()], flush=True)\n"
+              "time.sleep(600)\n")
+    job = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        (manager,) = map(int, job.stdout.readline().split())
+        os.kill(manager, 0)  # running
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(manager, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(manager, signal.SIGKILL)
+    raise AssertionError(f"the manager (pid {manager}) outlived kill -9 of its job")
