@@ -92,10 +92,10 @@ def messages_from_record(record: dict, fmt: str = "auto") -> Conversation:
     else:
         raise SampleError(f"unknown format {fmt!r}")
     _validate(messages)
-    return Conversation(messages, _tools(record.get("tools")))
+    return Conversation(messages, tools_of(record.get("tools")))
 
 
-def _tools(value) -> tuple[dict, ...]:
+def tools_of(value) -> tuple[dict, ...]:
     """A record's ``tools``: a list of function schemas (``{"type": "function", "function": {...}}``)."""
     if value is None:
         return ()

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_patch.data.chat import Conversation, Message, SampleError, generation_prompt, prompt_messages
+from megatron_patch.data.chat import Conversation, Message, SampleError, generation_prompt, prompt_messages, tools_of
 from megatron_patch.data.records import ReadStats, RecordError, iter_records
 
 
@@ -84,10 +84,16 @@ def parse_prompt(record, where: str, keys: PromptKeys, enable_thinking: bool, la
     """(rendered prompt, label, data_source, extra_info, messages) of one record; raises PromptError naming
     ``where``.
     Without ``label_required`` (a reward that takes no label) a missing label is None; ``tools`` (function
-    schemas, --tools) are offered in the rendered prompt's system turn."""
+    schemas, --tools) are offered in the rendered prompt's system turn, or the record's own ``tools``
+    column when it has one (a subset or other descriptions; the calls still run the --tools functions)."""
     if not isinstance(record, dict):
         raise PromptError(f"{where}: expected an object with a prompt and a label")
     messages = _messages(record, where, keys)
+    if record.get("tools") is not None:  # the row's own tools (function schemas) instead of --tools'
+        try:
+            tools = tools_of(record["tools"])
+        except SampleError as err:
+            raise PromptError(f"{where}: {err}") from None
     text = generation_prompt(Conversation(messages, tools), enable_thinking)
     source = record.get("data_source")
     label = _label(record, where, keys, label_required)

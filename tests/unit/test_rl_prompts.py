@@ -203,3 +203,22 @@ def test_a_reward_that_takes_no_label_takes_prompts_without_one(tmp_path, tokeni
     assert [graded("p", "r", p.label).value for p in prompts] == [0.0, 0.0, 1.0]
     assert load_reward(f"custom:{reward}:brevity")("p", "abc", None).value == 0.25
     assert load_reward(f"custom:{reward}:verl")("p", "abc", None).value == 1.0
+
+
+def test_a_prompt_row_may_offer_its_own_tools(tmp_path, tokenizer):
+    from megatron_patch.data.chat import Conversation, Message, generation_prompt
+
+    add = {"type": "function", "function": {"name": "add", "description": "Add.",
+                                            "parameters": {"type": "object", "properties": {}}}}
+    clock = {"type": "function", "function": {"name": "clock", "description": "Time.",
+                                              "parameters": {"type": "object", "properties": {}}}}
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "1 + 1?", "label": "2"}) + "\n"
+                    + json.dumps({"prompt": "Time?", "label": "now", "tools": [clock]}) + "\n"
+                    + json.dumps({"prompt": "x", "label": "y", "tools": {"clock": 1}}) + "\n")
+    with pytest.raises(PromptError, match=r"p.jsonl:3: 'tools' must be a list of function schemas"):
+        read_prompts([path], tokenizer, max_prompt_length=512, tools=(add,))
+    path.write_text("\n".join(path.read_text().splitlines()[:2]) + "\n")
+    default, own = read_prompts([path], tokenizer, max_prompt_length=512, tools=(add,))
+    assert default.text == generation_prompt(Conversation([Message("user", "1 + 1?")], (add,)))
+    assert own.text == generation_prompt(Conversation([Message("user", "Time?")], (clock,)))
