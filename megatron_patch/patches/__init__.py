@@ -101,7 +101,7 @@ PATCHES = (
     }),
     Patch("checkpoint_results_manager", patch_checkpoint_results_manager, "", {
         "0.16.1": "filesystem_async starts a spawned multiprocessing Manager at the first save; kill -9 orphans it",
-        "0.19.2": "the same (_get_write_results_queue(mp_mode='spawn'))",
+        "0.19.2": "the same, the function now public: get_write_results_queue(mp_mode='spawn')",
     }),
 )
 

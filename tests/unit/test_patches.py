@@ -139,8 +139,10 @@ def test_the_checkpoint_results_manager_dies_with_its_job(tmp_path):
     script = ("from megatron_patch.patches import patch_checkpoint_results_manager\n"
               "patch_checkpoint_results_manager()\n"
               "from megatron.core.dist_checkpointing.strategies import filesystem_async\n"
-              "queue = filesystem_async._get_write_results_queue()\n"
-              "assert filesystem_async._get_write_results_queue() is queue\n"
+              "from megatron_patch.patches.checkpoint_writers import results_queue_function\n"
+              "make = getattr(filesystem_async, results_queue_function(filesystem_async))\n"
+              "queue = make()\n"
+              "assert make() is queue\n"
               "import multiprocessing, time\n"
               "print(*[child.pid for child in multiprocessing.active_children()], flush=True)\n"
               "time.sleep(600)\n")
