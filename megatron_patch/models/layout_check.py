@@ -86,8 +86,6 @@ def _engine_problems(layout: ParallelLayout, impl: str, features: RunFeatures) -
         problems.append("--context-parallel-size > 1 needs Transformer-Engine attention (not installed)")
     if features.precision == "fp8":
         problems.append("--precision fp8 needs Transformer-Engine (not installed)")
-    if features.recompute == "offload":
-        problems.append("--recompute offload (activation CPU offload) needs Transformer-Engine")
     return problems
 
 

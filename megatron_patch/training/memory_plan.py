@@ -90,7 +90,7 @@ def _training_phase(config: TrainConfig, shape, stage: int, tokens: Tokens, micr
     recompute = "none" if config.recompute == "offload" else config.recompute
     per_micro_batch = sum(chunk_bytes(shape, layers, tokens, recompute, config.recompute_num_layers,
                                       stage == 0 and index == 0, False) for index, layers in enumerate(chunks))
-    if config.recompute == "offload":  # Transformer-Engine moves the first N layers' activations to the CPU
+    if config.recompute == "offload":  # the first N layers' activations go to the host (TE's, or save_on_cpu)
         offloaded = sorted(layer for layers in chunks for layer in layers)[:config.recompute_num_layers]
         per_micro_batch -= sum(layer_bytes(shape, layer, tokens, "none") for layer in offloaded)
     in_flight = micro_batches_in_flight(layout.pp, stage, micro_batches, layout.virtual_pp)

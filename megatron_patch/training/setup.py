@@ -26,6 +26,7 @@ from megatron_patch.lora.checkpoints import (
     is_base_key,
 )
 from megatron_patch.lora.config import LoraSettings
+from megatron_patch.models.activation_offload import offload_activations
 from megatron_patch.models.choices import IMPL_MODULES, RECOMPUTE_MODES
 from megatron_patch.models.qwen3.arch import Qwen3Arch
 from megatron_patch.models.qwen3.builder import BuildOptions, build_gpt_model
@@ -91,7 +92,7 @@ def _build_model(config: TrainConfig, arch: Qwen3Arch, layout: ParallelLayout, d
     overrides = dict(calculate_per_token_loss=True, init_method_std=config.init_method_std)
     if config.decoder_first_pipeline_num_layers is not None:
         overrides["num_layers_in_first_pipeline_stage"] = config.decoder_first_pipeline_num_layers
-    if config.recompute == "offload":
+    if config.recompute == "offload" and impl == "transformer_engine":
         overrides.update(cpu_offloading=True, cpu_offloading_num_layers=config.recompute_num_layers)
     if config.precision == "fp8":
         overrides.update(fp8="hybrid", fp8_recipe="blockwise")
@@ -99,6 +100,8 @@ def _build_model(config: TrainConfig, arch: Qwen3Arch, layout: ParallelLayout, d
               for vp in range(layout.virtual_pp or 1)]
     if device == "cuda":
         chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
+    if config.recompute == "offload" and impl != "transformer_engine":  # PyTorch's saved-tensor hooks instead
+        offload_activations(chunks, config.recompute_num_layers)
     return chunks
 
 

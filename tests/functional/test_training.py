@@ -56,6 +56,8 @@ LAYOUT_FLAGS = {
     "moe-pp2-first1": (2, "tiny-moe", ["--pipeline-model-parallel-size", 2, "--decoder-first-pipeline-num-layers", 1]),
     "moe-recompute": (1, "tiny-moe", ["--recompute", "full", "--recompute-num-layers", 2]),
     "moe-sel": (1, "tiny-moe", ["--recompute", "sel"]),
+    # AC=offload without Transformer-Engine: PyTorch's save_on_cpu around the first 2 layers (exactly AC=none).
+    "moe-offload": (1, "tiny-moe", ["--recompute", "offload", "--recompute-num-layers", 2]),
     # The default overlaps the distributed optimizer's parameter all-gather; this one does not.
     "moe-dp2-sync": (2, "tiny-moe", ["--no-overlap-param-gather", "--no-overlap-grad-reduce"]),
     # Two samples per micro-batch (the aux loss is per micro-batch, so this is its own baseline).
@@ -89,7 +91,7 @@ SLOW_LAYOUTS = {"moe-pp2-vp": "moe-1", "moe-pp2-first1": "moe-1", "moe-sel": "mo
                 "moe-pp2-mbs2": "moe-mbs2", "dense-tp2": "dense-1"}
 # The layouts make test runs: those compared there, and the synchronous one the overlap test reads.
 FAST_LAYOUTS = [("moe-dp2", "moe-1", 1e-4), ("moe-ep2", "moe-1", 1e-4), ("moe-etp2", "moe-1", 1e-4),
-                ("moe-pp2", "moe-1", 1e-4), ("moe-recompute", "moe-1", 1e-4),
+                ("moe-pp2", "moe-1", 1e-4), ("moe-recompute", "moe-1", 1e-4), ("moe-offload", "moe-1", 1e-12),
                 ("moe-tp2-ep2-sp", "moe-1", ROUTING_DRIFT), ("dense-tp2-sp", "dense-1", 1e-4)]
 # Runs started from the HF directory itself (--load HF): the same curve as from its torch_dist
 # conversion, exactly (the HF weights are bf16, so the conversion loses nothing).
