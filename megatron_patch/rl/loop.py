@@ -244,6 +244,7 @@ class GrpoTrainer:
         prompts = [p for p in step_prompts(self.prompts, step, self.config.global_batch_size, self.config.seed)
                    for _ in range(settings.samples_per_prompt)]
         seeds = sample_seeds(self.config.seed, step, self.config.global_batch_size, settings.samples_per_prompt)
+
         def score(index: int, tokens: list[int], stopped: bool) -> None:
             """Hand a finished response to the reward (scored while the others go on)."""
             prompt = prompts[index]
