@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from megatron_patch.rl.reward_worker import start_reward
+from megatron_patch.rl.reward_worker import Scorer
 
 SLEEPY_REWARD = """
 import time
@@ -32,7 +32,7 @@ def sleepy(prompt, response, label):
 
 def measure(spec: str, workers: int, sequences: int, gap: float) -> float:
     """Seconds from the last submission (``gap`` s apart) until every score is in."""
-    scorer = start_reward(spec, workers=workers)
+    scorer = Scorer(spec, workers=workers)
     try:
         for index in range(sequences):
             scorer.submit(index, "prompt", "x" * (index + 1), "label", where=f"bench sample {index + 1}")

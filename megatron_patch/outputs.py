@@ -89,10 +89,15 @@ def check_writable(path: str | Path, label: str) -> None:
         raise OutputError(f"{label} {path}: cannot write in {ancestor} ({err.strerror})") from None
 
 
+def within(path: Path, other: Path) -> bool:
+    """``path`` is ``other`` or lies inside it (links followed)."""
+    path, other = Path(path).resolve(), Path(other).resolve()
+    return path == other or other in path.parents
+
+
 def overlaps(path: Path, other: Path) -> bool:
     """The same path, or one inside the other."""
-    path, other = Path(path).resolve(), Path(other).resolve()
-    return path == other or other in path.parents or path in other.parents
+    return within(path, other) or within(other, path)
 
 
 # How a full disk shows through torch.save and DCP, which often lose the OSError on the way.

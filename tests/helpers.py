@@ -110,3 +110,42 @@ def write_verl_gsm8k_parquet(path: Path, problems: list[dict], split: str = "tes
         })
     pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
     return path
+
+
+# The tools of the tool-calling tests (rl/tools.py): plain functions with type hints and docstrings.
+TOOL_FUNCTIONS = '''
+import time
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first number.
+        b: The second number.
+    """
+    return a + b
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers.
+
+    Args:
+        a: The first number.
+        b: The second number.
+    """
+    return a * b
+
+
+def weather(city: str) -> dict:
+    """Today's weather in a city.
+
+    Args:
+        city: The city's name.
+    """
+    if city == "nowhere":
+        raise ValueError("no such city")
+    if city == "slow":
+        time.sleep(3600)
+    return {"city": city, "sky": "clear"}
+'''

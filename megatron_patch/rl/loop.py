@@ -40,7 +40,7 @@ from megatron_patch.rl.objectives import (
     rollout_mismatch,
 )
 from megatron_patch.rl.prompts import Prompt, read_prompt_files
-from megatron_patch.rl.reward_worker import start_reward
+from megatron_patch.rl.reward_worker import Scorer
 from megatron_patch.rl.rollout_log import RolloutLog
 from megatron_patch.rl.tool_rollout import tool_rollout
 from megatron_patch.rl.tools import Tools
@@ -120,10 +120,6 @@ REPORT_SUMS = ("loss", "loss_norm", "clipped", "kl", "entropy", "tokens", "rollo
 FIRST_UPDATE_SUMS = ("routing_differ", "routing_compared")
 
 
-# How each policy loss names its two numbers (--clip-low, --clip-high).
-_CLIP_NAMES = dict.fromkeys(POLICY_LOSSES, ("clip_low", "clip_high")) | {"sapo": ("tau_positive", "tau_negative")}
-
-
 def _with_numbers(loss, low: float, high: float, extra: dict, logp, old, advantages, mask):
     """``loss`` with its two numbers (--clip-low, --clip-high; SAPO's temperatures) in their places."""
     return loss(logp, old, advantages, mask, low, high, **extra)
@@ -140,7 +136,7 @@ class GrpoTrainer:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.model: TrainedModel = prepare_model(training_view(config, settings, world))
         model = self.model
-        self.reward = start_reward(settings.reward, settings.reward_timeout, settings.reward_workers)
+        self.reward = Scorer(settings.reward, settings.reward_timeout, settings.reward_workers)
         self.rollout_log = RolloutLog(settings.rollout_log) if settings.rollout_log else None
         self.tools = Tools(settings.tools, settings.tool_timeout) if settings.tools else None
         # Per-token (loss, clipped) of (logp, old, advantages, mask); its two numbers as the loss names them.
@@ -291,11 +287,9 @@ class GrpoTrainer:
         """Multi-turn trajectories with tool calls (rl/tool_rollout.py) on either engine; each is scored whole."""
         settings, tokenizer = self.settings, self.model.tokenizer
         generators = [sampling_generator(seed) for seed in seeds]
-        rounds = iter(range(settings.max_turns))
 
-        def generate_turn(indices: list[int], contexts: list[list[int]], budget: int) -> list[Completion]:
+        def generate_turn(indices: list[int], contexts: list[list[int]], budget: int, turn: int) -> list[Completion]:
             sampling = dataclasses.replace(self.sampling, max_new_tokens=budget)
-            turn = next(rounds)
             if self.uses_vllm:
                 sender = parallel_state.get_tensor_model_parallel_rank() == 0
                 return generate_on_rank_zero(self.engine, contexts, [(seeds[i] + 7919 * turn) % 2**31 for i in indices],
@@ -332,11 +326,13 @@ class GrpoTrainer:
         records = []
         decode = self.model.tokenizer.backend.decode
         for index, (prompt, response) in enumerate(zip(rollout.prompts, rollout.responses)):
-            truncated = rollout.truncated[index]
-            text = decode(response if truncated else response[:-1], skip_special_tokens=False)
             trained = int(bool(rollout.in_loss[index]))
             model = rollout.model_masks[index] if rollout.model_masks is not None else [1] * len(response)
-            turns = rollout.turns[index] if rollout.turns is not None else [{"role": "assistant", "content": text}]
+            if rollout.turns is not None:
+                turns = rollout.turns[index]
+            else:
+                text = decode(response if rollout.truncated[index] else response[:-1], skip_special_tokens=False)
+                turns = [{"role": "assistant", "content": text}]
             records.append({
                 "prompt": prompt.where, "messages": [*prompt.messages, *turns],
                 "tokens": [*prompt.tokens, *response],

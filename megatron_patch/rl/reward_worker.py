@@ -95,15 +95,10 @@ class Scorer:
             process.close()
 
 
-def start_reward(spec: str, timeout: float = DEFAULT_REWARD_TIMEOUT, workers: int = 1) -> Scorer:
-    """The run's scorer: a built-in reward in this process, a user's (``custom:...``) in ``workers`` processes."""
-    return Scorer(spec, timeout, workers)
-
-
 def check_reward(spec: str, timeout: float = DEFAULT_REWARD_TIMEOUT) -> bool:
     """Whether the reward needs a label, once it loaded (in a child of its own for a user's file); raises
     RewardError naming what is wrong."""
-    scorer = start_reward(spec, timeout)
+    scorer = Scorer(spec, timeout)
     scorer.close()
     return scorer.needs_label
 

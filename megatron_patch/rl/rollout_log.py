@@ -38,8 +38,8 @@ class RolloutLog:
         check_writable(self.directory, "--rollout-log")
 
     def write(self, step: int, records: list[dict], contributes: bool) -> Path | None:
-        """Every rank calls this with its records; ``contributes``: whether its records count (one rank of each
-        data-parallel group: tensor and expert peers hold the same sequences). Global rank 0 writes."""
+        """Every rank calls this with its records; ``contributes``: whether its records count (tensor-parallel
+        rank 0: its tensor-parallel peers hold the same sequences). Global rank 0 writes."""
         mine = records if contributes else []
         if dist.is_initialized() and dist.get_world_size() > 1:
             gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None

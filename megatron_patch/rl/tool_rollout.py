@@ -52,8 +52,8 @@ def tool_turn_text(results: list[str], enable_thinking: bool) -> str:
             + ("" if enable_thinking else "<think>\n\n</think>\n\n"))
 
 
-# (sequence indices, their whole contexts so far, the round's token budget) -> their completions
-GenerateTurn = Callable[[list[int], list[list[int]], int], list[Completion]]
+# (sequence indices, their whole contexts so far, the round's token budget, the round) -> their completions
+GenerateTurn = Callable[[list[int], list[list[int]], int, int], list[Completion]]
 
 
 def tool_rollout(generate_turn: GenerateTurn, prompts: list[list[int]], max_tokens: int, tools: Tools, tokenizer,
@@ -72,7 +72,7 @@ def tool_rollout(generate_turn: GenerateTurn, prompts: list[list[int]], max_toke
         if not anyone_going(bool(going)):
             break
         completions = generate_turn(going, [prompts[i] + trajectories[i].tokens for i in going],
-                                    max(budgets.values(), default=1))
+                                    max(budgets.values(), default=1), turn)
         next_round = []
         for index, completion in zip(going, completions):
             trajectory, budget = trajectories[index], budgets[index]

@@ -71,8 +71,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's
-        return True
+    except PermissionError:  # another user's: alive
+        pass
     return True
 
 
@@ -304,9 +304,8 @@ class VllmEngine:
         """The engine's answer to ``asked``. Without an answer, ``timeout`` bounds the whole wait and
         ``idle_timeout`` the time without progress (CPU used by the engine's processes, or log written):
         a stopped (SIGSTOP) or deadlocked engine ends the job in one line instead of holding it for ever."""
-        now = time.monotonic()
-        deadline = None if timeout is None else now + timeout
-        progress, progress_at = self._progress(), now
+        deadline = None if timeout is None else time.monotonic() + timeout
+        progress, progress_at = None, time.monotonic()  # read only once an answer is late: most come at once
         while not self.connection.poll(0.5):
             self._check_alive()
             now = time.monotonic()

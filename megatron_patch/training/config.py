@@ -19,7 +19,7 @@ from megatron_patch.lora.config import LoraConfigError, LoraSettings
 from megatron_patch.models.choices import RECOMPUTE_MODES, TRAINING_PRECISIONS, TRANSFORMER_IMPLS
 from megatron_patch.models.layout_check import RunFeatures, virtual_stages
 from megatron_patch.models.qwen3.arch import Qwen3Arch
-from megatron_patch.outputs import overlaps
+from megatron_patch.outputs import overlaps, within
 from megatron_patch.parallel import ParallelLayout
 
 
@@ -190,8 +190,7 @@ class TrainConfig:
                     fail(f"{label} {path} is, contains or lies inside {other_label} {other}")
         for label in ("--model", "--tokenizer"):  # a save's side files (config.json, tokenizer) would land there
             other = inputs[label]
-            if self.save and other and (Path(other).resolve() == Path(self.save).resolve()
-                                        or Path(other).resolve() in Path(self.save).resolve().parents):
+            if self.save and other and within(Path(self.save), Path(other)):
                 fail(f"--save {self.save} is or lies inside {label} {other}")
         if self.eval_interval is not None and self.dataset_type == "raw" and not self.valid_data_path:
             fail("--eval-interval with --dataset-type raw needs --valid-data-path")

@@ -68,7 +68,6 @@ class HFExport:
                                made_from=_identity(checkpoint))
             _say(f"saved PEFT adapter {config.save_peft}")
 
-
     def catch_up(self, lora: bool) -> None:
         """A rerun that finds its training finished: write the HF outputs of the final save when they are not
         from it (a kill stopped their write: missing, or an earlier --save-hf-interval output). Every rank calls

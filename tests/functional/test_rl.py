@@ -290,28 +290,6 @@ def test_routing_replay_makes_the_training_forward_take_the_rollouts_experts(wor
     assert replay[1]["reward_mean"] == plain[1]["reward_mean"]
 
 
-TOOL_FUNCTIONS = '''
-def add(a: int, b: int) -> int:
-    """Add two integers.
-
-    Args:
-        a: The first number.
-        b: The second number.
-    """
-    return a + b
-
-
-def multiply(a: int, b: int) -> int:
-    """Multiply two integers.
-
-    Args:
-        a: The first number.
-        b: The second number.
-    """
-    return a * b
-'''
-
-
 @pytest.mark.slow
 def test_grpo_with_tools_trains_on_the_models_turns_only(tmp_path, tokenizer):
     """A tiny model SFT'd for 40 steps on tool conversations (HF chat convention) makes tool calls, valid or not;
@@ -324,6 +302,7 @@ def test_grpo_with_tools_trains_on_the_models_turns_only(tmp_path, tokenizer):
     from megatron_patch.rl.rollout_log import log_file
     from megatron_patch.rl.tool_rollout import tool_turn_text
     from megatron_patch.rl.tools import tool_schemas
+    from tests.helpers import TOOL_FUNCTIONS
 
     (tmp_path / "tools.py").write_text(TOOL_FUNCTIONS)
     spec = f"{tmp_path / 'tools.py'}:add,multiply"

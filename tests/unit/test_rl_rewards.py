@@ -1,13 +1,12 @@
 """Rewards: gsm8k by verl's rules on the real GSM8K test set, user functions that fail loudly, the converter."""
 
 import json
-import time
 
 import pytest
 
 from megatron_patch.rl.gsm8k import INSTRUCTION, label_of
 from megatron_patch.rl.gsm8k import main as gsm8k_main
-from megatron_patch.rl.reward_worker import RewardProcess, check_reward, start_reward
+from megatron_patch.rl.reward_worker import RewardProcess, Scorer, check_reward
 from megatron_patch.rl.rewards import Reward, RewardError, Score, gsm8k_flexible, gsm8k_strict, load_reward
 from tests.helpers import gsm8k_problems
 
@@ -191,16 +190,17 @@ def test_a_reward_file_that_exits_while_imported_is_named(tmp_path):
     (tmp_path / "leaves.py").write_text("import sys\nsys.exit(0)\ndef f(p, r, l):\n    return 1.0\n")
     with pytest.raises(RewardError, match=r"leaves.py:f called sys.exit\(0\) while its file was imported"):
         check_reward(f"custom:{tmp_path / 'leaves.py'}:f")
-    builtin = start_reward("gsm8k")  # the kit's own rewards run in the trainer's process
+    builtin = Scorer("gsm8k")  # the kit's own rewards run in the trainer's process
     assert isinstance(builtin.inline, Reward) and builtin.processes == []
 
 
 SLOW_REWARD = """
+import os
 import time
 
 def slow(prompt, response, label):
-    time.sleep(0.3)
-    return float(len(response))
+    time.sleep(0.3)  # still busy when the next response is submitted
+    return {"score": float(len(response)), "worker": os.getpid()}
 
 def stalls_on_the_third(prompt, response, label):
     if response == "r2":
@@ -210,17 +210,17 @@ def stalls_on_the_third(prompt, response, label):
 
 
 def test_a_scorer_shares_requests_over_its_workers_and_answers_by_key(tmp_path):
-    """Submitted responses return at once; collect() waits. Four 0.3 s calls over 4 workers take one call's time;
-    the keys come back with their own scores whatever order the workers finish in."""
+    """Each submitted response goes to the least busy worker: four at once to four workers, so a slow reward
+    scores them side by side; each key comes back with its own score whatever order the workers finish in."""
     (tmp_path / "slow.py").write_text(SLOW_REWARD)
-    scorer = start_reward(f"custom:{tmp_path / 'slow.py'}:slow", workers=4)
+    scorer = Scorer(f"custom:{tmp_path / 'slow.py'}:slow", workers=4)
     try:
-        started = time.monotonic()
         for key in range(4):
             scorer.submit(key, "p", "x" * (key + 1), "l", where=f"p.jsonl:1 sample {key + 1}")
-        submitted = time.monotonic() - started
-        assert scorer.collect() == {k: Score(float(k + 1), {}) for k in range(4)}
-        assert submitted < 0.2 and time.monotonic() - started < 1.0  # not 4 x 0.3 s one after another
+        scores = scorer.collect()
+        assert [scores[key].value for key in range(4)] == [1.0, 2.0, 3.0, 4.0]
+        assert len({score.extras["worker"] for score in scores.values()}) == 4
+        assert {score.extras["worker"] for score in scores.values()} == {p.process.pid for p in scorer.processes}
         assert scorer.collect() == {}
     finally:
         scorer.close()
@@ -230,7 +230,7 @@ def test_a_request_stuck_behind_others_is_timed_from_when_it_began(tmp_path):
     """One worker, three requests queued: the third never returns; its timeout counts from when the second
     answered, and the line names the third sample."""
     (tmp_path / "slow.py").write_text(SLOW_REWARD)
-    scorer = start_reward(f"custom:{tmp_path / 'slow.py'}:stalls_on_the_third", timeout=1)
+    scorer = Scorer(f"custom:{tmp_path / 'slow.py'}:stalls_on_the_third", timeout=1)
     try:
         for key in range(3):
             scorer.submit(key, "p", f"r{key}", "l", where=f"p.jsonl:2 sample {key + 1}")

@@ -12,32 +12,7 @@ from megatron_patch.data.chat import Conversation, Message, generation_prompt
 from megatron_patch.models.generation import Completion
 from megatron_patch.rl.tool_rollout import tool_rollout
 from megatron_patch.rl.tools import Tools, parse_tool_calls, tool_schemas
-
-TOOLS = '''
-import time
-
-def add(a: int, b: int) -> int:
-    """Add two integers.
-
-    Args:
-        a: The first number.
-        b: The second number.
-    """
-    return a + b
-
-
-def weather(city: str) -> dict:
-    """Today's weather in a city.
-
-    Args:
-        city: The city's name.
-    """
-    if city == "nowhere":
-        raise ValueError("no such city")
-    if city == "slow":
-        time.sleep(3600)
-    return {"city": city, "sky": "clear"}
-'''
+from tests.helpers import TOOL_FUNCTIONS
 
 CALL_ADD = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
 CALL_WEATHER = '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -46,7 +21,7 @@ CALL_WEATHER = '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}
 @pytest.fixture(scope="module")
 def tools(tmp_path_factory):
     path = tmp_path_factory.mktemp("tools") / "tools.py"
-    path.write_text(TOOLS)
+    path.write_text(TOOL_FUNCTIONS)
     tools = Tools(f"{path}:add,weather", timeout=2)
     yield tools
     tools.close()
@@ -54,7 +29,7 @@ def tools(tmp_path_factory):
 
 def played_back(tokenizer, turns_by_sequence: list[list[str]], calls: list):
     """An engine that answers round r of sequence i with turns_by_sequence[i][r] (then <|im_end|>)."""
-    def generate_turn(indices, contexts, budget):
+    def generate_turn(indices, contexts, budget, turn):
         calls.append((list(indices), [list(c) for c in contexts], budget))
         made = []
         for index in indices:
